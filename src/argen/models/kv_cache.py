@@ -1,0 +1,29 @@
+"""An explicit key/value cache: one preallocated buffer per layer, filled position by position."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, (B, H, max_len, hd) each.
+
+    `length` is how many positions hold valid entries; setting it back discards the rest (what a
+    rejected speculative draft needs).
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, max_len: int, like: torch.Tensor):
+        shape = (batch, num_heads, max_len, head_dim)
+        self.keys = [like.new_zeros(shape) for _ in range(num_layers)]
+        self.values = [like.new_zeros(shape) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, hd) at positions start..start+T; return all entries up to there."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

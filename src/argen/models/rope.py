@@ -1,0 +1,33 @@
+"""2D rotary position embeddings over a square token grid (LlamaGen §2.2)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, num_prefix: int = 1) -> torch.Tensor:
+    """(num_prefix + grid_size**2, head_dim // 2, 2) table of (cos, sin) per rotation pair.
+
+    The first half of the pairs turns with the token's grid row, the second half with its column;
+    prefix (class) tokens get an all-zero row, so their queries and keys vanish, as in LlamaGen.
+    """
+    if head_dim % 4:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 4 for 2D RoPE")
+    quarter = head_dim // 4
+    freqs = 1.0 / (base ** (torch.arange(quarter, dtype=torch.float32) * 2 / (head_dim // 2)))  # (hd/4,)
+    pos = torch.arange(grid_size, dtype=torch.float32)
+    angle = torch.outer(pos, freqs)  # (g, hd/4)
+    rows = angle[:, None, :].expand(grid_size, grid_size, quarter)
+    cols = angle[None, :, :].expand(grid_size, grid_size, quarter)
+    grid = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim // 2)  # (g*g, hd/2)
+    table = torch.stack([grid.cos(), grid.sin()], dim=-1)
+    return torch.cat([torch.zeros(num_prefix, head_dim // 2, 2), table])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, hd); table: (T, hd/2, 2). Rotates adjacent pairs (2j, 2j+1)."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
+    t = table[None, :, None]  # (1, T, 1, hd/2, 2)
+    cos, sin = t[..., 0], t[..., 1]
+    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
+    return out.flatten(3).type_as(x)

@@ -1,0 +1,69 @@
+"""The decode loop: drives any generator through its step interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from argen.models.interface import Generator
+from argen.sampling import guidance
+from argen.sampling.logits import check_finite, draw, process
+
+
+@dataclass
+class SamplerConfig:
+    cfg_scale: float = 1.0  # 1 = no guidance (the unconditional half is not even computed)
+    cfg_schedule: str = "constant"  # a key of guidance.SCHEDULES
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no filtering
+    top_p: float = 1.0
+    greedy: bool = False  # argmax instead of a draw
+
+    def __post_init__(self) -> None:
+        if self.cfg_schedule not in guidance.SCHEDULES:
+            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} unknown; choose from {sorted(guidance.SCHEDULES)}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+
+    def schedule(self) -> guidance.Schedule | None:
+        if self.cfg_scale == 1.0 and self.cfg_schedule == "constant":
+            return None
+        return guidance.SCHEDULES[self.cfg_schedule](self.cfg_scale)
+
+
+def seeded_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def generate(
+    model: Generator,
+    labels: torch.Tensor,
+    config: SamplerConfig | None = None,
+    generators: list[torch.Generator] | None = None,
+    schedule: guidance.Schedule | None = None,
+) -> torch.Tensor:
+    """Sample token sequences. labels: (B,) -> ids (B, seq_len).
+
+    `schedule` overrides the config's guidance schedule (any function of progress t in [0, 1]).
+    """
+    config = config or SamplerConfig()
+    schedule = schedule or config.schedule()
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be (B,), got {tuple(labels.shape)}")
+    if ((labels < 0) | (labels > model.num_classes)).any():
+        raise ValueError(f"labels must be in 0..{model.num_classes} ({model.num_classes} = unconditional)")
+    B = labels.shape[0]
+    if schedule is not None:
+        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # rows B..2B-1: null class
+    state = model.start(labels)
+    while not state.done:
+        logits = model.predict(state)  # (B or 2B, n, V)
+        check_finite(logits, f"logits at step {state.step}")
+        if schedule is not None:
+            t = state.step / max(state.num_steps - 1, 1)
+            logits = guidance.guide(logits, schedule(t))
+        ids = draw(process(logits, config.temperature, config.top_k, config.top_p), generators, config.greedy)
+        model.advance(state, ids if schedule is None else ids.repeat(2, 1))
+    return state.tokens[:B]

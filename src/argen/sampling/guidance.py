@@ -1,0 +1,45 @@
+"""Classifier-free guidance and its schedules.
+
+A schedule is a plain function of progress t in [0, 1] (0 at the first step, 1 at the last) giving the
+scale s; guided logits = uncond + s * (cond - uncond). s = 1 is the conditional model alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Schedule = Callable[[float], float]
+
+
+def constant(scale: float) -> Schedule:
+    """LlamaGen: the same scale at every step."""
+    return lambda t: scale
+
+
+def linear(scale: float) -> Schedule:
+    """Guidance that grows from 1 at the first step to `scale` at the last."""
+    return lambda t: 1.0 + (scale - 1.0) * t
+
+
+def var_ramp(scale: float) -> Schedule:
+    """VAR's ramp: (1 + w) cond - w uncond with w = scale * t, i.e. s = 1 + scale * t."""
+    return lambda t: 1.0 + scale * t
+
+
+def interval(scale: float, cfg_interval: int, num_steps: int) -> Schedule:
+    """LlamaGen's cfg_interval: its decode counter i produces token i + 1 (token 0 comes from the prefill) and
+    is guided while i <= cfg_interval, so tokens 0..cfg_interval+1 are guided, the rest conditional alone."""
+    return lambda t: scale if round(t * max(num_steps - 1, 1)) - 1 <= cfg_interval else 1.0
+
+
+SCHEDULES: dict[str, Callable[[float], Schedule]] = {"constant": constant, "linear": linear, "var_ramp": var_ramp}
+
+
+def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """logits: (2B, n, V) with conditional rows first -> (B, n, V) guided logits."""
+    cond, uncond = logits.chunk(2, dim=0)
+    if scale == 1.0:
+        return cond
+    return uncond + (cond - uncond) * scale
