@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from argen.models.interface import DecodeState
@@ -57,7 +56,13 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(c.resid_dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, start: int
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        start: int,
     ) -> torch.Tensor:
         B, T, D = x.shape
         kv_dim = self.num_kv_heads * self.head_dim
@@ -153,11 +158,6 @@ class RasterTransformer(nn.Module, Pretrained):
         x = torch.cat([cls, self.tok_embeddings(ids)], dim=1)  # (B, T+1, D)
         return self._run(x, 0, None)
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy on full sequences (B, seq_len); nats per token."""
-        logits = self(tokens[:, :-1], labels)  # (B, L, V)
-        return F.cross_entropy(logits.reshape(-1, self.vocab_size), tokens.reshape(-1))
-
     # --- the step interface (argen.models.interface.Generator) ---
 
     def start(self, labels: torch.Tensor) -> DecodeState:
@@ -183,3 +183,22 @@ class RasterTransformer(nn.Module, Pretrained):
     def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
         state.tokens[:, state.step : state.step + 1] = ids
         state.step += 1
+
+
+# Presets are data. "mnist-small" is the shipped default; the GPT-* rows are LlamaGen's c2i sizes at 256x256.
+RASTER_PRESETS: dict[str, RasterConfig] = {
+    "mnist-small": RasterConfig(
+        vocab_size=512,
+        num_classes=10,
+        grid_size=7,
+        dim=192,
+        num_layers=4,
+        num_heads=6,
+        multiple_of=32,
+        class_dropout=0.1,
+    ),
+    "GPT-B": RasterConfig(dim=768, num_layers=12, num_heads=12),
+    "GPT-L": RasterConfig(dim=1024, num_layers=24, num_heads=16),
+    "GPT-XL": RasterConfig(dim=1280, num_layers=36, num_heads=20),
+    "GPT-XXL": RasterConfig(dim=1536, num_layers=48, num_heads=24),
+}

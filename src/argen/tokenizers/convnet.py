@@ -141,7 +141,9 @@ class Decoder(nn.Module):
         for i, m in enumerate(reversed(ch_mult)):
             block_out = ch * m
             last = i == len(ch_mult) - 1
-            levels.append(Level(block_in, block_out, num_res_blocks + 1, attn=i == 0, resample=None if last else Upsample))
+            levels.append(
+                Level(block_in, block_out, num_res_blocks + 1, attn=i == 0, resample=None if last else Upsample)
+            )
             block_in = block_out
         self.conv_blocks = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in)

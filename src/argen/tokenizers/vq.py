@@ -38,7 +38,9 @@ class VQConfig:
         if self.ch % 32:
             raise ValueError(f"ch={self.ch}: must be a multiple of 32 (GroupNorm uses 32 groups)")
         if self.image_size % self.downsample:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of the downsample factor {self.downsample}")
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of the downsample factor {self.downsample}"
+            )
 
     @property
     def downsample(self) -> int:
@@ -189,3 +191,20 @@ class VQTokenizer(nn.Module, Pretrained):
             raise ValueError(f"images must be (B, {c.image_channels}, H, W), got {tuple(images.shape)}")
         if images.shape[-2] % c.downsample or images.shape[-1] % c.downsample:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {c.downsample}")
+
+
+# Presets are data. "mnist-small" is the shipped default; "llamagen-vq16" is the released VQ-16 (256x256 RGB).
+VQ_PRESETS: dict[str, VQConfig] = {
+    "mnist-small": VQConfig(
+        image_size=28,
+        image_channels=1,
+        codebook_size=512,
+        codebook_embed_dim=8,
+        ch=32,
+        encoder_ch_mult=(1, 1, 2),
+        decoder_ch_mult=(1, 1, 2),
+        num_res_blocks=1,
+        z_channels=32,
+    ),
+    "llamagen-vq16": VQConfig(image_size=256, image_channels=3),
+}

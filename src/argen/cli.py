@@ -1,0 +1,289 @@
+"""`argen` command line: train-tokenizer, tokenize, train, train-classifier, sample."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from argen.pretrained import config_from_dict
+
+log = logging.getLogger("argen")
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _model_config(presets: dict, name: str, overrides: list[str]):
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    base = dataclasses.asdict(presets[name])
+    try:
+        return config_from_dict(type(presets[name]), {**base, **_parse_overrides(overrides)})
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e)) from e
+
+
+def _add_train_args(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
+    from argen.train.loop import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--out", required=True, help="run folder: checkpoints, previews, log.jsonl, final/")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (all ranks together)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables EMA")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--preview-every", type=int, default=d.preview_every)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the model preset (repeatable)",
+    )
+
+
+def _train_config(args: argparse.Namespace):
+    from argen.train.loop import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        save_every=args.save_every,
+        preview_every=args.preview_every,
+        num_workers=args.num_workers,
+    )
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset
+    from argen.tokenizers.vq import VQ_PRESETS, VQTokenizer
+    from argen.train.loop import train
+    from argen.train.tasks import TokenizerTask
+
+    config = _model_config(VQ_PRESETS, args.preset, args.overrides)
+    dataset = load_dataset(args.data, config.image_size, config.image_channels)
+    torch.manual_seed(args.seed)
+    model = VQTokenizer(config)
+    preview = torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(16, len(dataset)))])
+    result = train(
+        TokenizerTask(model, preview, args.restart_every),
+        dataset,
+        _train_config(args),
+        args.out,
+        resume=args.resume,
+        device=args.device,
+    )
+    if result.output:
+        print(f"tokenizer saved to {result.output} (loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset
+    from argen.data.shards import write_shards
+    from argen.pretrained import load_pretrained
+
+    tokenizer = load_pretrained(args.tokenizer).to(args.device)
+    dataset = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
+    out = write_shards(tokenizer, dataset, args.out, batch_size=args.batch_size, hflip=args.hflip)
+    print(f"wrote token shards to {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from argen.data.shards import TokenShards
+    from argen.models.raster import RASTER_PRESETS, RasterTransformer
+    from argen.pipeline import ARPipeline
+    from argen.pretrained import load_pretrained
+    from argen.train.loop import train
+    from argen.train.tasks import GeneratorTask
+
+    shards = TokenShards(args.tokens)
+    overrides = [f"vocab_size={shards.vocab_size}", f"grid_size={int(round(shards.seq_len**0.5))}"]
+    if shards.class_names:
+        overrides.append(f"num_classes={len(shards.class_names)}")
+    config = _model_config(RASTER_PRESETS, args.preset, overrides + args.overrides)
+    torch.manual_seed(args.seed)
+    model = RasterTransformer(config)
+    tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
+    task = GeneratorTask(model, decode=tokenizer.decode if tokenizer is not None else None)
+    result = train(task, shards, _train_config(args), args.out, resume=args.resume, device=args.device)
+    if result.output:
+        print(f"generator saved to {result.output} (loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+        if tokenizer is not None:
+            pipe = ARPipeline(tokenizer, load_pretrained(result.output), shards.class_names or None)
+            print(f"pipeline saved to {pipe.save_pretrained(Path(args.out) / 'pipeline')}")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset, split_indices
+    from argen.eval.classifier import ClassifierConfig, ImageClassifier, accuracy
+    from argen.train.loop import train
+    from argen.train.tasks import ClassifierTask
+
+    config = ClassifierConfig(image_size=args.image_size, image_channels=args.channels)
+    data = load_dataset(args.data, config.image_size, config.image_channels)
+    train_idx, held_idx = split_indices(data.labels, args.held_out_per_class, seed=args.seed)
+    config = dataclasses.replace(config, num_classes=len(data.class_names))
+    torch.manual_seed(args.seed)
+    model = ImageClassifier(config)
+    result = train(
+        ClassifierTask(model),
+        data.subset(train_idx),
+        _train_config(args),
+        args.out,
+        resume=args.resume,
+        device=args.device,
+    )
+    if result.output:
+        from argen.pretrained import load_pretrained
+
+        held = data.subset(held_idx)
+        acc = accuracy(load_pretrained(result.output), held.images, held.labels)
+        print(f"classifier saved to {result.output}: held-out accuracy {acc:.4f} on {len(held)} images")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from argen.data.images import grid
+    from argen.pipeline import ARPipeline
+
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    classes = args.labels.split(",") if args.labels else list(range(pipe.generator.num_classes))
+    labels = pipe.label_ids([c.strip() if isinstance(c, str) else c for c in classes]).repeat_interleave(args.n)
+    overrides = {
+        k: v
+        for k, v in {
+            "cfg_scale": args.cfg,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "temperature": args.temperature,
+        }.items()
+        if v is not None
+    }
+    t0 = time.perf_counter()
+    out = pipe(labels, seed=args.seed, batch_size=args.batch_size, output_type="pt", progress=True, **overrides)
+    seconds = time.perf_counter() - t0
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        from argen.data.images import to_uint8
+
+        np.savez(path, images=to_uint8(out.images), labels=out.labels.numpy().astype(np.int64))
+    else:
+        grid(out.images, rows=len(classes)).save(path)
+    print(
+        f"wrote {len(labels)} images ({len(classes)} classes x {args.n}) to {path} "
+        f"in {seconds:.1f} s ({seconds / len(labels):.3f} s/image)"
+    )
+    if args.classifier:
+        from argen.eval.classifier import accuracy
+        from argen.pretrained import load_pretrained
+
+        clf_path = (
+            Path(__file__).parent / "assets" / "mnist-classifier" if args.classifier == "default" else args.classifier
+        )
+        acc = accuracy(load_pretrained(clf_path), out.images, out.labels)
+        print(f"class accuracy under {clf_path}: {acc:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="argen", description="Autoregressive image generation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="generate images (default: the shipped MNIST model, every class)")
+    p.add_argument("--model", default="default", help="shipped name (default, raster) or a pipeline folder")
+    p.add_argument("--labels", default=None, help="comma-separated class ids or names (default: every class)")
+    p.add_argument("-n", type=int, default=8, help="images per label")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default="samples.png", help=".png grid (a row per label) or .npz (images, labels)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--classifier", default=None, help="'default' or a classifier folder: report class accuracy")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer on images")
+    p.add_argument("--data", default="mnist", help="mnist, fashion-mnist or an image folder root/<class>/<image>")
+    p.add_argument("--preset", default="mnist-small")
+    p.add_argument("--restart-every", type=int, default=50, help="steps between dead-code restarts (0: never)")
+    _add_train_args(p, steps=700, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("tokenize", help="pre-tokenize a dataset into memory-mapped token shards")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (e.g. RUN/final)")
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--hflip", action="store_true", help="also store mirrored images (not for digits)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("train", help="train a raster generator on token shards")
+    p.add_argument("--tokens", required=True, help="token shards folder from `argen tokenize`")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder: enables previews and writes RUN/pipeline")
+    p.add_argument("--preset", default="mnist-small")
+    _add_train_args(p, steps=3000, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-classifier", help="train the small image classifier used to judge samples")
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--held-out-per-class", type=int, default=50)
+    _add_train_args(p, steps=600, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train_classifier)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
+        print(f"argen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Loaders for official checkpoints of other repositories (weights only, never their code)."""

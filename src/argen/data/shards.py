@@ -1,0 +1,102 @@
+"""Pre-tokenized data: token ids on disk as memory-mapped `.npy` shards, so generator training never runs
+the tokenizer.
+
+Folder layout: `meta.json` (vocab size, sequence length, class names, shard list) and, per shard,
+`tokens-NNNNN.npy` (n, L) and `labels-NNNNN.npy` (n,).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from argen.pretrained import atomic_write
+
+META_NAME = "meta.json"
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+@torch.no_grad()
+def write_shards(
+    tokenizer: torch.nn.Module,
+    dataset: Dataset,
+    out_dir: str | os.PathLike,
+    batch_size: int = 256,
+    shard_size: int = 100_000,
+    hflip: bool = False,
+) -> Path:
+    """Encode every image of `dataset` with `tokenizer` (and optionally its mirror image, as more data)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    dtype = _dtype_for(tokenizer.vocab_size)
+    tokens, labels, shards = [], [], []
+
+    def flush() -> None:
+        if not tokens:
+            return
+        i = len(shards)
+        t, lab = np.concatenate(tokens), np.concatenate(labels)
+        atomic_write(out_dir / f"tokens-{i:05d}.npy", lambda tmp: np.save(open(tmp, "wb"), t))
+        atomic_write(out_dir / f"labels-{i:05d}.npy", lambda tmp: np.save(open(tmp, "wb"), lab))
+        shards.append({"tokens": f"tokens-{i:05d}.npy", "labels": f"labels-{i:05d}.npy", "count": len(lab)})
+        tokens.clear()
+        labels.clear()
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    pending = 0
+    for images, y in tqdm(loader, desc="tokenizing", unit="batch"):
+        views = [images, images.flip(-1)] if hflip else [images]
+        for v in views:
+            tokens.append(tokenizer.encode(v.to(device)).cpu().numpy().astype(dtype))
+            labels.append(y.numpy().astype(np.int64))
+            pending += len(y)
+        if pending >= shard_size:
+            flush()
+            pending = 0
+    flush()
+    meta = {
+        "vocab_size": tokenizer.vocab_size,
+        "seq_len": int(tokenizer.grid_size**2),
+        "class_names": list(getattr(dataset, "class_names", [])),
+        "shards": shards,
+    }
+    atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return out_dir
+
+
+class TokenShards(Dataset):
+    """Memory-mapped token shards; item i is (tokens (L,) int64, label () int64)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        meta_path = self.directory / META_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: write shards with `argen tokenize` first")
+        self.meta = json.loads(meta_path.read_text())
+        self.vocab_size, self.seq_len = self.meta["vocab_size"], self.meta["seq_len"]
+        self.class_names = self.meta.get("class_names", [])
+        self.tokens = [np.load(self.directory / s["tokens"], mmap_mode="r") for s in self.meta["shards"]]
+        self.labels = [np.load(self.directory / s["labels"], mmap_mode="r") for s in self.meta["shards"]]
+        for s, t in zip(self.meta["shards"], self.tokens):
+            if t.shape != (s["count"], self.seq_len):
+                raise ValueError(f"{s['tokens']}: shape {t.shape}, expected ({s['count']}, {self.seq_len})")
+        self.offsets = np.cumsum([0] + [len(t) for t in self.tokens])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        j = i - self.offsets[s]
+        return torch.from_numpy(self.tokens[s][j].astype(np.int64)), torch.tensor(int(self.labels[s][j]))

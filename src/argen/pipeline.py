@@ -1,0 +1,161 @@
+"""The user-facing pipeline: a tokenizer + a generator + default sampler settings, loaded from one folder.
+
+    pipe = ARPipeline.from_pretrained("default")            # the model shipped with argen
+    images = pipe([3, 7], generator=torch.Generator().manual_seed(0)).images   # PIL images
+
+A pipeline folder holds `tokenizer/` and `generator/` (pretrained folders) and `pipeline.json`
+(class names and sampler defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from argen.data.images import to_pil, to_uint8
+from argen.pretrained import atomic_write, config_from_dict, load_pretrained
+from argen.sampling.decode import SamplerConfig, generate, seeded_generators
+
+ASSETS = Path(__file__).parent / "assets"
+# Shipped pipelines by name; "default" is what `argen sample` uses without arguments.
+SHIPPED = {"default": "raster-mnist", "raster": "raster-mnist", "raster-mnist": "raster-mnist"}
+PIPELINE_NAME = "pipeline.json"
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A shipped name or a folder path -> the folder."""
+    if str(name_or_path) in SHIPPED:
+        path = ASSETS / SHIPPED[str(name_or_path)]
+        if not path.is_dir():
+            raise FileNotFoundError(f"the shipped model {name_or_path!r} is missing from {ASSETS} (broken install?)")
+        return path
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name_or_path!r} is neither a shipped model ({sorted(SHIPPED)}) nor a folder")
+    return path
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    labels: torch.Tensor  # (N,)
+    tokens: torch.Tensor  # (N, seq_len)
+
+
+class ARPipeline:
+    def __init__(
+        self,
+        tokenizer: torch.nn.Module,
+        generator: torch.nn.Module,
+        class_names: list[str] | None = None,
+        sampler: SamplerConfig | None = None,
+    ):
+        if tokenizer.vocab_size != generator.vocab_size:
+            raise ValueError(
+                f"tokenizer vocabulary {tokenizer.vocab_size} != generator vocabulary {generator.vocab_size}"
+            )
+        if tokenizer.grid_size**2 != generator.seq_len:
+            raise ValueError(f"tokenizer makes {tokenizer.grid_size**2} tokens, generator expects {generator.seq_len}")
+        self.tokenizer = tokenizer.eval()
+        self.generator = generator.eval()
+        self.class_names = class_names or [str(i) for i in range(generator.num_classes)]
+        self.sampler = sampler or SamplerConfig()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu"):
+        path = resolve(name_or_path)
+        meta = json.loads((path / PIPELINE_NAME).read_text()) if (path / PIPELINE_NAME).is_file() else {}
+        sampler = config_from_dict(SamplerConfig, meta.get("sampler", {}))
+        tokenizer = load_pretrained(path / "tokenizer").to(device)
+        generator = load_pretrained(path / "generator").to(device)
+        return cls(tokenizer, generator, meta.get("class_names"), sampler)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.generator.save_pretrained(directory / "generator")
+        meta = {"class_names": self.class_names, "sampler": dataclasses.asdict(self.sampler)}
+        atomic_write(directory / PIPELINE_NAME, lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
+        return directory
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def label_ids(self, labels: list[int | str] | torch.Tensor) -> torch.Tensor:
+        """Class ids or class names -> (N,) ids."""
+        if isinstance(labels, torch.Tensor):
+            return labels.long().to(self.device)
+        ids = []
+        for label in labels:
+            if isinstance(label, str) and not label.isdigit():
+                if label not in self.class_names:
+                    raise ValueError(f"unknown class {label!r}; classes: {self.class_names}")
+                ids.append(self.class_names.index(label))
+            else:
+                ids.append(int(label))
+        out = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if ((out < 0) | (out >= self.generator.num_classes)).any():
+            raise ValueError(f"class ids must be in 0..{self.generator.num_classes - 1}, got {ids}")
+        return out
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        labels: list[int | str] | torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | None = None,
+        batch_size: int = 64,
+        output_type: str = "pil",
+        progress: bool = False,
+        **sampler_overrides,
+    ) -> PipelineOutput:
+        """Generate one image per label.
+
+        generator: one torch.Generator per image, or a single one from which per-image seeds are drawn;
+        seed: image i uses seed + i (so a seed gives the same image whatever the batch size).
+        sampler_overrides: any SamplerConfig field (cfg_scale, top_k, top_p, temperature, ...).
+        output_type: "pil", "np" ((N, H, W, C) uint8) or "pt" ((N, C, H, W) in [-1, 1]).
+        """
+        labels = self.label_ids(labels)
+        config = dataclasses.replace(self.sampler, **sampler_overrides)
+        gens = self._generators(len(labels), generator, seed)
+        tokens, images = [], []
+        starts = range(0, len(labels), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="sampling", unit="batch")
+        for i in starts:
+            ids = generate(self.generator, labels[i : i + batch_size], config, gens[i : i + batch_size])
+            tokens.append(ids)
+            images.append(self.tokenizer.decode(ids).clamp(-1, 1).cpu())
+        pixels = torch.cat(images)
+        if output_type == "pil":
+            out = to_pil(pixels)
+        elif output_type == "np":
+            out = to_uint8(pixels)
+        elif output_type == "pt":
+            out = pixels
+        else:
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        return PipelineOutput(out, labels.cpu(), torch.cat(tokens).cpu())
+
+    def _generators(self, n: int, generator, seed: int | None) -> list[torch.Generator]:
+        if isinstance(generator, list):
+            if len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image")
+            return generator
+        if generator is not None:
+            seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+        else:
+            base = seed if seed is not None else int(torch.randint(0, 2**31, ()).item())
+            seeds = [base + i for i in range(n)]
+        return seeded_generators(seeds)

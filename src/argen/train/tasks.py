@@ -1,0 +1,132 @@
+"""What the loop trains against: a tokenizer on images, or a generator on pre-tokenized sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from argen.data.images import grid
+from argen.models.interface import Generator
+from argen.sampling.decode import SamplerConfig, generate, seeded_generators
+from argen.tokenizers.vq import VQTokenizer
+from argen.train.distributed import DistInfo
+
+
+class TokenizerTask:
+    """Reconstruction + codebook + commitment loss; dead codes restarted onto batch latents every so often."""
+
+    unit = "images"
+
+    def __init__(self, model: VQTokenizer, preview_images: torch.Tensor | None = None, restart_every: int = 100):
+        self.model = model
+        self.preview_images = preview_images
+        self.restart_every = restart_every
+        self.restarted = 0
+
+    def loss(self, module: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        images = batch[0]
+        return module(images).loss, images.shape[0]
+
+    @torch.no_grad()
+    def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
+        if not self.restart_every or (step + 1) % self.restart_every:
+            return
+        quantizer = self.model.quantize
+        if info.is_main:
+            z = self.model.latent(batch[0]).permute(0, 2, 3, 1).reshape(-1, quantizer.embedding.embedding_dim)
+            self.restarted += quantizer.restart_dead_codes(z)
+        if info.world_size > 1:
+            # The usage window lives on rank 0 (DDP broadcasts buffers from it); so does the restart.
+            dist.broadcast(quantizer.embedding.weight.data, src=0)
+
+    def preview(self) -> Image.Image | None:
+        if self.preview_images is None:
+            return None
+        x = self.preview_images.to(next(self.model.parameters()).device)
+        recon = self.model.decode(self.model.encode(x)).clamp(-1, 1)
+        return grid(torch.cat([x, recon]), rows=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recorded": self.model.quantize.recorded, "restarted": self.restarted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.quantize.recorded = state["recorded"]
+        self.restarted = state["restarted"]
+
+
+class GeneratorTask:
+    """Teacher-forced next-token cross-entropy; previews sample one row per class and decode it."""
+
+    unit = "tokens"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        preview_classes: int = 10,
+        preview_config: SamplerConfig | None = None,
+    ):
+        self.model = model
+        self.decode = decode
+        self.preview_classes = preview_classes
+        self.preview_config = preview_config or SamplerConfig(cfg_scale=2.0)
+
+    def loss(self, module: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        tokens, labels = batch
+        logits = module(tokens[:, :-1], labels)  # (B, L, V): row t predicts token t
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)), tokens.numel()
+
+    def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
+        pass
+
+    def preview(self) -> Image.Image | None:
+        if self.decode is None:
+            return None
+        model: Generator = self.model
+        n = min(self.preview_classes, model.num_classes)
+        labels = torch.arange(n).repeat_interleave(4).to(next(self.model.parameters()).device)
+        ids = generate(model, labels, self.preview_config, seeded_generators(list(range(len(labels)))))
+        return grid(self.decode(ids).clamp(-1, 1), rows=n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ClassifierTask:
+    """Cross-entropy on labelled images, with small random shifts so the classifier tolerates imperfect digits."""
+
+    unit = "images"
+
+    def __init__(self, model: nn.Module, max_shift: int = 2):
+        self.model = model
+        self.max_shift = max_shift
+
+    def loss(self, module: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        images, labels = batch
+        if self.max_shift:
+            s = self.max_shift
+            padded = F.pad(images, (s, s, s, s), value=-1.0)
+            dx, dy = (int(v) for v in torch.randint(0, 2 * s + 1, (2,)))
+            images = padded[..., dy : dy + images.shape[-2], dx : dx + images.shape[-1]]
+        return F.cross_entropy(module(images), labels), images.shape[0]
+
+    def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
+        pass
+
+    def preview(self) -> Image.Image | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,50 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
+
+# Small CPU tests: one thread avoids the slow-down two busy threads show on a loaded 2-core machine.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _fixture(name: str):
+    if not PARITY.is_dir():
+        pytest.skip(f"parity fixtures not found at {PARITY} (../shared/parity beside the repo; a user clone has none)")
+    weights = {
+        part: {
+            k: v.float() if v.is_floating_point() else v
+            for k, v in load_file(PARITY / f"{name}_{part}.safetensors").items()
+        }
+        for part in ("transformer", "tokenizer")
+    }
+    ref = load_file(PARITY / f"{name}_reference.safetensors")
+    ref = {k: v.float() if v.dtype == torch.float16 else v for k, v in ref.items()}
+    meta = json.loads((PARITY / f"{name}_reference.json").read_text())
+    config = json.loads((PARITY / f"{name}_config.json").read_text())
+    return weights, ref, meta, config
+
+
+@pytest.fixture(scope="session")
+def llamagen_fixture():
+    return _fixture("LlamaGen")
+
+
+def assert_close_ref(actual: torch.Tensor, name: str, ref: dict, meta: dict) -> None:
+    """Compare with the sidecar's own tolerance (|a - r| <= atol + rtol |r|), or exactly for integers."""
+    expected = ref[name]
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    )
+    if not expected.is_floating_point():
+        assert torch.equal(actual.long().cpu(), expected.long()), f"{name}: ids differ"
+        return
+    tol = meta["tensors"][name]["tolerance"]
+    err = (actual.float().cpu() - expected).abs()
+    bound = tol["atol"] + tol["rtol"] * expected.abs()
+    assert (err <= bound).all(), f"{name}: max error {err.max().item():.3g} exceeds tolerance {tol}"

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from argen.convert.llamagen import load_gpt, raster_config
+from argen.models.interface import Generator
+from argen.models.layers import attention
+from argen.models.raster import RasterConfig, RasterTransformer
+from argen.models.rope import rope_2d_table
+from tests.conftest import PARITY, assert_close_ref
+
+
+@pytest.fixture(scope="module")
+def official_gpt(llamagen_fixture):
+    fields = llamagen_fixture[3]["transformer"]["constructor_args"]["fields"]
+    return load_gpt(PARITY / "LlamaGen_transformer.safetensors", raster_config(fields))
+
+
+def test_rope_table_parity(llamagen_fixture):
+    _, ref, meta, _ = llamagen_fixture
+    assert_close_ref(rope_2d_table(grid_size=4, head_dim=16), "rope_freqs_cis", ref, meta)
+
+
+@torch.no_grad()
+def test_teacher_forced_logits_parity(official_gpt, llamagen_fixture):
+    _, ref, meta, _ = llamagen_fixture
+    assert_close_ref(official_gpt(ref["tf_idx"], ref["tf_cond"]), "tf_logits", ref, meta)
+
+
+@torch.no_grad()
+def test_kv_cached_logits_parity(official_gpt, llamagen_fixture):
+    _, ref, meta, _ = llamagen_fixture
+    state = official_gpt.start(ref["tf_cond"])
+    rows = []
+    for t in range(16):
+        rows.append(official_gpt.predict(state))
+        if t < 15:
+            official_gpt.advance(state, ref["tf_idx"][:, t : t + 1])
+    assert_close_ref(torch.cat(rows, dim=1), "kv_tf_logits", ref, meta)
+
+
+def test_official_key_set(llamagen_fixture):
+    fields = llamagen_fixture[3]["transformer"]["constructor_args"]["fields"]
+    assert set(llamagen_fixture[0]["transformer"]) == set(RasterTransformer(raster_config(fields)).state_dict())
+
+
+def tiny(**overrides) -> RasterTransformer:
+    torch.manual_seed(0)
+    fields = dict(vocab_size=32, num_classes=3, grid_size=3, dim=32, num_layers=2, num_heads=4, multiple_of=16)
+    return RasterTransformer(RasterConfig(**{**fields, **overrides})).eval()
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+@torch.no_grad()
+def test_kv_cache_step_by_step_equals_teacher_forcing(kv_heads):
+    model = tiny(num_kv_heads=kv_heads)
+    # Scale up the weights so that attention is far from uniform and a position error would show.
+    for p in model.parameters():
+        p.mul_(8.0) if p.dim() == 2 else None
+    ids = torch.randint(0, 32, (2, 9))
+    labels = torch.tensor([0, 2])
+    full = model(ids[:, :-1], labels)
+    state = model.start(labels)
+    steps = []
+    for t in range(9):
+        steps.append(model.predict(state))
+        model.advance(state, ids[:, t : t + 1])
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+    assert state.done and torch.equal(state.tokens, ids)
+
+
+def test_sdpa_matches_reference_attention():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True
+    assert torch.allclose(attention(q, k, v, mask), attention(q, k, v, mask, use_sdpa=False), atol=1e-5)
+
+
+def test_satisfies_generator_interface_and_checks_input():
+    model = tiny()
+    assert isinstance(model, Generator)
+    with pytest.raises(ValueError, match="ids must be"):
+        model(torch.zeros(1, 9, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="not divisible"):
+        RasterConfig(dim=30, num_heads=4)
+
+
+def test_label_dropout_only_in_training():
+    model = tiny(class_dropout=1.0)
+    labels = torch.tensor([0, 1, 2])
+    assert torch.equal(model.drop_labels(labels), labels)
+    model.train()
+    assert torch.equal(model.drop_labels(labels), torch.full_like(labels, 3))

@@ -1,0 +1,66 @@
+"""Test helper: train a tiny raster generator on real MNIST tokens; run directly or under torchrun.
+
+python tests/train/worker.py RUN_DIR SHARDS --steps N [--resume] [--sleep S] [--rank-out DIR]
+"""
+
+import argparse
+import os
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from argen.data.shards import TokenShards
+from argen.models.raster import RasterConfig, RasterTransformer
+from argen.train.loop import TrainConfig, train
+from argen.train.tasks import GeneratorTask
+
+
+class SlowTask(GeneratorTask):
+    """Sleeps a little per step so that a test can kill it mid-run."""
+
+    def __init__(self, model, sleep: float):
+        super().__init__(model)
+        self.sleep = sleep
+
+    def loss(self, module, batch):
+        time.sleep(self.sleep)
+        return super().loss(module, batch)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("shards")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--rank-out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    shards = TokenShards(args.shards)
+    torch.manual_seed(0)
+    model = RasterTransformer(
+        RasterConfig(
+            vocab_size=shards.vocab_size,
+            num_classes=10,
+            grid_size=7,
+            dim=32,
+            num_layers=2,
+            num_heads=2,
+            multiple_of=16,
+        )
+    )
+    config = TrainConfig(
+        steps=args.steps, batch_size=16, lr=3e-3, warmup_steps=5, save_every=5, log_every=5, ema_decay=0.9
+    )
+    train(SlowTask(model, args.sleep), shards, config, args.run_dir, resume=args.resume, progress=False)
+    if args.rank_out:
+        rank = int(os.environ.get("RANK", 0))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, f"{args.rank_out}/rank{rank}.safetensors"
+        )
+
+
+if __name__ == "__main__":
+    main()
