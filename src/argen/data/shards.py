@@ -88,7 +88,7 @@ class TokenShards(Dataset):
         self.class_names = self.meta.get("class_names", [])
         self.tokens = [np.load(self.directory / s["tokens"], mmap_mode="r") for s in self.meta["shards"]]
         self.labels = [np.load(self.directory / s["labels"], mmap_mode="r") for s in self.meta["shards"]]
-        for s, t in zip(self.meta["shards"], self.tokens):
+        for s, t in zip(self.meta["shards"], self.tokens, strict=True):
             if t.shape != (s["count"], self.seq_len):
                 raise ValueError(f"{s['tokens']}: shape {t.shape}, expected ({s['count']}, {self.seq_len})")
         self.offsets = np.cumsum([0] + [len(t) for t in self.tokens])

@@ -164,7 +164,7 @@ def _train(
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda")
     t0, units, last_loss = time.perf_counter(), 0, float("nan")
     model.train()
-    for step, batch in zip(range(start, config.steps), loader):
+    for step, batch in zip(range(start, config.steps), loader, strict=True):
         torch.manual_seed(_step_seed(config.seed, step, info.rank))
         lr = config.lr * warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
