@@ -2,15 +2,17 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file
+# Before torch starts its thread pool: busy-waiting threads slow a loaded 2-core machine badly.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
 
 # Small CPU tests: one thread avoids the slow-down two busy threads show on a loaded 2-core machine.
 torch.set_num_threads(1)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _fixture(name: str):
@@ -48,3 +50,31 @@ def assert_close_ref(actual: torch.Tensor, name: str, ref: dict, meta: dict) -> 
     err = (actual.float().cpu() - expected).abs()
     bound = tol["atol"] + tol["rtol"] * expected.abs()
     assert (err <= bound).all(), f"{name}: max error {err.max().item():.3g} exceeds tolerance {tol}"
+
+
+def tiny_vq(image_size: int = 16, codebook_size: int = 16, **overrides):
+    """A seeded one-channel VQ tokenizer small enough for unit tests (downsample 2)."""
+    from argen.tokenizers.vq import VQConfig, VQTokenizer
+
+    fields = dict(
+        image_size=image_size,
+        image_channels=1,
+        codebook_size=codebook_size,
+        codebook_embed_dim=4,
+        ch=32,
+        encoder_ch_mult=(1, 2),
+        decoder_ch_mult=(1, 2),
+        num_res_blocks=1,
+        z_channels=8,
+    )
+    torch.manual_seed(0)
+    return VQTokenizer(VQConfig(**{**fields, **overrides}))
+
+
+def tiny_raster(**overrides):
+    """A seeded raster generator small enough for unit tests."""
+    from argen.models.raster import RasterConfig, RasterTransformer
+
+    fields = dict(vocab_size=32, num_classes=3, grid_size=3, dim=32, num_layers=2, num_heads=4, multiple_of=16)
+    torch.manual_seed(0)
+    return RasterTransformer(RasterConfig(**{**fields, **overrides})).eval()

@@ -5,14 +5,7 @@ import torch
 
 from argen.models.raster import RasterConfig, RasterTransformer
 from argen.pretrained import config_from_dict, load_pretrained, load_state_dict_strict
-from argen.tokenizers.vq import VQConfig, VQTokenizer
-
-
-def tiny_raster() -> RasterTransformer:
-    torch.manual_seed(0)
-    return RasterTransformer(
-        RasterConfig(vocab_size=16, num_classes=3, grid_size=2, dim=32, num_layers=1, num_heads=2, multiple_of=16)
-    ).eval()
+from tests.conftest import tiny_raster, tiny_vq
 
 
 def test_round_trip_gives_identical_logits(tmp_path):
@@ -26,20 +19,7 @@ def test_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_tokenizer_round_trip(tmp_path):
-    torch.manual_seed(0)
-    tok = VQTokenizer(
-        VQConfig(
-            image_size=8,
-            image_channels=1,
-            codebook_size=8,
-            codebook_embed_dim=4,
-            ch=32,
-            encoder_ch_mult=(1, 1),
-            decoder_ch_mult=(1, 1),
-            num_res_blocks=1,
-            z_channels=4,
-        )
-    ).eval()
+    tok = tiny_vq(image_size=8, codebook_size=8).eval()
     tok.save_pretrained(tmp_path / "t")
     loaded = load_pretrained(tmp_path / "t")
     x = torch.rand(2, 1, 8, 8) * 2 - 1

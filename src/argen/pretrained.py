@@ -24,6 +24,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
+# Modules whose classes register themselves; imported on first load so any folder can be opened.
+_COMPONENT_MODULES = ("argen.tokenizers.vq", "argen.models.raster", "argen.eval.classifier")
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -91,7 +93,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, state_dict: 
     return directory
 
 
+def _import_components() -> None:
+    import importlib
+
+    for name in _COMPONENT_MODULES:
+        importlib.import_module(name)
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    _import_components()
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")

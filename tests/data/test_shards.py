@@ -3,24 +3,11 @@ import torch
 
 from argen.data.datasets import ArrayDataset
 from argen.data.shards import TokenShards, write_shards
-from argen.tokenizers.vq import VQConfig, VQTokenizer
+from tests.conftest import tiny_vq
 
 
 def test_shards_round_trip_equals_direct_encoding(tmp_path):
-    torch.manual_seed(0)
-    tokenizer = VQTokenizer(
-        VQConfig(
-            image_size=16,
-            image_channels=1,
-            codebook_size=32,
-            codebook_embed_dim=4,
-            ch=32,
-            encoder_ch_mult=(1, 2),
-            decoder_ch_mult=(1, 2),
-            num_res_blocks=1,
-            z_channels=8,
-        )
-    )
+    tokenizer = tiny_vq(codebook_size=32)
     pixels = np.random.default_rng(0).integers(0, 256, (23, 16, 16, 1), dtype=np.uint8)
     labels = np.arange(23) % 3
     data = ArrayDataset(pixels, labels, ["a", "b", "c"])

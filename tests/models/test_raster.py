@@ -6,7 +6,7 @@ from argen.models.interface import Generator
 from argen.models.layers import attention
 from argen.models.raster import RasterConfig, RasterTransformer
 from argen.models.rope import rope_2d_table
-from tests.conftest import PARITY, assert_close_ref
+from tests.conftest import PARITY, assert_close_ref, tiny_raster
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,7 @@ def test_official_key_set(llamagen_fixture):
 
 
 def tiny(**overrides) -> RasterTransformer:
-    torch.manual_seed(0)
-    fields = dict(vocab_size=32, num_classes=3, grid_size=3, dim=32, num_layers=2, num_heads=4, multiple_of=16)
-    return RasterTransformer(RasterConfig(**{**fields, **overrides})).eval()
+    return tiny_raster(**overrides)
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2])

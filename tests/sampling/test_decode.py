@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from argen.convert.llamagen import load_gpt, raster_config
-from argen.models.raster import RasterConfig, RasterTransformer
+from argen.models.raster import RasterTransformer
 from argen.sampling import guidance
 from argen.sampling.decode import SamplerConfig, generate, seeded_generators
-from tests.conftest import PARITY, assert_close_ref
+from tests.conftest import PARITY, assert_close_ref, tiny_raster
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,7 @@ def test_greedy_cfg_interval_parity(official_gpt, llamagen_fixture):
 
 
 def tiny() -> RasterTransformer:
-    torch.manual_seed(0)
-    model = RasterTransformer(
-        RasterConfig(vocab_size=16, num_classes=4, grid_size=3, dim=32, num_layers=2, num_heads=4, multiple_of=16)
-    ).eval()
+    model = tiny_raster(vocab_size=16, num_classes=4)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(10.0) if p.dim() == 2 else None  # peaked, label-dependent distributions

@@ -3,7 +3,7 @@ import torch
 
 from argen.convert.llamagen import load_vq
 from argen.tokenizers.vq import USAGE_WINDOW, VQConfig, VQTokenizer
-from tests.conftest import PARITY, assert_close_ref
+from tests.conftest import PARITY, assert_close_ref, tiny_vq
 
 FIXTURE_VQ = VQConfig(
     image_size=64,
@@ -41,20 +41,7 @@ def test_fixture_key_set_is_exactly_ours(llamagen_fixture):
 
 
 def tiny() -> VQTokenizer:
-    torch.manual_seed(0)
-    return VQTokenizer(
-        VQConfig(
-            image_size=16,
-            image_channels=1,
-            codebook_size=16,
-            codebook_embed_dim=4,
-            ch=32,
-            encoder_ch_mult=(1, 2),
-            decoder_ch_mult=(1, 2),
-            num_res_blocks=1,
-            z_channels=8,
-        )
-    )
+    return tiny_vq()
 
 
 def test_shapes_and_straight_through_gradient():

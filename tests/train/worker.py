@@ -28,6 +28,15 @@ class SlowTask(GeneratorTask):
         return super().loss(module, batch)
 
 
+def build_model(vocab_size: int) -> RasterTransformer:
+    torch.manual_seed(0)
+    return RasterTransformer(
+        RasterConfig(
+            vocab_size=vocab_size, num_classes=10, grid_size=7, dim=32, num_layers=2, num_heads=2, multiple_of=16
+        )
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
@@ -39,18 +48,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     shards = TokenShards(args.shards)
-    torch.manual_seed(0)
-    model = RasterTransformer(
-        RasterConfig(
-            vocab_size=shards.vocab_size,
-            num_classes=10,
-            grid_size=7,
-            dim=32,
-            num_layers=2,
-            num_heads=2,
-            multiple_of=16,
-        )
-    )
+    model = build_model(shards.vocab_size)
     config = TrainConfig(
         steps=args.steps, batch_size=16, lr=3e-3, warmup_steps=5, save_every=5, log_every=5, ema_decay=0.9
     )

@@ -86,7 +86,7 @@ def load_image(path: str | os.PathLike, channels: int, size: int | None = None) 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, C) or (N, H, W, C) uint8 -> (C, H, W) / (N, C, H, W) float in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).float().div(127.5).sub(1.0)
+    t = torch.from_numpy(np.array(pixels, copy=True)).float().div(127.5).sub(1.0)
     return t.movedim(-1, -3)
 
 

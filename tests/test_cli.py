@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from argen.cli import build_parser, main
+from argen.data.datasets import mnist_pixels
+
+# The CLI surface users script against: changing it must be a deliberate act that updates this test.
+SURFACE = {
+    "sample": {
+        "--model",
+        "--labels",
+        "-n",
+        "--seed",
+        "--cfg",
+        "--top-k",
+        "--top-p",
+        "--temperature",
+        "--batch-size",
+        "--out",
+        "--device",
+        "--classifier",
+    },
+    "train-tokenizer": {"--data", "--preset", "--restart-every"},
+    "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--device"},
+    "train": {"--tokens", "--tokenizer", "--preset"},
+    "train-classifier": {"--data", "--image-size", "--channels", "--held-out-per-class"},
+}
+TRAIN_FLAGS = {
+    "--out",
+    "--steps",
+    "--batch-size",
+    "--lr",
+    "--warmup-steps",
+    "--weight-decay",
+    "--grad-clip",
+    "--ema-decay",
+    "--seed",
+    "--save-every",
+    "--preview-every",
+    "--num-workers",
+    "--resume",
+    "--device",
+    "--set",
+}
+
+
+def test_cli_surface_is_frozen():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(SURFACE)
+    for name, expected in SURFACE.items():
+        options = {s for a in sub.choices[name]._actions for s in a.option_strings} - {"-h", "--help"}
+        if name.startswith("train"):
+            expected = expected | TRAIN_FLAGS
+        assert options == expected, name
+
+
+def test_sample_writes_npz_for_evaluation(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--labels", "3,7", "-n", "2", "--out", str(out), "--classifier", "default"]) == 0
+    data = np.load(out)
+    assert data["images"].shape == (4, 28, 28, 1) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [3, 3, 7, 7] and data["labels"].dtype == np.int64
+    assert "class accuracy" in capsys.readouterr().out
+
+
+def test_sample_default_grid_has_a_row_per_class(tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "-n", "3", "--out", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (3 * 30 + 2, 10 * 30 + 2)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    assert main(["sample", "--labels", "11", "--out", str(tmp_path / "x.png")]) == 2
+    assert "class ids must be in" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown VQConfig field"):
+        main(["train-tokenizer", "--out", str(tmp_path / "t"), "--set", "codebok_size=3"])
+
+
+def test_end_to_end_on_an_image_folder(tmp_path, capsys):
+    """train-tokenizer -> tokenize -> train -> sample, on real digits written as PNG files."""
+    pixels, labels = mnist_pixels()
+    for i in range(0, 5000, 125):
+        folder = tmp_path / "digits" / f"d{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i, ..., 0]).save(folder / f"{i}.png")
+    (tmp_path / "digits" / "d0" / "bad.png").write_bytes(b"garbage")
+    digits, run = str(tmp_path / "digits"), tmp_path / "run"
+    tiny = ["--set", "ch=32", "--set", "codebook_size=64", "--set", "image_channels=1"]
+    assert (
+        main(
+            [
+                "train-tokenizer",
+                "--data",
+                digits,
+                "--out",
+                str(run / "tok"),
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                *tiny,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["tokenize", "--tokenizer", str(run / "tok" / "final"), "--data", digits, "--out", str(run / "tokens")])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--tokens",
+                str(run / "tokens"),
+                "--tokenizer",
+                str(run / "tok" / "final"),
+                "--out",
+                str(run / "gen"),
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--set",
+                "dim=32",
+                "--set",
+                "num_layers=1",
+                "--set",
+                "num_heads=2",
+            ]
+        )
+        == 0
+    )
+    assert (run / "gen" / "previews" / "step-00000003.png").is_file()
+    out = tmp_path / "s.npz"
+    assert (
+        main(["sample", "--model", str(run / "gen" / "pipeline"), "--labels", "d3", "-n", "2", "--out", str(out)]) == 0
+    )
+    assert np.load(out)["images"].shape == (2, 28, 28, 1)
