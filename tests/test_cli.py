@@ -25,6 +25,27 @@ SURFACE = {
     "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--device"},
     "train": {"--tokens", "--tokenizer", "--preset"},
     "train-classifier": {"--data", "--image-size", "--channels", "--held-out-per-class"},
+    "eval": {
+        "--model",
+        "--data",
+        "-n",
+        "--n",
+        "--seeds",
+        "--features",
+        "--inception-weights",
+        "--classifier",
+        "--batch-size",
+        "--json",
+        "--npz",
+        "--device",
+        "--cfg",
+        "--top-k",
+        "--top-p",
+        "--temperature",
+    },
+    "eval-tokenizer": {"--tokenizer", "--data"},
+    "bench": {"--model", "--setting", "--batch-sizes", "--repeats", "--threads", "--train", "--json", "--device"},
+    "report": {"--model", "--out", "--data", "-n", "--n", "--seeds", "--cfg-values", "--top-k-values", "--classifier"},
 }
 TRAIN_FLAGS = {
     "--out",
@@ -140,3 +161,61 @@ def test_end_to_end_on_an_image_folder(tmp_path, capsys):
         main(["sample", "--model", str(run / "gen" / "pipeline"), "--labels", "d3", "-n", "2", "--out", str(out)]) == 0
     )
     assert np.load(out)["images"].shape == (2, 28, 28, 1)
+
+
+def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys):
+    import json
+
+    assert (
+        main(
+            [
+                "eval",
+                "-n",
+                "100",
+                "--seeds",
+                "0",
+                "--json",
+                str(tmp_path / "e.json"),
+                "--npz",
+                str(tmp_path / "adm.npz"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "FD real-vs-real floor" in out and "class accuracy" in out and "N = 100" in out
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["num_samples"] == 100 and report["class_accuracy"]["mean"] > 0.7
+    adm = np.load(tmp_path / "adm.npz")
+    assert adm["arr_0"].shape == (100, 28, 28, 3) and adm["arr_0"].dtype == np.uint8
+
+    assert (
+        main(
+            [
+                "bench",
+                "--batch-sizes",
+                "1",
+                "--repeats",
+                "1",
+                "--setting",
+                "plain:cfg_scale=1",
+                "--setting",
+                "guided:cfg_scale=3",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "ratios against 'plain'" in out and "GFLOP/s" in out
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert {r["setting"] for r in bench["sampling"]} == {"plain", "guided"}
+    assert main(["bench", "--setting", "x:cfg=3"]) == 2
+    assert "unknown SamplerConfig field" in capsys.readouterr().err
+
+    assert main(["eval-tokenizer"]) == 0
+    assert "PSNR (dB)" in capsys.readouterr().out
+
+    assert main(["eval", "-n", "100", "--seeds", "0", "--features", "inception"]) == 0
+    assert "skipping Inception FID" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`argen` command line: train-tokenizer, tokenize, train, train-classifier, sample."""
+"""`argen` command line: train-tokenizer, tokenize, train, train-classifier, sample, eval, eval-tokenizer,
+bench, report."""
 
 from __future__ import annotations
 
@@ -217,6 +218,186 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"class accuracy under {clf_path}: {acc:.4f}")
 
 
+def _sampler_overrides(args: argparse.Namespace) -> dict:
+    values = {"cfg_scale": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+
+
+def _classifier_path(name: str) -> Path:
+    from argen.eval.features import DEFAULT_CLASSIFIER
+
+    return DEFAULT_CLASSIFIER if name == "default" else Path(name)
+
+
+def _print_table(header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from argen.data.datasets import ArrayDataset, load_dataset
+    from argen.eval.evaluate import evaluate, reference_split, sample_uint8
+    from argen.eval.features import ClassifierFeatures, inception_features
+    from argen.pipeline import ARPipeline
+    from argen.pretrained import atomic_write, load_pretrained
+
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    tc = pipe.tokenizer.config
+    data = ArrayDataset.of(load_dataset(args.data, tc.image_size, tc.image_channels))
+    reference, rest = reference_split(data, args.n)
+    classifier = ClassifierFeatures(load_pretrained(_classifier_path(args.classifier))) if args.classifier else None
+    if args.features == "inception":
+        try:
+            extractor = inception_features(args.inception_weights)
+        except RuntimeError as e:
+            print(f"skipping Inception FID: {e}", file=sys.stderr)
+            return
+    else:
+        if classifier is None:
+            raise ValueError("--features classifier needs --classifier")
+        extractor = classifier
+    sampler = _sampler_overrides(args)
+    report = evaluate(pipe, reference, rest, extractor, args.seeds, classifier, batch_size=args.batch_size, **sampler)
+    print(f"model {args.model}, sampler {report.sampler}")
+    print(
+        f"N = {report.num_samples} generated (class-balanced) vs {report.num_samples} held-out real images, "
+        f"seeds {report.seeds} (mean ± std over seeds)"
+    )
+    _print_table(["metric", "value"], [list(r) for r in report.rows()])
+    if args.json:
+        atomic_write(Path(args.json), lambda t: Path(t).write_text(json.dumps(dataclasses.asdict(report), indent=2)))
+    if args.npz:
+        images, labels = sample_uint8(pipe, args.n, args.seeds[0], args.batch_size, **sampler)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)  # the ADM evaluator expects RGB
+        np.savez(args.npz, arr_0=images, labels=labels.numpy().astype(np.int64))
+        print(f"wrote {len(images)} samples to {args.npz} (arr_0: uint8 NHWC, the ADM evaluator layout)")
+
+
+def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset
+    from argen.eval.tokenizer import evaluate_tokenizer
+    from argen.pipeline import resolve
+    from argen.pretrained import load_pretrained
+
+    path = Path(args.tokenizer)
+    folder = path if (path / "config.json").is_file() else resolve(args.tokenizer) / "tokenizer"
+    tokenizer = load_pretrained(folder)
+    data = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
+    r = evaluate_tokenizer(tokenizer, data)
+    _print_table(
+        ["metric", "value"],
+        [
+            ["images", r.num_images],
+            ["MSE (pixels in [0, 1])", f"{r.mse:.5f}"],
+            ["PSNR (dB)", f"{r.psnr:.2f}"],
+            ["codebook usage", f"{r.codebook_usage:.3f} of {tokenizer.vocab_size}"],
+            ["codebook perplexity", f"{r.codebook_perplexity:.1f}"],
+        ],
+    )
+
+
+def _parse_setting(text: str) -> tuple[str, dict]:
+    """'name:cfg_scale=3,top_k=50' -> ('name', {...}); 'plain' or 'plain:' -> no overrides."""
+    name, _, body = text.partition(":")
+    fields = _parse_overrides([kv for kv in body.split(",") if kv]) if body else {}
+    from argen.sampling.decode import SamplerConfig
+
+    config_from_dict(SamplerConfig, fields)  # unknown fields fail here, before any timing
+    return name, fields
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from argen.eval.speed import bench_sampling, bench_training, matmul_peak_flops
+    from argen.pipeline import ARPipeline
+    from argen.pretrained import atomic_write
+
+    torch.set_num_threads(args.threads)
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    settings = dict(_parse_setting(s) for s in (args.setting or ["default"]))
+    peak = matmul_peak_flops()
+    print(
+        f"model {args.model}: {pipe.generator.seq_len} tokens/image; {args.threads} threads; "
+        f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
+    bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(settings), desc="bench", unit="run", leave=False)
+    results = bench_sampling(pipe, settings, args.batch_sizes, args.repeats, peak, bar)
+    bar.close()
+    rows = [
+        [
+            r.setting,
+            r.batch_size,
+            r.nfe,
+            f"{r.seconds_per_image:.4f} ({r.seconds_per_image_min:.4f}-{r.seconds_per_image_max:.4f})",
+            f"{r.images_per_second:.1f}",
+            f"{r.peak_memory_mb:.0f}",
+            f"{r.flops_per_image / 1e9:.3f}",
+            f"{r.peak_ratio:.3f}",
+        ]
+        for r in results
+    ]
+    _print_table(
+        ["setting", "batch", "NFE", "s/image median (min-max)", "images/s", "peak MB", "GFLOP/image", "of peak"], rows
+    )
+    base = next(iter(settings))
+    if len(settings) > 1:
+        print(f"\nratios against {base!r}, measured interleaved in this run:")
+        ratio_rows = []
+        for r in results:
+            b = next(x for x in results if x.setting == base and x.batch_size == r.batch_size)
+            if r.setting != base:
+                ratio_rows.append(
+                    [
+                        r.setting,
+                        r.batch_size,
+                        f"{r.nfe / b.nfe:.3f}",
+                        f"{r.seconds_per_image / b.seconds_per_image:.3f}",
+                    ]
+                )
+        _print_table(["setting", "batch", "NFE ratio", "time ratio"], ratio_rows)
+    out = {
+        "model": str(args.model),
+        "threads": args.threads,
+        "matmul_peak_flops": peak,
+        "sampling": [dataclasses.asdict(r) for r in results],
+    }
+    if args.train:
+        t = bench_training(pipe, peak=peak)
+        out["training"] = t
+        print(
+            f"\ntraining: {t['tokens_per_second']:,.0f} tokens/s at batch {t['batch_size']} "
+            f"({t['peak_ratio']:.3f} of peak)"
+        )
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2)))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from argen.eval.report_page import build_report
+
+    path = build_report(
+        args.model,
+        Path(args.out),
+        n=args.n,
+        seeds=args.seeds,
+        cfg_values=args.cfg_values,
+        top_k_values=args.top_k_values,
+        classifier=_classifier_path(args.classifier),
+        data=args.data,
+    )
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argen", description="Autoregressive image generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -227,10 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="comma-separated class ids or names (default: every class)")
     p.add_argument("-n", type=int, default=8, help="images per label")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
+    _add_sampler_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="samples.png", help=".png grid (a row per label) or .npz (images, labels)")
     p.add_argument("--device", default=None)
@@ -267,6 +445,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out-per-class", type=int, default=50)
     _add_train_args(p, steps=600, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("eval", help="sample quality: FD, KID, precision/recall, class accuracy, NLL")
+    p.add_argument("--model", default="default")
+    p.add_argument("--data", default="mnist", help="reference images (held-out split) and the real floor")
+    p.add_argument("-n", "--n", type=int, default=1000, help="samples per seed = reference set size")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--features", choices=["classifier", "inception"], default="classifier")
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 weights file")
+    p.add_argument("--classifier", default="default", help="'default' or a classifier folder")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--json", default=None, help="also write the report as JSON")
+    p.add_argument("--npz", default=None, help="also export samples for the ADM evaluator (arr_0, uint8 NHWC)")
+    p.add_argument("--device", default=None)
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-tokenizer", help="reconstruction MSE/PSNR, codebook usage and perplexity")
+    p.add_argument("--tokenizer", default="default", help="tokenizer folder, or a pipeline name/folder")
+    p.add_argument("--data", default="mnist")
+    p.set_defaults(func=cmd_eval_tokenizer)
+
+    p = sub.add_parser("bench", help="sampling speed (NFE, s/image, memory, FLOP/s) and training throughput")
+    p.add_argument("--model", default="default")
+    p.add_argument(
+        "--setting",
+        action="append",
+        metavar="NAME:FIELD=V,...",
+        help="a sampler setting to compare (repeatable; the first is the baseline of the ratios)",
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--train", action="store_true", help="also measure training tokens/s")
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="HTML page: sample grids, metric table, speed-vs-quality plot")
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", default="report.html")
+    p.add_argument("--data", default="mnist")
+    p.add_argument("-n", "--n", type=int, default=500)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--cfg-values", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--top-k-values", type=int, nargs="+", default=[0, 20])
+    p.add_argument("--classifier", default="default")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -48,10 +48,23 @@ class ArrayDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i], self.labels[i]
 
-    def subset(self, indices: np.ndarray) -> ArrayDataset:
-        out = ArrayDataset.__new__(ArrayDataset)
-        out.images, out.labels, out.class_names = self.images[indices], self.labels[indices], self.class_names
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> ArrayDataset:
+        """From (N, C, H, W) images in [-1, 1] and (N,) labels."""
+        out = cls.__new__(cls)
+        out.images, out.labels, out.class_names = images, labels.long(), class_names
         return out
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> ArrayDataset:
+        """Any (image, label) dataset, loaded into memory (for evaluation sets)."""
+        if isinstance(dataset, ArrayDataset):
+            return dataset
+        images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+        return cls.from_tensors(torch.stack(images), torch.stack(labels), list(dataset.class_names))
+
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
+        return ArrayDataset.from_tensors(self.images[indices], self.labels[indices], self.class_names)
 
 
 class ImageFolder(Dataset):

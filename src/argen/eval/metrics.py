@@ -1,0 +1,101 @@
+"""Sample-quality metrics on feature tensors (N, D): Fréchet distance, KID, precision/recall, and the
+Inception-Score-style exp(E KL(p(y|x) || p(y))) on class probabilities.
+
+Everything is computed in float64 on the CPU from features of any extractor, so the same code serves the
+offline MNIST classifier and, when its weights are available, Inception.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def _check(features: torch.Tensor, name: str) -> torch.Tensor:
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"{name} must be (N, D) with N >= 2, got {tuple(features.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return features.detach().double().cpu()
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^1/2) between Gaussians fitted to the two feature sets."""
+    real, fake = _check(real, "real"), _check(fake, "fake")
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
+    # tr((S_r S_f)^1/2) = sum of sqrt eigenvalues of the symmetric PSD matrix S_r^1/2 S_f S_r^1/2.
+    evals, evecs = torch.linalg.eigh(cov_r)
+    sqrt_r = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    middle = torch.linalg.eigvalsh(sqrt_r @ cov_f @ sqrt_r).clamp(min=0).sqrt().sum()
+    value = (mu_r - mu_f).pow(2).sum() + cov_r.trace() + cov_f.trace() - 2 * middle
+    return max(float(value), 0.0)
+
+
+def _poly_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+@dataclass
+class KID:
+    mean: float
+    std: float
+
+
+def kernel_inception_distance(
+    real: torch.Tensor, fake: torch.Tensor, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> KID:
+    """Unbiased MMD^2 with the cubic polynomial kernel (Bińkowski et al. 2018), averaged over random subsets."""
+    real, fake = _check(real, "real"), _check(fake, "fake")
+    m = min(subset_size, len(real), len(fake))
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(num_subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m]]
+        y = fake[torch.randperm(len(fake), generator=g)[:m]]
+        kxx, kyy, kxy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
+        off = m * (m - 1)
+        values.append(
+            ((kxx.sum() - kxx.diag().sum()) / off + (kyy.sum() - kyy.diag().sum()) / off - 2 * kxy.mean()).item()
+        )
+    t = torch.tensor(values)
+    return KID(t.mean().item(), t.std().item() if len(values) > 1 else 0.0)
+
+
+@dataclass
+class PrecisionRecall:
+    precision: float
+    recall: float
+
+
+def _kth_neighbour_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(x, x)
+    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+
+def _coverage(points: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> float:
+    inside = []
+    for i in range(0, len(points), chunk):
+        inside.append((torch.cdist(points[i : i + chunk], support) <= radii[None]).any(dim=1))
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> PrecisionRecall:
+    """Kynkäänniemi et al. 2019: each set's manifold is the union of balls reaching its k-th nearest neighbour;
+    precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold."""
+    real, fake = _check(real, "real"), _check(fake, "fake")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+    precision = _coverage(fake, real, _kth_neighbour_radius(real, k))
+    recall = _coverage(real, fake, _kth_neighbour_radius(fake, k))
+    return PrecisionRecall(precision, recall)
+
+
+def classifier_score(probs: torch.Tensor) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) from (N, K) class probabilities: the Inception Score's formula."""
+    p = _check(probs, "probs")
+    marginal = p.mean(0, keepdim=True)
+    kl = (p * (p.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(1)
+    return math.exp(kl.mean().item())

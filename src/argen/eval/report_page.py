@@ -1,0 +1,99 @@
+"""Build the `argen report` page for one pipeline: run the evaluation and the speed benchmark over a grid of
+sampler settings and lay the results out with `argen.eval.report`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from argen.data.datasets import ArrayDataset, load_dataset
+from argen.data.images import grid
+from argen.eval.evaluate import evaluate, reference_split
+from argen.eval.features import ClassifierFeatures
+from argen.eval.report import Point, png_data_uri, render_page, scatter_svg, table_html
+from argen.eval.speed import bench_sampling
+from argen.pipeline import ARPipeline
+from argen.pretrained import atomic_write, load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+def setting_name(sampler: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sampler.items()) or "default"
+
+
+def build_report(
+    model: str,
+    out: Path,
+    n: int,
+    seeds: list[int],
+    cfg_values: list[float],
+    top_k_values: list[int],
+    classifier: Path,
+    data: str = "mnist",
+    speed_batch: int = 8,
+) -> Path:
+    pipe = ARPipeline.from_pretrained(model)
+    tc = pipe.tokenizer.config
+    reference, rest = reference_split(ArrayDataset.of(load_dataset(data, tc.image_size, tc.image_channels)), n)
+    features = ClassifierFeatures(load_pretrained(classifier))
+    settings = {setting_name(s): s for s in ({"cfg_scale": c, "top_k": k} for c in cfg_values for k in top_k_values)}
+
+    reports = {}
+    for name, sampler in tqdm(settings.items(), desc="evaluating settings", unit="setting"):
+        reports[name] = evaluate(pipe, reference, rest, features, seeds, features, **sampler)
+    speed = {r.setting: r for r in bench_sampling(pipe, settings, [speed_batch], repeats=3)}
+
+    rows, points = [], []
+    for name, rep in reports.items():
+        s = speed[name]
+        rows.append(
+            [
+                name,
+                s.nfe,
+                f"{s.seconds_per_image:.4f}",
+                str(rep.fd),
+                f"{rep.fd_real_floor:.3g}",
+                str(rep.class_accuracy),
+                str(rep.precision),
+                str(rep.recall),
+            ]
+        )
+        points.append(Point(name, s.seconds_per_image, rep.fd.mean, rep.fd.std))
+
+    default = evaluate(pipe, reference, rest, features, seeds, features)
+    labels = torch.arange(pipe.generator.num_classes).repeat_interleave(10)
+    samples = pipe(labels, seed=0, output_type="pt").images
+    picture = grid(samples, rows=pipe.generator.num_classes)
+    sections = [
+        (
+            "Samples",
+            f"<p>{model}, default sampler {dataclasses.asdict(pipe.sampler)}; one row per class "
+            f"({', '.join(pipe.class_names)}), seeds 0..{len(labels) - 1}.</p>"
+            f"<figure><img alt='sample grid' src='{png_data_uri(picture, 3)}'></figure>",
+        ),
+        (
+            "Metrics (default sampler)",
+            f"<p>N = {n} class-balanced samples per seed against {n} held-out real images; seeds {seeds}; "
+            f"features: {default.feature_extractor}. The real-vs-real floor compares {n} training-split images with "
+            f"the same reference set: an FD near it is as good as this N can tell.</p>"
+            + table_html(["metric", "value"], [list(r) for r in default.rows()]),
+        ),
+        (
+            "Speed vs quality",
+            f"<p>x: seconds per image at batch {speed_batch} (median of 3, generation + decode); "
+            "y: FD (mean ± std over seeds). Lower-left is better.</p>"
+            + scatter_svg(points, f"seconds / image (batch {speed_batch})", "Fréchet distance")
+            + table_html(
+                ["setting", "NFE", "s/image", "FD", "FD floor", "class accuracy", "precision", "recall"], rows
+            ),
+        ),
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page = render_page(f"argen report: {model}", sections)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(page))
+    return out

@@ -1,0 +1,209 @@
+"""`argen bench`: sampling and training speed, measured the same way for every checkpoint and setting.
+
+Reported per setting and batch size: NFE (sequential forward passes of the generator per batch), seconds per
+image and images/s (median, min and max over repeats, after a warm-up), peak memory above the baseline, and
+achieved FLOP/s as a share of this machine's measured float32 matmul peak. Several settings are measured
+interleaved (A, B, A, B, ...) so that machine load affects them alike, and compared as ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from argen.models.interface import DecodeState
+from argen.pipeline import ARPipeline
+from argen.sampling.decode import generate, seeded_generators
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
+    """Best float32 FLOP/s of an n x n matmul on this machine with the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+class PeakRSS:
+    """Peak resident memory above the starting point, sampled every few ms (CPU); CUDA uses its own counter."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self) -> PeakRSS:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self.peak = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+class CountingGenerator:
+    """Wraps a generator to count its sequential forward passes (NFE)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+        self.num_classes, self.vocab_size, self.seq_len = model.num_classes, model.vocab_size, model.seq_len
+
+    def start(self, labels: torch.Tensor) -> DecodeState:
+        return self.model.start(labels)
+
+    def predict(self, state: DecodeState) -> torch.Tensor:
+        self.calls += 1
+        return self.model.predict(state)
+
+    def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
+        self.model.advance(state, ids)
+
+
+@dataclass
+class SpeedResult:
+    setting: str
+    batch_size: int
+    nfe: int
+    seconds_per_image: float
+    seconds_per_image_min: float
+    seconds_per_image_max: float
+    images_per_second: float
+    peak_memory_mb: float
+    flops_per_image: float
+    peak_ratio: float  # achieved FLOP/s / matmul peak
+    times: list[float] = field(default_factory=list)
+
+
+def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -> tuple[float, int]:
+    counter = CountingGenerator(pipe.generator)
+    config = pipe.sampler.__class__(**{**pipe.sampler.__dict__, **sampler})
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ids = generate(counter, labels, config, seeded_generators(range(seed, seed + len(labels))))
+        pipe.tokenizer.decode(ids)
+    return time.perf_counter() - t0, counter.calls
+
+
+def _flops(pipe: ARPipeline, labels: torch.Tensor, sampler: dict) -> float:
+    with FlopCounterMode(display=False) as counter:
+        _one_run(pipe, labels, 0, sampler)
+    return float(counter.get_total_flops())
+
+
+def bench_sampling(
+    pipe: ARPipeline,
+    settings: dict[str, dict],
+    batch_sizes: list[int],
+    repeats: int = 5,
+    peak: float | None = None,
+    progress=None,
+) -> list[SpeedResult]:
+    """Time every setting at every batch size, interleaving the settings within each repeat."""
+    peak = peak or matmul_peak_flops()
+    results = []
+    for bs in batch_sizes:
+        labels = (torch.arange(bs) % pipe.generator.num_classes).to(pipe.device)
+        times = {name: [] for name in settings}
+        nfe, mem, flops = {}, {}, {}
+        for name, sampler in settings.items():
+            _one_run(pipe, labels, 0, sampler)  # warm-up
+            flops[name] = _flops(pipe, labels, sampler)
+            with PeakRSS(pipe.device) as watch:
+                _, nfe[name] = _one_run(pipe, labels, 0, sampler)
+            mem[name] = watch.megabytes
+        for r in range(repeats):
+            for name, sampler in settings.items():
+                seconds, _ = _one_run(pipe, labels, 1000 * (r + 1), sampler)
+                times[name].append(seconds / bs)
+                if progress is not None:
+                    progress.update(1)
+        for name in settings:
+            t = times[name]
+            med = statistics.median(t)
+            results.append(
+                SpeedResult(
+                    name,
+                    bs,
+                    nfe[name],
+                    med,
+                    min(t),
+                    max(t),
+                    1 / med,
+                    mem[name],
+                    flops[name] / bs,
+                    flops[name] / bs / med / peak,
+                    t,
+                )
+            )
+    return results
+
+
+def bench_training(pipe: ARPipeline, batch_size: int = 32, steps: int = 10, peak: float | None = None) -> dict:
+    """Tokens/s of teacher-forced training steps (forward + backward + AdamW) on random token sequences."""
+    peak = peak or matmul_peak_flops()
+    model = pipe.generator
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.vocab_size, (batch_size, model.seq_len), generator=g).to(pipe.device)
+    labels = torch.randint(0, model.num_classes, (batch_size,), generator=g).to(pipe.device)
+
+    def step() -> None:
+        logits = model(tokens[:, :-1], labels)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        step()  # warm-up
+        with FlopCounterMode(display=False) as counter:
+            step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        model.load_state_dict(state)
+        model.eval()
+    med = statistics.median(times)
+    return {
+        "batch_size": batch_size,
+        "seconds_per_step": med,
+        "tokens_per_second": batch_size * model.seq_len / med,
+        "flops_per_step": float(counter.get_total_flops()),
+        "peak_ratio": counter.get_total_flops() / med / peak,
+    }

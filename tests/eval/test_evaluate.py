@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from argen.data.datasets import ArrayDataset, load_dataset
+from argen.eval.evaluate import evaluate, reference_split
+from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
+from argen.eval.speed import bench_sampling
+from argen.pipeline import ARPipeline
+from argen.pretrained import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def setup():
+    pipe = ARPipeline.from_pretrained("default")
+    data = ArrayDataset.of(load_dataset("mnist", 28))
+    reference, rest = reference_split(data, 200)
+    return pipe, reference, rest, ClassifierFeatures(load_pretrained(DEFAULT_CLASSIFIER))
+
+
+def test_reference_split_is_fixed_balanced_and_disjoint(setup):
+    _, reference, rest, _ = setup
+    assert len(reference) == 200 and len(rest) == 4800
+    assert torch.bincount(reference.labels).tolist() == [20] * 10
+    again, _ = reference_split(ArrayDataset.of(load_dataset("mnist", 28)), 200)
+    assert torch.equal(again.images, reference.images)
+    with pytest.raises(ValueError, match="multiple of the 10 classes"):
+        reference_split(again, 205)
+
+
+def test_evaluate_the_shipped_model(setup):
+    pipe, reference, rest, features = setup
+    report = evaluate(pipe, reference, rest, features, seeds=[0, 1], classifier=features)
+    assert report.num_samples == 200 and len(report.fd.values) == 2
+    assert report.class_accuracy.mean > 0.8
+    assert 0 < report.fd_real_floor < report.fd.mean  # generated digits are not better than real ones
+    assert 0 <= report.precision.mean <= 1 and 0 <= report.recall.mean <= 1
+    assert 0 < report.bits_per_token < math.log2(pipe.generator.vocab_size)
+    assert 5 < report.classifier_score.mean <= 10  # confident and diverse over 10 classes
+    # Unguided sampling with a flattened distribution is worse by every measure the suite has.
+    hot = evaluate(pipe, reference, rest, features, seeds=[0], classifier=features, cfg_scale=1.0, temperature=1.5)
+    assert hot.fd.mean > report.fd.mean and hot.class_accuracy.mean < report.class_accuracy.mean
+
+
+def test_features_are_torchmetrics_compatible(setup):
+    *_, features = setup
+    rgb = torch.randint(0, 256, (3, 3, 299, 299), dtype=torch.uint8)  # what torchmetrics probes with
+    assert features(rgb).shape == (3, features.num_features)
+    with pytest.raises(ValueError, match="uint8"):
+        features(torch.zeros(1, 1, 28, 28))
+
+
+def test_bench_counts_forward_passes_and_flops(setup):
+    pipe = setup[0]
+    results = bench_sampling(pipe, {"plain": {"cfg_scale": 1.0}, "cfg": {"cfg_scale": 3.0}}, [2], repeats=1, peak=1e10)
+    plain, cfg = results
+    assert plain.nfe == cfg.nfe == pipe.generator.seq_len  # raster: one pass per token
+    assert cfg.flops_per_image > 1.5 * plain.flops_per_image  # guidance doubles the generator's batch
+    assert plain.seconds_per_image > 0 and plain.peak_ratio > 0

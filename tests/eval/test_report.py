@@ -1,0 +1,24 @@
+import re
+
+from PIL import Image
+
+from argen.eval.report import Point, png_data_uri, render_page, scatter_svg, table_html
+
+
+def test_scatter_plot_places_points_by_value():
+    svg = scatter_svg([Point("slow", 2.0, 10.0, 1.0), Point("fast", 1.0, 20.0)], "s/image", "FD")
+    circles = [(float(x), float(y)) for x, y in re.findall(r'class="point" cx="([\d.]+)" cy="([\d.]+)"', svg)]
+    assert len(circles) == 2
+    (x_slow, y_slow), (x_fast, y_fast) = circles
+    assert x_fast < x_slow  # smaller time is further left
+    assert y_fast < y_slow  # larger FD is higher up (smaller SVG y)
+    assert "s/image" in svg and "FD" in svg and svg.count("<line") > 4
+
+
+def test_page_is_self_contained_and_escapes_text():
+    image = Image.new("L", (4, 4), 128)
+    page = render_page(
+        "t <1>", [("Samples", f"<img src='{png_data_uri(image)}'>"), ("Table", table_html(["a", "b"], [["<x>", "1"]]))]
+    )
+    assert page.startswith("<!DOCTYPE html>") and "t &lt;1&gt;" in page and "&lt;x&gt;" in page
+    assert "data:image/png;base64," in page and "http" not in page.replace("http://www.w3.org", "")
