@@ -24,7 +24,7 @@ SURFACE = {
     "train-tokenizer": {"--data", "--preset", "--restart-every"},
     "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--device"},
     "train": {"--tokens", "--tokenizer", "--preset"},
-    "train-classifier": {"--data", "--image-size", "--channels", "--held-out-per-class"},
+    "train-classifier": {"--data", "--eval-data", "--image-size", "--channels"},
     "eval": {
         "--model",
         "--data",

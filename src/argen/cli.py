@@ -148,31 +148,31 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
-    from argen.data.datasets import load_dataset, split_indices
+    from argen.data.datasets import ArrayDataset, load_dataset
     from argen.eval.classifier import ClassifierConfig, ImageClassifier, accuracy
+    from argen.pretrained import load_pretrained
     from argen.train.loop import train
     from argen.train.tasks import ClassifierTask
 
     config = ClassifierConfig(image_size=args.image_size, image_channels=args.channels)
     data = load_dataset(args.data, config.image_size, config.image_channels)
-    train_idx, held_idx = split_indices(data.labels, args.held_out_per_class, seed=args.seed)
+    held = ArrayDataset.of(load_dataset(args.eval_data, config.image_size, config.image_channels))
     config = dataclasses.replace(config, num_classes=len(data.class_names))
     torch.manual_seed(args.seed)
-    model = ImageClassifier(config)
     result = train(
-        ClassifierTask(model),
-        data.subset(train_idx),
+        ClassifierTask(ImageClassifier(config)),
+        data,
         _train_config(args),
         args.out,
         resume=args.resume,
         device=args.device,
     )
     if result.output:
-        from argen.pretrained import load_pretrained
-
-        held = data.subset(held_idx)
         acc = accuracy(load_pretrained(result.output), held.images, held.labels)
-        print(f"classifier saved to {result.output}: held-out accuracy {acc:.4f} on {len(held)} images")
+        print(
+            f"classifier saved to {result.output}: accuracy {acc:.4f} on {len(held)} held-out images "
+            f"({args.eval_data})"
+        )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -243,16 +243,14 @@ def _print_table(header: list[str], rows: list[list]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from argen.data.datasets import ArrayDataset, load_dataset
-    from argen.eval.evaluate import evaluate, reference_split, sample_uint8
+    from argen.eval.evaluate import evaluate, reference_sets, sample_uint8
     from argen.eval.features import ClassifierFeatures, inception_features
     from argen.pipeline import ARPipeline
     from argen.pretrained import atomic_write, load_pretrained
 
     pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
     tc = pipe.tokenizer.config
-    data = ArrayDataset.of(load_dataset(args.data, tc.image_size, tc.image_channels))
-    reference, rest = reference_split(data, args.n)
+    reference, rest = reference_sets(args.data, args.n, tc.image_size, tc.image_channels)
     classifier = ClassifierFeatures(load_pretrained(_classifier_path(args.classifier))) if args.classifier else None
     if args.features == "inception":
         try:
@@ -439,16 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-classifier", help="train the small image classifier used to judge samples")
-    p.add_argument("--data", default="mnist")
+    p.add_argument("--data", default="mnist:train")
+    p.add_argument("--eval-data", default="mnist:test", help="held-out images for the reported accuracy")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--held-out-per-class", type=int, default=50)
     _add_train_args(p, steps=600, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("eval", help="sample quality: FD, KID, precision/recall, class accuracy, NLL")
     p.add_argument("--model", default="default")
-    p.add_argument("--data", default="mnist", help="reference images (held-out split) and the real floor")
+    p.add_argument("--data", default="mnist", help="built-in (its test split is the reference) or a folder")
     p.add_argument("-n", "--n", type=int, default=1000, help="samples per seed = reference set size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--features", choices=["classifier", "inception"], default="classifier")
@@ -463,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-tokenizer", help="reconstruction MSE/PSNR, codebook usage and perplexity")
     p.add_argument("--tokenizer", default="default", help="tokenizer folder, or a pipeline name/folder")
-    p.add_argument("--data", default="mnist")
+    p.add_argument("--data", default="mnist:test")
     p.set_defaults(func=cmd_eval_tokenizer)
 
     p = sub.add_parser("bench", help="sampling speed (NFE, s/image, memory, FLOP/s) and training throughput")

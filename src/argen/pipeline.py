@@ -77,10 +77,11 @@ class ARPipeline:
         generator = load_pretrained(path / "generator").to(device)
         return cls(tokenizer, generator, meta.get("class_names"), sampler)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """`dtype=torch.float16` halves the files (weights are upcast again when loaded)."""
         directory = Path(directory)
-        self.tokenizer.save_pretrained(directory / "tokenizer")
-        self.generator.save_pretrained(directory / "generator")
+        self.tokenizer.save_pretrained(directory / "tokenizer", dtype=dtype)
+        self.generator.save_pretrained(directory / "generator", dtype=dtype)
         meta = {"class_names": self.class_names, "sampler": dataclasses.asdict(self.sampler)}
         atomic_write(directory / PIPELINE_NAME, lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
         return directory

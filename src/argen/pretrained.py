@@ -56,6 +56,7 @@ def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary readable files
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -78,8 +79,11 @@ def remove_stray_temp_files(folder: Path) -> int:
     return len(stray)
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """Write `config.json` and `model.safetensors` (float weights as stored in the module)."""
+def save_pretrained(
+    model: nn.Module, directory: str | os.PathLike, state_dict: dict | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `config.json` and `model.safetensors`. `dtype` (e.g. torch.float16) sets the storage type of float
+    tensors, to ship small files; loading casts them back to the model's own dtype."""
     directory = Path(directory)
     config = {
         "format_version": FORMAT_VERSION,
@@ -87,7 +91,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, state_dict: 
         "config": dataclasses.asdict(model.config),
     }
     state = state_dict if state_dict is not None else model.state_dict()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in state.items()
+    }
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
@@ -169,8 +176,8 @@ class Pretrained:
     component_type: str = ""
     config_class: type = object
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        return save_pretrained(self, directory)
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        return save_pretrained(self, directory, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike) -> M:

@@ -3,6 +3,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 from argen.data.datasets import ImageFolder, load_dataset
@@ -92,8 +93,15 @@ def test_mnist_builtin_is_real_digits():
     assert data.images.min() == -1 and data.images.max() == 1
     # Digits are bright strokes on a dark background: most pixels are background.
     assert (data.images < -0.9).float().mean() > 0.7
+    train, test = load_dataset("mnist:train", 28), load_dataset("mnist:test", 28)
+    assert len(train) == 4000 and len(test) == 1000
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    both = torch.cat([train.images, test.images]).flatten(1)
+    assert torch.unique(both, dim=0).shape[0] == torch.unique(data.images.flatten(1), dim=0).shape[0]
 
 
 def test_unknown_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="neither a built-in"):
         load_dataset("imagenet-please", 28)
+    with pytest.raises(ValueError, match="unknown split"):
+        load_dataset("mnist:val", 28)

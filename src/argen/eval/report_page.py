@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from argen.data.datasets import ArrayDataset, load_dataset
 from argen.data.images import grid
-from argen.eval.evaluate import evaluate, reference_split
+from argen.eval.evaluate import evaluate, reference_sets
 from argen.eval.features import ClassifierFeatures
 from argen.eval.report import Point, png_data_uri, render_page, scatter_svg, table_html
 from argen.eval.speed import bench_sampling
@@ -39,7 +38,7 @@ def build_report(
 ) -> Path:
     pipe = ARPipeline.from_pretrained(model)
     tc = pipe.tokenizer.config
-    reference, rest = reference_split(ArrayDataset.of(load_dataset(data, tc.image_size, tc.image_channels)), n)
+    reference, rest = reference_sets(data, n, tc.image_size, tc.image_channels)
     features = ClassifierFeatures(load_pretrained(classifier))
     settings = {setting_name(s): s for s in ({"cfg_scale": c, "top_k": k} for c in cfg_values for k in top_k_values)}
 
