@@ -37,6 +37,11 @@ def llamagen_fixture():
     return _fixture("LlamaGen")
 
 
+@pytest.fixture(scope="session")
+def var_fixture():
+    return _fixture("VAR")
+
+
 def assert_close_ref(actual: torch.Tensor, name: str, ref: dict, meta: dict) -> None:
     """Compare with the sidecar's own tolerance (|a - r| <= atol + rtol |r|), or exactly for integers."""
     expected = ref[name]

@@ -88,16 +88,45 @@ def _train_config(args: argparse.Namespace):
     )
 
 
+def _tokenizer_presets() -> dict:
+    from argen.tokenizers.multiscale import MULTISCALE_PRESETS
+    from argen.tokenizers.vq import VQ_PRESETS
+
+    return {**VQ_PRESETS, **MULTISCALE_PRESETS}
+
+
+def _generator_presets() -> dict:
+    from argen.models.next_scale import NEXT_SCALE_PRESETS
+    from argen.models.raster import RASTER_PRESETS
+
+    return {**RASTER_PRESETS, **NEXT_SCALE_PRESETS}
+
+
+def _build(config):
+    """A config dataclass -> the component it configures."""
+    from argen.models.next_scale import NextScaleConfig, NextScaleTransformer
+    from argen.models.raster import RasterConfig, RasterTransformer
+    from argen.tokenizers.multiscale import MultiScaleVQ, MultiScaleVQConfig
+    from argen.tokenizers.vq import VQConfig, VQTokenizer
+
+    classes = {
+        VQConfig: VQTokenizer,
+        MultiScaleVQConfig: MultiScaleVQ,
+        RasterConfig: RasterTransformer,
+        NextScaleConfig: NextScaleTransformer,
+    }
+    return classes[type(config)](config)
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from argen.data.datasets import load_dataset
-    from argen.tokenizers.vq import VQ_PRESETS, VQTokenizer
     from argen.train.loop import train
     from argen.train.tasks import TokenizerTask
 
-    config = _model_config(VQ_PRESETS, args.preset, args.overrides)
+    config = _model_config(_tokenizer_presets(), args.preset, args.overrides)
     dataset = load_dataset(args.data, config.image_size, config.image_channels)
     torch.manual_seed(args.seed)
-    model = VQTokenizer(config)
+    model = _build(config)
     preview = torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(16, len(dataset)))])
     result = train(
         TokenizerTask(model, preview, args.restart_every),
@@ -124,26 +153,39 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from argen.data.shards import TokenShards
-    from argen.models.raster import RASTER_PRESETS, RasterTransformer
+    from argen.models.next_scale import NextScaleConfig
     from argen.pipeline import ARPipeline
     from argen.pretrained import load_pretrained
     from argen.train.loop import train
     from argen.train.tasks import GeneratorTask
 
     shards = TokenShards(args.tokens)
-    overrides = [f"vocab_size={shards.vocab_size}", f"grid_size={int(round(shards.seq_len**0.5))}"]
+    presets = _generator_presets()
+    if args.preset not in presets:
+        raise SystemExit(f"unknown preset {args.preset!r}; choose from {sorted(presets)}")
+    tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
+    overrides = [f"vocab_size={shards.vocab_size}"]
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")
-    config = _model_config(RASTER_PRESETS, args.preset, overrides + args.overrides)
+    if isinstance(presets[args.preset], NextScaleConfig):
+        if tokenizer is None:
+            raise ValueError("a next-scale generator trains through its tokenizer: pass --tokenizer")
+        overrides += [f"scales={list(tokenizer.scales)}", f"token_dim={tokenizer.config.z_channels}"]
+    else:
+        overrides.append(f"grid_size={int(round(shards.seq_len**0.5))}")
+    config = _model_config(presets, args.preset, overrides + args.overrides)
     torch.manual_seed(args.seed)
-    model = RasterTransformer(config)
-    tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
+    model = _build(config)
+    if hasattr(model, "bind"):
+        model.bind(tokenizer)
     task = GeneratorTask(model, decode=tokenizer.decode if tokenizer is not None else None)
     result = train(task, shards, _train_config(args), args.out, resume=args.resume, device=args.device)
     if result.output:
         print(f"generator saved to {result.output} (loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
         if tokenizer is not None:
             pipe = ARPipeline(tokenizer, load_pretrained(result.output), shards.class_names or None)
+            if hasattr(model, "bind"):  # VAR's ramp: guidance grows over the scales
+                pipe.sampler = dataclasses.replace(pipe.sampler, cfg_schedule="var_ramp")
             print(f"pipeline saved to {pipe.save_pretrained(Path(args.out) / 'pipeline')}")
 
 

@@ -61,8 +61,10 @@ class ARPipeline:
             raise ValueError(
                 f"tokenizer vocabulary {tokenizer.vocab_size} != generator vocabulary {generator.vocab_size}"
             )
-        if tokenizer.grid_size**2 != generator.seq_len:
-            raise ValueError(f"tokenizer makes {tokenizer.grid_size**2} tokens, generator expects {generator.seq_len}")
+        if tokenizer.seq_len != generator.seq_len:
+            raise ValueError(f"tokenizer makes {tokenizer.seq_len} tokens, generator expects {generator.seq_len}")
+        if hasattr(generator, "bind"):  # next-scale generators read their inputs through the tokenizer
+            generator.bind(tokenizer)
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         self.class_names = class_names or [str(i) for i in range(generator.num_classes)]

@@ -25,7 +25,13 @@ WEIGHTS_NAME = "model.safetensors"
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 # Modules whose classes register themselves; imported on first load so any folder can be opened.
-_COMPONENT_MODULES = ("argen.tokenizers.vq", "argen.models.raster", "argen.eval.classifier")
+_COMPONENT_MODULES = (
+    "argen.tokenizers.vq",
+    "argen.tokenizers.multiscale",
+    "argen.models.raster",
+    "argen.models.next_scale",
+    "argen.eval.classifier",
+)
 M = TypeVar("M", bound=nn.Module)
 
 

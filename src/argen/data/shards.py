@@ -67,7 +67,7 @@ def write_shards(
     flush()
     meta = {
         "vocab_size": tokenizer.vocab_size,
-        "seq_len": int(tokenizer.grid_size**2),
+        "seq_len": int(tokenizer.seq_len),
         "class_names": list(getattr(dataset, "class_names", [])),
         "shards": shards,
     }

@@ -141,7 +141,7 @@ def evaluate(
             accs.append((probs.argmax(1).cpu() == labels).double().mean().item())
             scores.append(classifier_score(probs))
     bits = None
-    if hasattr(pipe.generator, "forward") and pipe.generator.seq_len == pipe.tokenizer.grid_size**2:
+    if pipe.generator.seq_len == pipe.tokenizer.seq_len:
         with torch.no_grad():
             ids = torch.cat(
                 [pipe.tokenizer.encode(reference.images[i : i + 250].to(pipe.device)).cpu() for i in range(0, n, 250)]

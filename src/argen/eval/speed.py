@@ -182,7 +182,7 @@ def bench_training(pipe: ARPipeline, batch_size: int = 32, steps: int = 10, peak
     labels = torch.randint(0, model.num_classes, (batch_size,), generator=g).to(pipe.device)
 
     def step() -> None:
-        logits = model(tokens[:, :-1], labels)
+        logits = model(model.training_inputs(tokens), labels)
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ class DecodeState:
     step: int = 0  # prediction steps taken so far
     num_steps: int = 0
     cache: Any = None  # the model's KV cache
+    span: tuple[int, int] = (0, 0)  # token positions the last `predict` was for
     extra: dict[str, Any] = field(default_factory=dict)  # order-specific bookkeeping
 
     @property

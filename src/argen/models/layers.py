@@ -49,15 +49,22 @@ class FeedForward(nn.Module):
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, use_sdpa: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+    use_sdpa: bool = True,
 ) -> torch.Tensor:
-    """Scaled dot-product attention. q: (B, H, T, hd); k, v: (B, H, S, hd); mask: (T, S) bool, True = may attend.
+    """Scaled dot-product attention. q: (B, H, T, hd); k, v: (B, H, S, hd); mask: (T, S) bool, True = may attend;
+    scale defaults to 1/sqrt(hd).
 
     `use_sdpa=False` is the reference path that the fused kernel is tested against.
     """
     if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v

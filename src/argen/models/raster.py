@@ -158,6 +158,10 @@ class RasterTransformer(nn.Module, Pretrained):
         x = torch.cat([cls, self.tok_embeddings(ids)], dim=1)  # (B, T+1, D)
         return self._run(x, 0, None)
 
+    def training_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing input for full sequences (B, seq_len): every token but the last."""
+        return tokens[:, :-1]
+
     # --- the step interface (argen.models.interface.Generator) ---
 
     def start(self, labels: torch.Tensor) -> DecodeState:
@@ -178,6 +182,7 @@ class RasterTransformer(nn.Module, Pretrained):
             x = self.tok_embeddings(state.tokens[:, state.step - 1 : state.step])
         logits = self._run(x, state.step, state.cache)
         state.cache.length = state.step + 1
+        state.span = (state.step, state.step + 1)
         return logits  # (B, 1, V)
 
     def advance(self, state: DecodeState, ids: torch.Tensor) -> None:

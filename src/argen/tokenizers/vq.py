@@ -158,6 +158,15 @@ class VQTokenizer(nn.Module, Pretrained):
     def grid_size(self) -> int:
         return self.config.grid_size
 
+    @property
+    def seq_len(self) -> int:
+        return self.config.grid_size**2
+
+    def token_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) bool pixel mask (True = keep) -> (B, seq_len) bool: tokens whose area is mostly kept."""
+        g = self.grid_size
+        return (F.interpolate(keep.float(), size=(g, g), mode="area") >= 0.5).flatten(1)
+
     def latent(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D, h, w) continuous latent before quantisation."""
         self._check_images(images)

@@ -61,7 +61,7 @@ class TokenizerTask:
 
 
 class GeneratorTask:
-    """Teacher-forced next-token cross-entropy; previews sample one row per class and decode it."""
+    """Teacher-forced cross-entropy for any generation order; previews sample one row per class and decode it."""
 
     unit = "tokens"
 
@@ -79,7 +79,8 @@ class GeneratorTask:
 
     def loss(self, module: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         tokens, labels = batch
-        logits = module(tokens[:, :-1], labels)  # (B, L, V): row t predicts token t
+        # The order decides what the network sees (raster: the previous tokens; next-scale: coarser maps).
+        logits = module(self.model.training_inputs(tokens), labels)  # (B, L, V): row t predicts token t
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)), tokens.numel()
 
     def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:

@@ -1,0 +1,285 @@
+"""Next-scale generator: VAR's transformer ("Visual Autoregressive Modeling", Tian et al. 2024).
+
+One step predicts a whole token map: scale k's pn_k x pn_k tokens from the class and every coarser map.
+Sequence = [start token, then each scale's map row-major]; a token sees its own and all coarser scales
+(block-causal, VAR §3.2). The input of scale k is the accumulated f_hat of scales < k shrunk to pn_k x pn_k,
+so the generator needs the tokenizer's codebook and phi convolutions: `bind(tokenizer)` attaches them
+(they are not part of the generator's weights, as in VAR). Parameter names match VAR's `VAR` class, so
+official `var_d*.pth` checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from argen.models.interface import DecodeState
+from argen.models.kv_cache import KVCache
+from argen.models.layers import attention
+from argen.pretrained import Pretrained, register
+
+
+@dataclass
+class NextScaleConfig:
+    vocab_size: int = 4096
+    num_classes: int = 1000
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    token_dim: int = 32  # the tokenizer's code vector size (VAR's Cvae)
+    depth: int = 16
+    dim: int = 1024
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    attn_l2_norm: bool = True
+    class_dropout: float = 0.1
+    drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing), training only
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def seq_len(self) -> int:
+        return sum(pn * pn for pn in self.scales)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim, self.l2_norm = num_heads, dim // num_heads, l2_norm
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        # VAR's qkv bias: learnable for q and v, fixed zeros for k (a key bias cannot change the softmax).
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        if l2_norm:
+            # Cosine attention with a learnable per-head temperature, capped at 100 (VAR §4, from Swin v2).
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+            self.max_log_scale = math.log(100)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, start: int
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        scale = None
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=self.max_log_scale).exp()
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)
+        out = attention(q, k, v, mask, scale=scale)  # (B, H, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Pre-norm block whose LayerNorm gains/shifts and residual gates come from the class (AdaLN)."""
+
+    def __init__(self, c: NextScaleConfig, drop_path: float):
+        super().__init__()
+        self.dim, self.drop_path = c.dim, drop_path
+        self.attn = SelfAttention(c.dim, c.num_heads, c.attn_l2_norm)
+        self.ffn = FFN(c.dim, round(c.dim * c.mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+
+    def _residual(self, h: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth: drop the whole branch per sample in training."""
+        if not self.training or self.drop_path == 0:
+            return h
+        keep = torch.rand(h.shape[0], 1, 1, device=h.device) >= self.drop_path
+        return h * keep / (1 - self.drop_path)
+
+    def forward(self, x, cond, mask, cache, layer, start):
+        # VAR's split order of the 6C conditioning vector
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
+        h = self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, mask, cache, layer, start)
+        x = x + self._residual(h * gamma1)
+        h = self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2)
+        return x + self._residual(h * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dim = dim
+        self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return self.ln_wo_grad(h) * (1 + scale) + shift
+
+
+@register
+class NextScaleTransformer(nn.Module, Pretrained):
+    component_type = "next_scale_transformer"
+    config_class = NextScaleConfig
+
+    def __init__(self, config: NextScaleConfig):
+        super().__init__()
+        self.config = c = config
+        self.num_classes, self.vocab_size, self.seq_len = c.num_classes, c.vocab_size, c.seq_len
+        self.scales = tuple(c.scales)
+        self.bounds = [0]
+        for pn in self.scales:
+            self.bounds.append(self.bounds[-1] + pn * pn)  # scale k spans bounds[k]:bounds[k+1]
+        L, first = c.seq_len, self.scales[0] ** 2
+        self.word_embed = nn.Linear(c.token_dim, c.dim)
+        self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)
+        self.pos_start = nn.Parameter(torch.zeros(1, first, c.dim))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, L, c.dim))
+        self.lvl_embed = nn.Embedding(len(self.scales), c.dim)
+        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        self.blocks = nn.ModuleList(AdaLNSelfAttn(c, r) for r in rates)
+        self.head_nm = AdaLNBeforeHead(c.dim, c.norm_eps)
+        self.head = nn.Linear(c.dim, c.vocab_size)
+        # Part of VAR's checkpoints: the scale index of each token and the block-causal additive mask.
+        level = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.scales)])
+        self.register_buffer("lvl_1L", level.view(1, L))
+        bias = torch.where(level[:, None] >= level[None, :], 0.0, float("-inf"))
+        self.register_buffer("attn_bias_for_masking", bias.view(1, 1, L, L))
+        self._init_weights()
+        self._tokenizer: tuple = ()
+
+    def _init_weights(self) -> None:
+        std = math.sqrt(1 / self.config.dim / 3)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std)
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=std)
+        for block in self.blocks:  # start near identity: small residual gates (VAR's init_adaln_gamma idea)
+            block.ada_lin[-1].weight.data[: 2 * self.config.dim].mul_(1e-2)
+        self.head.weight.data.mul_(0.02)
+
+    # --- the tokenizer this generator reads its inputs through ---
+
+    def bind(self, tokenizer: nn.Module) -> NextScaleTransformer:
+        """Attach the multi-scale tokenizer (codebook + phi) used to build next-scale inputs; not a submodule."""
+        if tuple(tokenizer.scales) != self.scales or tokenizer.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"tokenizer scales {tokenizer.scales} / vocabulary {tokenizer.vocab_size} do not match "
+                f"the generator's {self.scales} / {self.vocab_size}"
+            )
+        self._tokenizer = (tokenizer,)
+        return self
+
+    @property
+    def tokenizer(self) -> nn.Module:
+        if not self._tokenizer:
+            raise ValueError("a next-scale generator needs its tokenizer: call generator.bind(tokenizer) first")
+        return self._tokenizer[0]
+
+    def training_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L - first, token_dim) inputs of scales 1..K-1 (from the accumulated f_hat)."""
+        tok = self.tokenizer
+        with torch.no_grad():
+            return tok.quantize.next_scale_inputs(tok.split(tokens), tok.side)
+
+    # --- forward passes ---
+
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.config.class_dropout <= 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def _level_pos(self, start: int, end: int) -> torch.Tensor:
+        return self.lvl_embed(self.lvl_1L[:, start:end]) + self.pos_1LC[:, start:end]  # (1, T, D)
+
+    def _run(self, x: torch.Tensor, cond: torch.Tensor, start: int, mask, cache: KVCache | None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, mask, cache, i, start)
+        return self.head(self.head_nm(x, cond)).float()
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing on all scales at once. inputs: (B, L - first, token_dim) from `teacher_inputs`,
+        labels: (B,) -> logits (B, L, V)."""
+        L = self.seq_len
+        if inputs.dim() != 3 or inputs.shape[1] != L - self.bounds[1]:
+            raise ValueError(
+                f"inputs must be (B, {L - self.bounds[1]}, {self.config.token_dim}), got {tuple(inputs.shape)}"
+            )
+        cond = self.class_emb(self.drop_labels(labels))  # (B, D)
+        start = cond[:, None] + self.pos_start  # (B, first, D)
+        x = torch.cat([start, self.word_embed(inputs)], dim=1) + self._level_pos(0, L)  # (B, L, D)
+        mask = self.attn_bias_for_masking[0, 0] == 0  # (L, L) block-causal
+        return self._run(x, cond, 0, mask, None)
+
+    # --- the step interface (argen.models.interface.Generator): one scale per step ---
+
+    def start(self, labels: torch.Tensor) -> DecodeState:
+        B, c = labels.shape[0], self.config
+        tok = self.tokenizer
+        weight = self.head.weight
+        cache = KVCache(len(self.blocks), B, c.num_heads, c.dim // c.num_heads, self.seq_len, like=weight)
+        tokens = torch.full((B, self.seq_len), -1, dtype=torch.long, device=weight.device)
+        f_hat = weight.new_zeros(B, c.token_dim, tok.side, tok.side)
+        extra = {"cond": self.class_emb(labels), "f_hat": f_hat, "next_input": None}
+        return DecodeState(labels=labels, tokens=tokens, num_steps=len(self.scales), cache=cache, extra=extra)
+
+    def predict(self, state: DecodeState) -> torch.Tensor:
+        if state.done:
+            raise ValueError("decoding is finished: all scales are chosen")
+        si = state.step
+        begin, end = self.bounds[si], self.bounds[si + 1]
+        cond = state.extra["cond"]
+        if si == 0:
+            x = cond[:, None] + self.pos_start
+        else:
+            x = self.word_embed(state.extra["next_input"])
+        x = x + self._level_pos(begin, end)  # (B, pn*pn, D)
+        # Every cached key is of a coarser scale or this one: block-causal needs no mask step by step.
+        logits = self._run(x, cond, begin, None, state.cache)
+        state.cache.length = end
+        state.span = (begin, end)
+        return logits  # (B, pn*pn, V)
+
+    def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
+        si = state.step
+        begin, end = self.bounds[si], self.bounds[si + 1]
+        state.tokens[:, begin:end] = ids
+        q, side = self.tokenizer.quantize, self.tokenizer.side
+        state.extra["f_hat"] = state.extra["f_hat"] + q.residual_step(q.code_map(ids), si, side)
+        if si + 1 < len(self.scales):
+            pn = self.scales[si + 1]
+            f = F.interpolate(state.extra["f_hat"], size=(pn, pn), mode="area")
+            state.extra["next_input"] = f.flatten(2).transpose(1, 2)  # (B, pn*pn, token_dim)
+        state.step += 1
+
+
+def var_release(depth: int) -> NextScaleConfig:
+    """The released var_d{depth}.pth sizes: VAR's builder ties width (64 per layer) and heads to the depth."""
+    return NextScaleConfig(depth=depth, dim=64 * depth, num_heads=depth, drop_path=0.1 * depth / 24)
+
+
+# Presets are data. "mnist-next-scale" is the shipped default; var-d* are the released VAR sizes (256x256).
+NEXT_SCALE_PRESETS: dict[str, NextScaleConfig] = {
+    "mnist-next-scale": NextScaleConfig(
+        vocab_size=512, num_classes=10, scales=(1, 2, 3, 4, 5, 7), token_dim=16, depth=4, dim=192, num_heads=6
+    ),
+    **{f"var-d{d}": var_release(d) for d in (16, 20, 24, 30)},
+}
