@@ -224,16 +224,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
     classes = args.labels.split(",") if args.labels else list(range(pipe.generator.num_classes))
     labels = pipe.label_ids([c.strip() if isinstance(c, str) else c for c in classes]).repeat_interleave(args.n)
-    overrides = {
-        k: v
-        for k, v in {
-            "cfg_scale": args.cfg,
-            "top_k": args.top_k,
-            "top_p": args.top_p,
-            "temperature": args.temperature,
-        }.items()
-        if v is not None
-    }
+    overrides = _sampler_overrides(args)
+    if args.progressive:
+        frames = list(pipe.progressive(labels, seed=args.seed, **overrides))  # each (N, C, H, W)
+        strip = torch.stack(frames, dim=1).flatten(0, 1)  # (N * steps, C, H, W): a row per image
+        grid(strip, rows=len(labels)).save(args.out)
+        print(f"wrote {len(frames)} previews (coarse to fine) of {len(labels)} images to {args.out}")
+        return
     t0 = time.perf_counter()
     out = pipe(labels, seed=args.seed, batch_size=args.batch_size, output_type="pt", progress=True, **overrides)
     seconds = time.perf_counter() - t0
@@ -438,6 +435,45 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_edit(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset
+    from argen.data.images import grid, load_image, to_tensor
+    from argen.pipeline import ARPipeline
+
+    pipe = ARPipeline.from_pretrained(args.model)
+    size, channels = pipe.tokenizer.config.image_size, pipe.tokenizer.config.image_channels
+    if args.digit is not None:
+        test = load_dataset("mnist:test", size, channels)
+        image, own = test[args.digit]
+        label = args.label if args.label is not None else str(int(own))
+    else:
+        image = to_tensor(load_image(args.image, channels, size))
+        if args.label is None:
+            raise ValueError("--label is required with --image")
+        label = args.label
+    try:
+        x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
+    except ValueError as e:
+        raise ValueError(f"--box must be x0,y0,x1,y1 integers, got {args.box!r}") from e
+    if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+        raise ValueError(f"--box {args.box} must lie inside the {size}x{size} image with x0 < x1 and y0 < y1")
+    regenerate = torch.zeros(1, 1, size, size, dtype=torch.bool)
+    regenerate[..., y0:y1, x0:x1] = True
+    keep = ~regenerate if not args.outpaint else regenerate
+    images = image[None].expand(args.n, -1, -1, -1)
+    out = pipe.edit(
+        images,
+        keep.expand(args.n, -1, -1, -1),
+        [label] * args.n,
+        seed=args.seed,
+        output_type="pt",
+        **_sampler_overrides(args),
+    )
+    masked = torch.where(keep[0], image, torch.full_like(image, -0.3))  # the hole shown in grey
+    grid(torch.cat([image[None], masked[None], out.images]), rows=1).save(args.out)
+    print(f"wrote source, kept region and {args.n} edits (class {label}) to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argen", description="Autoregressive image generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -453,7 +489,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help=".png grid (a row per label) or .npz (images, labels)")
     p.add_argument("--device", default=None)
     p.add_argument("--classifier", default=None, help="'default' or a classifier folder: report class accuracy")
+    p.add_argument(
+        "--progressive",
+        action="store_true",
+        help="next-scale models: write the image after every scale, a row per image",
+    )
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="zero-shot in-/out-painting and class-conditional editing")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file to edit")
+    source.add_argument("--digit", type=int, help="edit the N-th digit of mnist:test")
+    p.add_argument("--model", default="next-scale")
+    p.add_argument("--box", required=True, help="x0,y0,x1,y1: the pixel box to regenerate (end exclusive)")
+    p.add_argument("--outpaint", action="store_true", help="regenerate everything outside the box instead")
+    p.add_argument("--label", default=None, help="class of the result (default: the digit's own class)")
+    p.add_argument("-n", type=int, default=4, help="variants")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="edit.png", help="PNG strip: source | kept region | variants")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer on images")
     p.add_argument("--data", default="mnist", help="mnist, fashion-mnist or an image folder root/<class>/<image>")

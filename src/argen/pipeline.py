@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,17 @@ from PIL import Image
 
 from argen.data.images import to_pil, to_uint8
 from argen.pretrained import atomic_write, config_from_dict, load_pretrained
-from argen.sampling.decode import SamplerConfig, generate, seeded_generators
+from argen.sampling.decode import KnownTokens, SamplerConfig, decode_steps, generate, seeded_generators
 
 ASSETS = Path(__file__).parent / "assets"
 # Shipped pipelines by name; "default" is what `argen sample` uses without arguments.
-SHIPPED = {"default": "raster-mnist", "raster": "raster-mnist", "raster-mnist": "raster-mnist"}
+SHIPPED = {
+    "default": "raster-mnist",
+    "raster": "raster-mnist",
+    "raster-mnist": "raster-mnist",
+    "next-scale": "next-scale-mnist",
+    "next-scale-mnist": "next-scale-mnist",
+}
 PIPELINE_NAME = "pipeline.json"
 
 
@@ -118,12 +125,14 @@ class ARPipeline:
         batch_size: int = 64,
         output_type: str = "pil",
         progress: bool = False,
+        known: KnownTokens | None = None,
         **sampler_overrides,
     ) -> PipelineOutput:
         """Generate one image per label.
 
         generator: one torch.Generator per image, or a single one from which per-image seeds are drawn;
         seed: image i uses seed + i (so a seed gives the same image whatever the batch size).
+        known: tokens to teacher-force instead of sampling (see `edit`).
         sampler_overrides: any SamplerConfig field (cfg_scale, top_k, top_p, temperature, ...).
         output_type: "pil", "np" ((N, H, W, C) uint8) or "pt" ((N, C, H, W) in [-1, 1]).
         """
@@ -137,10 +146,54 @@ class ARPipeline:
 
             starts = tqdm(starts, desc="sampling", unit="batch")
         for i in starts:
-            ids = generate(self.generator, labels[i : i + batch_size], config, gens[i : i + batch_size])
+            part = (
+                None
+                if known is None
+                else KnownTokens(known.tokens[i : i + batch_size], known.known[i : i + batch_size])
+            )
+            ids = generate(self.generator, labels[i : i + batch_size], config, gens[i : i + batch_size], known=part)
             tokens.append(ids)
             images.append(self.tokenizer.decode(ids).clamp(-1, 1).cpu())
-        pixels = torch.cat(images)
+        return PipelineOutput(self._format(torch.cat(images), output_type), labels.cpu(), torch.cat(tokens).cpu())
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: torch.Tensor,
+        keep: torch.Tensor,
+        labels: list[int | str] | torch.Tensor,
+        seed: int | None = None,
+        output_type: str = "pil",
+        **sampler_overrides,
+    ) -> PipelineOutput:
+        """Zero-shot in-/out-painting and class-conditional editing (VAR §4.4): the tokens of the region to keep
+        are teacher-forced at every step, the others are generated (with `labels` as the class).
+
+        images: (B, C, H, W) in [-1, 1]; keep: (B, 1, H, W) bool, True where the source stays.
+        """
+        images = images.to(self.device)
+        if keep.shape != (images.shape[0], 1, *images.shape[-2:]):
+            raise ValueError(
+                f"keep must be (B, 1, H, W) = {(images.shape[0], 1, *images.shape[-2:])}, got {tuple(keep.shape)}"
+            )
+        known = KnownTokens(self.tokenizer.encode(images), self.tokenizer.token_mask(keep.to(self.device)))
+        return self(labels, seed=seed, output_type=output_type, known=known, **sampler_overrides)
+
+    @torch.no_grad()
+    def progressive(
+        self, labels: list[int | str] | torch.Tensor, seed: int | None = None, **sampler_overrides
+    ) -> Iterator[torch.Tensor]:
+        """Yield the decoded images (B, C, H, W) in [-1, 1] after every step: coarse to fine for next-scale
+        models (a preview per scale)."""
+        if not hasattr(self.tokenizer, "decode_prefix"):
+            raise ValueError("progressive previews need a next-scale (multi-scale tokenizer) pipeline")
+        labels = self.label_ids(labels)
+        config = dataclasses.replace(self.sampler, **sampler_overrides)
+        for step in decode_steps(self.generator, labels, config, self._generators(len(labels), None, seed)):
+            yield self.tokenizer.decode_prefix(step.tokens, step.step).cpu()
+
+    @staticmethod
+    def _format(pixels: torch.Tensor, output_type: str):
         if output_type == "pil":
             out = to_pil(pixels)
         elif output_type == "np":
@@ -149,7 +202,7 @@ class ARPipeline:
             out = pixels
         else:
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        return PipelineOutput(out, labels.cpu(), torch.cat(tokens).cpu())
+        return out
 
     def _generators(self, n: int, generator, seed: int | None) -> list[torch.Generator]:
         if isinstance(generator, list):

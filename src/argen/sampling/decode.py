@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,17 +38,42 @@ def seeded_generators(seeds: list[int], device: torch.device | str = "cpu") -> l
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+@dataclass
+class KnownTokens:
+    """Tokens to keep instead of sampling (zero-shot editing, VAR §4.4): where `known` is True the sampler
+    teacher-forces `tokens` at every step, so the rest is generated around them."""
+
+    tokens: torch.Tensor  # (B, L) ids
+    known: torch.Tensor  # (B, L) bool
+
+    def apply(self, ids: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+        a, b = span
+        return torch.where(self.known[:, a:b], self.tokens[:, a:b], ids)
+
+
+@dataclass
+class Step:
+    """What the decode loop yields after every step: the ids chosen so far (-1 where none yet)."""
+
+    step: int
+    num_steps: int
+    span: tuple[int, int]
+    tokens: torch.Tensor  # (B, L)
+
+
 @torch.no_grad()
-def generate(
+def decode_steps(
     model: Generator,
     labels: torch.Tensor,
     config: SamplerConfig | None = None,
     generators: list[torch.Generator] | None = None,
     schedule: guidance.Schedule | None = None,
-) -> torch.Tensor:
-    """Sample token sequences. labels: (B,) -> ids (B, seq_len).
+    known: KnownTokens | None = None,
+) -> Iterator[Step]:
+    """The decode loop, one yield per step of the model's order. labels: (B,).
 
-    `schedule` overrides the config's guidance schedule (any function of progress t in [0, 1]).
+    `schedule` overrides the config's guidance schedule (any function of progress t in [0, 1]);
+    `known` teacher-forces some tokens (editing).
     """
     config = config or SamplerConfig()
     schedule = schedule or config.schedule()
@@ -55,6 +82,8 @@ def generate(
     if ((labels < 0) | (labels > model.num_classes)).any():
         raise ValueError(f"labels must be in 0..{model.num_classes} ({model.num_classes} = unconditional)")
     B = labels.shape[0]
+    if known is not None and (known.tokens.shape != (B, model.seq_len) or known.known.shape != (B, model.seq_len)):
+        raise ValueError(f"known tokens and mask must be (B, {model.seq_len}) = ({B}, {model.seq_len})")
     if schedule is not None:
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # rows B..2B-1: null class
     state = model.start(labels)
@@ -65,5 +94,21 @@ def generate(
             t = state.step / max(state.num_steps - 1, 1)
             logits = guidance.guide(logits, schedule(t))
         ids = draw(process(logits, config.temperature, config.top_k, config.top_p), generators, config.greedy)
+        if known is not None:
+            ids = known.apply(ids, state.span)
+        span = state.span
         model.advance(state, ids if schedule is None else ids.repeat(2, 1))
-    return state.tokens[:B]
+        yield Step(state.step, state.num_steps, span, state.tokens[:B])
+
+
+def generate(
+    model: Generator,
+    labels: torch.Tensor,
+    config: SamplerConfig | None = None,
+    generators: list[torch.Generator] | None = None,
+    schedule: guidance.Schedule | None = None,
+    known: KnownTokens | None = None,
+) -> torch.Tensor:
+    """Sample token sequences: labels (B,) -> ids (B, seq_len). Arguments as `decode_steps`."""
+    steps = decode_steps(model, labels, config, generators, schedule, known)
+    return collections.deque(steps, maxlen=1)[0].tokens  # run the loop, keep the final step
