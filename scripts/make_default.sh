@@ -15,4 +15,5 @@ time argen train --tokens "$runs/tokens" --tokenizer "$runs/tok/final" --preset 
 time argen train-classifier --data mnist:train --eval-data mnist:test --out "$runs/classifier" --steps 600 \
     --batch-size 64 --lr 1e-3
 
-python scripts/pack_default.py "$runs" --cfg 2.0
+python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name raster-mnist --cfg 2.0 \
+    --classifier "$runs/classifier/final"

@@ -1,6 +1,7 @@
-"""Copy a trained pipeline and classifier into the package as the shipped default (float16 storage).
+"""Copy a trained pipeline (and optionally a classifier) into the package as a shipped model, float16 storage.
 
-python scripts/pack_default.py RUNS_DIR [--cfg 2.0]
+python scripts/pack_default.py --pipeline RUN/gen/pipeline --name raster-mnist --cfg 2.0 \
+    [--classifier RUN/classifier/final]
 """
 
 import argparse
@@ -16,17 +17,19 @@ from argen.pretrained import load_pretrained
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("runs")
-    p.add_argument("--cfg", type=float, default=2.0, help="default guidance scale of the shipped pipeline")
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--name", required=True, help="folder name under argen/assets")
+    p.add_argument("--cfg", type=float, required=True, help="default guidance scale of the shipped pipeline")
+    p.add_argument("--classifier", default=None, help="also ship this classifier as mnist-classifier")
     args = p.parse_args()
-    runs = Path(args.runs)
-    pipe = ARPipeline.from_pretrained(runs / "gen" / "pipeline")
+    pipe = ARPipeline.from_pretrained(Path(args.pipeline))
     pipe.sampler = dataclasses.replace(pipe.sampler, cfg_scale=args.cfg)
-    for name in ("raster-mnist", "mnist-classifier"):
-        shutil.rmtree(ASSETS / name, ignore_errors=True)
-    pipe.save_pretrained(ASSETS / "raster-mnist", dtype=torch.float16)
-    load_pretrained(runs / "classifier" / "final").save_pretrained(ASSETS / "mnist-classifier", dtype=torch.float16)
-    print(f"packed into {ASSETS}")
+    shutil.rmtree(ASSETS / args.name, ignore_errors=True)
+    pipe.save_pretrained(ASSETS / args.name, dtype=torch.float16)
+    if args.classifier:
+        shutil.rmtree(ASSETS / "mnist-classifier", ignore_errors=True)
+        load_pretrained(args.classifier).save_pretrained(ASSETS / "mnist-classifier", dtype=torch.float16)
+    print(f"packed {args.pipeline} into {ASSETS / args.name}")
 
 
 if __name__ == "__main__":

@@ -368,7 +368,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(settings), desc="bench", unit="run", leave=False)
-    results = bench_sampling(pipe, settings, args.batch_sizes, args.repeats, peak, bar)
+    runs = {name: (pipe, sampler) for name, sampler in settings.items()}
+    results = bench_sampling(runs, args.batch_sizes, args.repeats, peak, bar)
     bar.close()
     rows = [
         [

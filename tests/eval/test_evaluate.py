@@ -59,7 +59,9 @@ def test_features_are_torchmetrics_compatible(setup):
 
 def test_bench_counts_forward_passes_and_flops(setup):
     pipe = setup[0]
-    results = bench_sampling(pipe, {"plain": {"cfg_scale": 1.0}, "cfg": {"cfg_scale": 3.0}}, [2], repeats=1, peak=1e10)
+    results = bench_sampling(
+        {"plain": (pipe, {"cfg_scale": 1.0}), "cfg": (pipe, {"cfg_scale": 3.0})}, [2], repeats=1, peak=1e10
+    )
     plain, cfg = results
     assert plain.nfe == cfg.nfe == pipe.generator.seq_len  # raster: one pass per token
     assert cfg.flops_per_image > 1.5 * plain.flops_per_image  # guidance doubles the generator's batch

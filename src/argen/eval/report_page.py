@@ -45,7 +45,8 @@ def build_report(
     reports = {}
     for name, sampler in tqdm(settings.items(), desc="evaluating settings", unit="setting"):
         reports[name] = evaluate(pipe, reference, rest, features, seeds, features, **sampler)
-    speed = {r.setting: r for r in bench_sampling(pipe, settings, [speed_batch], repeats=3)}
+    runs = {name: (pipe, sampler) for name, sampler in settings.items()}
+    speed = {r.setting: r for r in bench_sampling(runs, [speed_batch], repeats=3)}
 
     rows, points = [], []
     for name, rep in reports.items():

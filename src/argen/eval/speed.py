@@ -123,33 +123,33 @@ def _flops(pipe: ARPipeline, labels: torch.Tensor, sampler: dict) -> float:
 
 
 def bench_sampling(
-    pipe: ARPipeline,
-    settings: dict[str, dict],
+    runs: dict[str, tuple[ARPipeline, dict]],
     batch_sizes: list[int],
     repeats: int = 5,
     peak: float | None = None,
     progress=None,
 ) -> list[SpeedResult]:
-    """Time every setting at every batch size, interleaving the settings within each repeat."""
+    """Time every (pipeline, sampler overrides) run at every batch size, interleaving the runs within each repeat
+    so that machine load affects them alike."""
     peak = peak or matmul_peak_flops()
     results = []
     for bs in batch_sizes:
-        labels = (torch.arange(bs) % pipe.generator.num_classes).to(pipe.device)
-        times = {name: [] for name in settings}
-        nfe, mem, flops = {}, {}, {}
-        for name, sampler in settings.items():
-            _one_run(pipe, labels, 0, sampler)  # warm-up
-            flops[name] = _flops(pipe, labels, sampler)
+        times = {name: [] for name in runs}
+        nfe, mem, flops, labels = {}, {}, {}, {}
+        for name, (pipe, sampler) in runs.items():
+            labels[name] = (torch.arange(bs) % pipe.generator.num_classes).to(pipe.device)
+            _one_run(pipe, labels[name], 0, sampler)  # warm-up
+            flops[name] = _flops(pipe, labels[name], sampler)
             with PeakRSS(pipe.device) as watch:
-                _, nfe[name] = _one_run(pipe, labels, 0, sampler)
+                _, nfe[name] = _one_run(pipe, labels[name], 0, sampler)
             mem[name] = watch.megabytes
         for r in range(repeats):
-            for name, sampler in settings.items():
-                seconds, _ = _one_run(pipe, labels, 1000 * (r + 1), sampler)
+            for name, (pipe, sampler) in runs.items():
+                seconds, _ = _one_run(pipe, labels[name], 1000 * (r + 1), sampler)
                 times[name].append(seconds / bs)
                 if progress is not None:
                     progress.update(1)
-        for name in settings:
+        for name in runs:
             t = times[name]
             med = statistics.median(t)
             results.append(
