@@ -98,7 +98,8 @@ class MultiScaleQuantizer(nn.Module):
         self.beta = beta
         self.recorded = 0  # training batches seen since the last restart (not saved: not in the official layout)
         self.embedding = nn.Embedding(codebook_size, dim)
-        nn.init.uniform_(self.embedding.weight, -1 / codebook_size, 1 / codebook_size)
+        # Codes at the scale of typical latents (a tiny init leaves the codebook behind the encoder).
+        nn.init.normal_(self.embedding.weight, std=0.3)
         self.quant_resi = SharedPhi(dim, ratio, share)
         # Per-scale code usage (EMA of hit counts), kept as in the official layout; used for dead-code restarts.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(scales), codebook_size))
