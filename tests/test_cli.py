@@ -219,3 +219,36 @@ def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys)
 
     assert main(["eval", "-n", "100", "--seeds", "0", "--features", "inception"]) == 0
     assert "skipping Inception FID" in capsys.readouterr().err
+
+
+def test_edit_and_progressive_commands(tmp_path, capsys):
+    out = tmp_path / "edit.png"
+    assert (
+        main(
+            [
+                "edit",
+                "--model",
+                "next-scale",
+                "--digit",
+                "5",
+                "--box",
+                "0,14,28,28",
+                "--label",
+                "7",
+                "-n",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out).size == (5 * 30 + 2, 32)  # source, kept region, 3 edits
+    assert main(["edit", "--digit", "5", "--box", "0,14,40,28", "--out", str(out)]) == 2
+    assert "must lie inside" in capsys.readouterr().err
+    strip = tmp_path / "scales.png"
+    assert (
+        main(["sample", "--model", "next-scale", "--progressive", "--labels", "1,2", "-n", "1", "--out", str(strip)])
+        == 0
+    )
+    assert Image.open(strip).size == (6 * 30 + 2, 2 * 30 + 2)  # 6 scales, a row per image

@@ -11,7 +11,9 @@ def pipe():
     return ARPipeline.from_pretrained("default")
 
 
-def test_shipped_default_makes_recognisable_digits(pipe):
+@pytest.mark.parametrize("name", ["default", "next-scale"])
+def test_shipped_models_make_recognisable_digits(name):
+    pipe = ARPipeline.from_pretrained(name)
     labels = torch.arange(10).repeat(5)
     out = pipe(labels, seed=0, output_type="pt")
     assert out.images.shape == (50, 1, 28, 28)

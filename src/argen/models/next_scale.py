@@ -19,7 +19,7 @@ from torch import nn
 
 from argen.models.interface import DecodeState
 from argen.models.kv_cache import KVCache
-from argen.models.layers import attention
+from argen.models.layers import attention, drop_labels
 from argen.pretrained import Pretrained, register
 
 
@@ -202,10 +202,8 @@ class NextScaleTransformer(nn.Module, Pretrained):
     # --- forward passes ---
 
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.config.class_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        """Training-time label dropout for classifier-free guidance (identity in eval mode)."""
+        return drop_labels(labels, self.num_classes, self.config.class_dropout) if self.training else labels
 
     def _level_pos(self, start: int, end: int) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[:, start:end]) + self.pos_1LC[:, start:end]  # (1, T, D)

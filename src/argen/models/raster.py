@@ -14,7 +14,7 @@ from torch import nn
 
 from argen.models.interface import DecodeState
 from argen.models.kv_cache import KVCache
-from argen.models.layers import FeedForward, RMSNorm, attention, swiglu_hidden_dim
+from argen.models.layers import FeedForward, RMSNorm, attention, drop_labels, swiglu_hidden_dim
 from argen.models.rope import apply_rope, rope_2d_table
 from argen.pretrained import Pretrained, register
 
@@ -132,11 +132,8 @@ class RasterTransformer(nn.Module, Pretrained):
             nn.init.normal_(module.weight, std=0.02)
 
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Training-time label dropout (classifier-free guidance): some labels become the null class."""
-        if not self.training or self.config.class_dropout <= 0:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        """Training-time label dropout for classifier-free guidance (identity in eval mode)."""
+        return drop_labels(labels, self.num_classes, self.config.class_dropout) if self.training else labels
 
     def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         """Embedded inputs (B, T, D) at positions start..start+T -> logits (B, T, V) in float32."""
