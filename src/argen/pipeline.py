@@ -63,6 +63,7 @@ class ARPipeline:
         generator: torch.nn.Module,
         class_names: list[str] | None = None,
         sampler: SamplerConfig | None = None,
+        draft: torch.nn.Module | None = None,
     ):
         if tokenizer.vocab_size != generator.vocab_size:
             raise ValueError(
@@ -76,6 +77,8 @@ class ARPipeline:
         self.generator = generator.eval()
         self.class_names = class_names or [str(i) for i in range(generator.num_classes)]
         self.sampler = sampler or SamplerConfig()
+        # Optional small generator of the same order, the drafter of speculative="draft".
+        self.draft = draft.eval() if draft is not None else None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu"):
@@ -84,13 +87,16 @@ class ARPipeline:
         sampler = config_from_dict(SamplerConfig, meta.get("sampler", {}))
         tokenizer = load_pretrained(path / "tokenizer").to(device)
         generator = load_pretrained(path / "generator").to(device)
-        return cls(tokenizer, generator, meta.get("class_names"), sampler)
+        draft = load_pretrained(path / "draft").to(device) if (path / "draft").is_dir() else None
+        return cls(tokenizer, generator, meta.get("class_names"), sampler, draft)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """`dtype=torch.float16` halves the files (weights are upcast again when loaded)."""
         directory = Path(directory)
         self.tokenizer.save_pretrained(directory / "tokenizer", dtype=dtype)
         self.generator.save_pretrained(directory / "generator", dtype=dtype)
+        if self.draft is not None:
+            self.draft.save_pretrained(directory / "draft", dtype=dtype)
         meta = {"class_names": self.class_names, "sampler": dataclasses.asdict(self.sampler)}
         atomic_write(directory / PIPELINE_NAME, lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
         return directory
@@ -151,7 +157,14 @@ class ARPipeline:
                 if known is None
                 else KnownTokens(known.tokens[i : i + batch_size], known.known[i : i + batch_size])
             )
-            ids = generate(self.generator, labels[i : i + batch_size], config, gens[i : i + batch_size], known=part)
+            ids = generate(
+                self.generator,
+                labels[i : i + batch_size],
+                config,
+                gens[i : i + batch_size],
+                known=part,
+                draft_model=self.draft,
+            )
             tokens.append(ids)
             images.append(self.tokenizer.decode(ids).clamp(-1, 1).cpu())
         return PipelineOutput(self._format(torch.cat(images), output_type), labels.cpu(), torch.cat(tokens).cpu())

@@ -186,6 +186,31 @@ class RasterTransformer(nn.Module, Pretrained):
         state.tokens[:, state.step : state.step + 1] = ids
         state.step += 1
 
+    # --- speculative steps: verify a drafted block in one pass, then keep what was accepted ---
+
+    def verify(self, state: DecodeState, draft: torch.Tensor) -> torch.Tensor:
+        """draft: (B, k) guesses for tokens step..step+k-1 -> logits (B, k+1, V); row j is the distribution of
+        token step+j given the chosen tokens and draft[:, :j] (one forward pass over k+1 positions)."""
+        n, k = state.step, draft.shape[1]
+        if n + k > self.seq_len:
+            raise ValueError(f"cannot draft {k} tokens after {n} of {self.seq_len}")
+        first = (
+            self.cls_embedding(state.labels)[:, None] if n == 0 else self.tok_embeddings(state.tokens[:, n - 1 : n])
+        )  # (B, 1, D)
+        x = torch.cat([first, self.tok_embeddings(draft)], dim=1)  # (B, k+1, D) at positions n..n+k
+        logits = self._run(x, n, state.cache)
+        state.span = (n, n + k + 1)
+        return logits
+
+    def rewind(self, state: DecodeState, tokens: torch.Tensor) -> None:
+        """Set the state to "these (B, s) tokens are chosen". Cached keys/values of positions < s are kept: the
+        caller guarantees they were computed from these tokens (true after `verify` of an accepted draft)."""
+        s = tokens.shape[1]
+        state.tokens[:, :s] = tokens
+        state.tokens[:, s:] = -1
+        state.step = s
+        state.cache.length = s
+
 
 # Presets are data. "mnist-small" is the shipped default; the GPT-* rows are LlamaGen's c2i sizes at 256x256.
 RASTER_PRESETS: dict[str, RasterConfig] = {

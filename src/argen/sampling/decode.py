@@ -21,8 +21,14 @@ class SamplerConfig:
     top_k: int = 0  # 0 = no filtering
     top_p: float = 1.0
     greedy: bool = False  # argmax instead of a draw
+    speculative: str = "none"  # "none", "sjd" (speculative Jacobi) or "draft" (a draft model): same distribution
+    window: int = 8  # tokens drafted per speculative step
 
     def __post_init__(self) -> None:
+        if self.speculative not in ("none", "sjd", "draft"):
+            raise ValueError(f"speculative must be 'none', 'sjd' or 'draft', got {self.speculative!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
         if self.cfg_schedule not in guidance.SCHEDULES:
             raise ValueError(f"cfg_schedule {self.cfg_schedule!r} unknown; choose from {sorted(guidance.SCHEDULES)}")
         if self.cfg_scale < 0:
@@ -108,7 +114,17 @@ def generate(
     generators: list[torch.Generator] | None = None,
     schedule: guidance.Schedule | None = None,
     known: KnownTokens | None = None,
+    draft_model: Generator | None = None,
 ) -> torch.Tensor:
-    """Sample token sequences: labels (B,) -> ids (B, seq_len). Arguments as `decode_steps`."""
+    """Sample token sequences: labels (B,) -> ids (B, seq_len). Arguments as `decode_steps`; with
+    `config.speculative` set, the same distribution is sampled with fewer target passes (`draft_model` is the
+    drafter of speculative='draft')."""
+    config = config or SamplerConfig()
+    if config.speculative != "none":
+        if known is not None:
+            raise ValueError("editing (known tokens) is not combined with speculative decoding")
+        from argen.sampling.speculative import generate_speculative
+
+        return generate_speculative(model, labels, config, generators, schedule or config.schedule(), draft_model)
     steps = decode_steps(model, labels, config, generators, schedule, known)
     return collections.deque(steps, maxlen=1)[0].tokens  # run the loop, keep the final step

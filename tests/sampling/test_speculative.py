@@ -1,0 +1,119 @@
+"""Speculative decoding must sample exactly the plain sampler's distribution (and its greedy ids)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from argen.sampling.decode import SamplerConfig, generate, seeded_generators
+from argen.sampling.speculative import SpeculativeStats, generate_speculative
+from tests.conftest import tiny_raster
+
+
+def peaked(vocab_size=3, grid_size=2, scale=5.0, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = tiny_raster(vocab_size=vocab_size, grid_size=grid_size, num_classes=2, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model
+
+
+def exact_distribution(model, label: int, config: SamplerConfig) -> dict[tuple, float]:
+    """Enumerate every sequence and its probability under the (guided, processed) step distributions."""
+    from argen.sampling.logits import process
+
+    L, V = model.seq_len, model.vocab_size
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=L)))
+    schedule = config.schedule()
+    labels = torch.full((len(seqs),), label)
+    with torch.no_grad():
+        logits = model(seqs[:, :-1], labels)
+        if schedule is not None:
+            uncond = model(seqs[:, :-1], torch.full_like(labels, model.num_classes))
+            scale = torch.tensor([schedule(t / (L - 1)) for t in range(L)])
+            logits = uncond + (logits - uncond) * scale[None, :, None]
+        logp = process(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
+    total = logp.gather(-1, seqs[..., None]).squeeze(-1).sum(1).exp()
+    return {tuple(s.tolist()): p.item() for s, p in zip(seqs, total, strict=True)}
+
+
+def expected_tv(exact: dict[tuple, float], n: int) -> float:
+    """Mean TV distance of an exact sampler's empirical distribution at n samples (normal approximation)."""
+    return 0.5 * sum(math.sqrt(2 * p * (1 - p) / (math.pi * n)) for p in exact.values())
+
+
+def total_variation(samples: torch.Tensor, exact: dict[tuple, float]) -> float:
+    counts: dict[tuple, int] = {}
+    for row in samples.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    n = len(samples)
+    return 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplerConfig(speculative="sjd", window=3),
+        SamplerConfig(speculative="sjd", window=2, cfg_scale=2.0, top_k=2),
+        SamplerConfig(speculative="draft", window=3, temperature=1.3),
+    ],
+)
+def test_speculative_samples_the_exact_distribution(config):
+    """81 possible sequences (V=3, L=4): TV distance to the enumerated distribution stays at sampling noise."""
+    target = peaked()
+    draft = peaked(seed=1, scale=1.0)  # a different, flatter model: many rejections
+    exact = exact_distribution(target, 1, config)
+    n = 1200
+    labels = torch.ones(n, dtype=torch.long)
+    stats = SpeculativeStats()
+    samples = generate_speculative(
+        target, labels, config, seeded_generators(range(n)), config.schedule(), draft, stats
+    )
+    plain = generate(
+        target, labels, SamplerConfig(**{**config.__dict__, "speculative": "none"}), seeded_generators(range(n, 2 * n))
+    )
+    tv_spec, tv_plain, noise = total_variation(samples, exact), total_variation(plain, exact), expected_tv(exact, n)
+    assert tv_spec < 1.5 * noise and tv_plain < 1.5 * noise, (tv_spec, tv_plain, noise)
+    assert stats.target_passes < n * target.seq_len  # and it did save target passes
+    assert 0 < stats.acceptance_rate <= 1
+
+
+def test_a_biased_acceptance_rule_would_be_caught():
+    """The check above has power: keeping every draft of a flatter model is clearly off."""
+    target, draft = peaked(), peaked(seed=1, scale=1.0)
+    exact = exact_distribution(target, 1, SamplerConfig())
+    biased = generate(draft, torch.ones(1200, dtype=torch.long), SamplerConfig(), seeded_generators(range(1200)))
+    assert total_variation(biased, exact) > 2 * expected_tv(exact, 1200)
+
+
+@pytest.mark.parametrize("method", ["sjd", "draft"])
+def test_greedy_speculative_equals_greedy_raster(method):
+    target = peaked(vocab_size=16, grid_size=3, scale=5.0)
+    draft = peaked(vocab_size=16, grid_size=3, scale=2.0, seed=3)
+    labels = torch.tensor([0, 1, 0, 1])
+    plain = generate(target, labels, SamplerConfig(greedy=True, cfg_scale=2.0))
+    stats = SpeculativeStats()
+    config = SamplerConfig(greedy=True, cfg_scale=2.0, speculative=method, window=4)
+    spec = generate_speculative(target, labels, config, None, config.schedule(), draft, stats)
+    assert torch.equal(spec, plain)
+    assert stats.target_passes < 4 * 9
+
+
+def test_draft_equal_to_target_accepts_everything():
+    target = peaked(vocab_size=16, grid_size=3)
+    config = SamplerConfig(speculative="draft", window=4)
+    stats = SpeculativeStats()
+    generate_speculative(target, torch.tensor([0, 1]), config, seeded_generators([0, 1]), None, target, stats)
+    assert stats.acceptance_rate > 0.999
+    assert stats.target_passes == 2 * math.ceil(9 / 5)  # 4 drafts + 1 bonus token per pass
+
+
+def test_speculative_errors():
+    target = peaked()
+    with pytest.raises(ValueError, match="needs a draft model"):
+        generate(target, torch.tensor([0]), SamplerConfig(speculative="draft"))
+    with pytest.raises(ValueError, match="speculative must be"):
+        SamplerConfig(speculative="medusa")
