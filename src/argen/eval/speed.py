@@ -74,21 +74,24 @@ class PeakRSS:
 
 
 class CountingGenerator:
-    """Wraps a generator to count its sequential forward passes (NFE)."""
+    """Wraps a generator to count its sequential forward passes (NFE): `predict` and, when the model can verify
+    drafted blocks, `verify` calls."""
 
     def __init__(self, model):
         self.model, self.calls = model, 0
-        self.num_classes, self.vocab_size, self.seq_len = model.num_classes, model.vocab_size, model.seq_len
+        if hasattr(model, "verify"):
+            self.verify = self._verify
 
-    def start(self, labels: torch.Tensor) -> DecodeState:
-        return self.model.start(labels)
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
 
     def predict(self, state: DecodeState) -> torch.Tensor:
         self.calls += 1
         return self.model.predict(state)
 
-    def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
-        self.model.advance(state, ids)
+    def _verify(self, state: DecodeState, draft: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model.verify(state, draft)
 
 
 @dataclass
@@ -111,7 +114,8 @@ def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -
     config = pipe.sampler.__class__(**{**pipe.sampler.__dict__, **sampler})
     t0 = time.perf_counter()
     with torch.no_grad():
-        ids = generate(counter, labels, config, seeded_generators(range(seed, seed + len(labels))))
+        ids = generate(counter, labels, config, seeded_generators(range(seed, seed + len(labels))),
+                       draft_model=pipe.draft)
         pipe.tokenizer.decode(ids)
     return time.perf_counter() - t0, counter.calls
 
