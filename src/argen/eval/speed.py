@@ -114,8 +114,9 @@ def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -
     config = pipe.sampler.__class__(**{**pipe.sampler.__dict__, **sampler})
     t0 = time.perf_counter()
     with torch.no_grad():
-        ids = generate(counter, labels, config, seeded_generators(range(seed, seed + len(labels))),
-                       draft_model=pipe.draft)
+        ids = generate(
+            counter, labels, config, seeded_generators(range(seed, seed + len(labels))), draft_model=pipe.draft
+        )
         pipe.tokenizer.decode(ids)
     return time.perf_counter() - t0, counter.calls
 

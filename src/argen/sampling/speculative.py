@@ -36,16 +36,13 @@ class SpeculativeStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def _uniform(g: torch.Generator | None) -> float:
-    return torch.rand(1, generator=g).item()
-
-
-def _sample(probs: torch.Tensor, g: torch.Generator | None, greedy: bool) -> int:
-    """One draw from (V,) probabilities by inverse CDF (one uniform per token, as the plain sampler)."""
+def _sample(probs: torch.Tensor, g: torch.Generator | None, greedy: bool) -> torch.Tensor:
+    """(n, V) probabilities -> (n,) draws by inverse CDF, one uniform per row (argmax when greedy)."""
     if greedy:
-        return int(probs.argmax())
-    cdf = probs.double().cumsum(0)
-    return int(torch.searchsorted(cdf, _uniform(g) * cdf[-1]).clamp(max=len(probs) - 1))
+        return probs.argmax(-1)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=g, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 def _probs(logits: torch.Tensor, positions: range, num_steps: int, schedule, config) -> torch.Tensor:
@@ -59,22 +56,26 @@ def _probs(logits: torch.Tensor, positions: range, num_steps: int, schedule, con
 
 
 def _accept(
-    drafts: list[int], qs: list[torch.Tensor], p: torch.Tensor, g, greedy: bool, stats: SpeculativeStats
-) -> list[int]:
-    """Speculative acceptance of drafts (k) against target rows p (k+1, V); returns the new tokens (1..k+1)."""
-    out = []
-    for j, d in enumerate(drafts):
-        stats.drafted += 1
-        keep = d == int(p[j].argmax()) if greedy else _uniform(g) * qs[j][d].item() < p[j, d].item()
-        if keep:
-            stats.accepted += 1
-            out.append(d)
-            continue
-        residual = (p[j] - qs[j]).clamp(min=0)
-        out.append(_sample(p[j] if greedy or residual.sum() <= 0 else residual / residual.sum(), g, greedy))
-        return out
-    out.append(_sample(p[len(drafts)], g, greedy))  # every draft kept: one more token for free
-    return out
+    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, g, greedy: bool, stats: SpeculativeStats
+) -> torch.Tensor:
+    """Speculative acceptance of drafts (k,) drawn from q (k, V) against the target p (k+1, V).
+    Returns the new tokens (between 1 and k+1 of them)."""
+    k = len(drafts)
+    rows = torch.arange(k, device=p.device)
+    if greedy:
+        keep = drafts == p[:k].argmax(-1)
+    else:
+        u = torch.rand(k, generator=g, dtype=torch.float64).to(p.device)
+        keep = u * q[rows, drafts].double() < p[rows, drafts].double()  # kept with probability min(1, p/q)
+    rejected = (~keep).nonzero()
+    m = int(rejected[0]) if len(rejected) else k  # drafts kept before the first rejection
+    stats.drafted += min(m + 1, k)
+    stats.accepted += m
+    if m == k:  # every draft kept: the target's next token comes for free
+        return torch.cat([drafts, _sample(p[k : k + 1], g, greedy)])
+    residual = (p[m] - q[m]).clamp(min=0)
+    fix = p[m] if greedy or residual.sum() <= 0 else residual / residual.sum()
+    return torch.cat([drafts[:m], _sample(fix[None], g, greedy)])
 
 
 def _rows(labels: torch.Tensor, model: Generator, guided: bool) -> torch.Tensor:
@@ -86,45 +87,48 @@ def _one_sample(
 ) -> torch.Tensor:
     L, V = model.seq_len, model.vocab_size
     rows = _rows(label, model, schedule is not None)
+    R, device = len(rows), rows.device
     state = model.start(rows)
     dstate = draft_model.start(rows) if draft_model is not None else None
-    drafts, qs = [], []  # the Jacobi drafts carried between iterations (sjd)
-    uniform = torch.full((V,), 1.0 / V, device=rows.device)
+    # The Jacobi drafts carried between iterations (sjd) and the distributions they were drawn from.
+    drafts = torch.empty(0, dtype=torch.long, device=device)
+    q = torch.empty(0, V, device=device)
     while state.step < L:
         n = state.step
         k = min(window, L - n - 1)
         if draft_model is None:
-            while len(drafts) < k:  # positions not predicted yet: uniform random initialisation
-                drafts.append(int(torch.randint(V, (1,), generator=g)))
-                qs.append(uniform)
-            drafts, qs = drafts[:k], qs[:k]
+            if len(drafts) < k:  # positions not predicted yet: uniform random initialisation
+                extra = k - len(drafts)
+                drafts = torch.cat([drafts, torch.randint(V, (extra,), generator=g).to(device)])
+                q = torch.cat([q, torch.full((extra, V), 1.0 / V, device=device)])
+            drafts, q = drafts[:k], q[:k]
         else:
-            drafts, qs = [], []
+            proposals, dists = [], []
             for j in range(k):
-                q = _probs(draft_model.predict(dstate), range(n + j, n + j + 1), L, schedule, config)[0]
+                dist = _probs(draft_model.predict(dstate), range(n + j, n + j + 1), L, schedule, config)
                 stats.draft_passes += 1
-                drafts.append(_sample(q, g, config.greedy))
-                qs.append(q)
-                draft_model.advance(dstate, torch.tensor([[drafts[-1]]] * len(rows), device=rows.device))
-        block = torch.tensor([drafts] * len(rows), dtype=torch.long, device=rows.device).view(len(rows), k)
-        p = _probs(model.verify(state, block), range(n, n + k + 1), L, schedule, config)  # (k+1, V)
+                proposals.append(_sample(dist, g, config.greedy))
+                dists.append(dist)
+                draft_model.advance(dstate, proposals[-1].expand(R, 1))
+            drafts = torch.cat(proposals) if proposals else drafts[:0]
+            q = torch.cat(dists) if dists else q[:0]
+        p = _probs(model.verify(state, drafts.expand(R, k)), range(n, n + k + 1), L, schedule, config)  # (k+1, V)
         stats.target_passes += 1
-        new = _accept(drafts, qs, p, g, config.greedy, stats)
+        new = _accept(drafts, q, p, g, config.greedy, stats)
         m = len(new)
-        chosen = torch.cat([state.tokens[:1, :n], torch.tensor([new], device=rows.device)], dim=1)
-        model.rewind(state, chosen.expand(len(rows), -1))
-        if draft_model is not None:
-            if m <= k:
-                draft_model.rewind(dstate, chosen.expand(len(rows), -1))
-            else:  # the bonus token's input position was never fed to the draft model: feed it now
-                draft_model.rewind(dstate, chosen[:, :-1].expand(len(rows), -1))
-                draft_model.predict(dstate)
-                stats.draft_passes += 1
-                draft_model.advance(dstate, chosen[:, -1:].expand(len(rows), -1))
-        else:
+        chosen = torch.cat([state.tokens[:1, :n], new[None]], dim=1)  # (1, n + m)
+        model.rewind(state, chosen.expand(R, -1))
+        if draft_model is None:
             # Jacobi: the target's predictions for the positions after the new prefix become the next drafts.
-            drafts = [_sample(p[j], g, config.greedy) for j in range(m, k + 1)]
-            qs = [p[j] for j in range(m, k + 1)]
+            q = p[m:]
+            drafts = _sample(q, g, config.greedy) if len(q) else drafts[:0]
+        elif m <= k:
+            draft_model.rewind(dstate, chosen.expand(R, -1))
+        else:  # the bonus token's input position was never fed to the draft model: feed it now
+            draft_model.rewind(dstate, chosen[:, :-1].expand(R, -1))
+            draft_model.predict(dstate)
+            stats.draft_passes += 1
+            draft_model.advance(dstate, chosen[:, -1:].expand(R, -1))
     return state.tokens[:1]
 
 
