@@ -21,9 +21,12 @@ def main() -> None:
     p.add_argument("--name", required=True, help="folder name under argen/assets")
     p.add_argument("--cfg", type=float, required=True, help="default guidance scale of the shipped pipeline")
     p.add_argument("--classifier", default=None, help="also ship this classifier as mnist-classifier")
+    p.add_argument("--draft", default=None, help="a small generator folder: the drafter of speculative='draft'")
     args = p.parse_args()
     pipe = ARPipeline.from_pretrained(Path(args.pipeline))
     pipe.sampler = dataclasses.replace(pipe.sampler, cfg_scale=args.cfg)
+    if args.draft:
+        pipe.draft = load_pretrained(args.draft)
     shutil.rmtree(ASSETS / args.name, ignore_errors=True)
     pipe.save_pretrained(ASSETS / args.name, dtype=torch.float16)
     if args.classifier:
