@@ -35,7 +35,8 @@ def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
 
 
 class PeakRSS:
-    """Peak resident memory above the starting point, sampled every few ms (CPU); CUDA uses its own counter."""
+    """Peak memory during a run: the process's resident set on CPU (sampled every 2 ms, so it includes the
+    interpreter and the weights), the allocator's peak on CUDA."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -48,9 +49,8 @@ class PeakRSS:
     def __enter__(self) -> PeakRSS:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.base = self.peak = self._rss()
+            self.peak = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
@@ -70,7 +70,7 @@ class PeakRSS:
 
     @property
     def megabytes(self) -> float:
-        return (self.peak - self.base) / 2**20
+        return self.peak / 2**20
 
 
 class CountingGenerator:
