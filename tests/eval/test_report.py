@@ -6,13 +6,16 @@ from argen.eval.report import Point, png_data_uri, render_page, scatter_svg, tab
 
 
 def test_scatter_plot_places_points_by_value():
-    svg = scatter_svg([Point("slow", 2.0, 10.0, 1.0), Point("fast", 1.0, 20.0)], "s/image", "FD")
+    svg = scatter_svg([Point("slow", 0.0625, 10.0, 1.0), Point("fast", 0.0543, 20.0)], "s/image", "FD")
     circles = [(float(x), float(y)) for x, y in re.findall(r'class="point" cx="([\d.]+)" cy="([\d.]+)"', svg)]
     assert len(circles) == 2
     (x_slow, y_slow), (x_fast, y_fast) = circles
     assert x_fast < x_slow  # smaller time is further left
     assert y_fast < y_slow  # larger FD is higher up (smaller SVG y)
     assert "s/image" in svg and "FD" in svg and svg.count("<line") > 4
+    # every point lies inside the plotting area
+    width = float(re.search(r'width="(\d+)"', svg)[1])
+    assert all(70 <= x <= width - 150 and 20 <= y <= 400 - 50 for x, y in circles)
 
 
 def test_page_is_self_contained_and_escapes_text():

@@ -34,10 +34,10 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     magnitude = 10 ** int(f"{step:e}".split("e")[1])
     step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= step), default=step)
     start = (lo // step) * step
-    ticks, t = [], start
-    while t <= hi + 1e-12:
-        ticks.append(round(t, 10))
+    ticks, t = [start], start
+    while ticks[-1] < hi - 1e-12:  # the last tick reaches past the largest value, so no point is cut off
         t += step
+        ticks.append(round(t, 10))
     return ticks
 
 
@@ -45,7 +45,7 @@ def scatter_svg(points: list[Point], x_label: str, y_label: str, width: int = 64
     """A labelled scatter plot with error bars, as an SVG string."""
     if not points:
         return "<p>no points</p>"
-    left, right, top, bottom = 70, 20, 20, 50
+    left, right, top, bottom = 70, 150, 20, 50  # room on the right for the point labels
     xs = [p.x for p in points]
     ys = [p.y - p.y_err for p in points] + [p.y + p.y_err for p in points]
     xt = _nice_ticks(min(0.0, min(xs)), max(xs) * 1.1)
