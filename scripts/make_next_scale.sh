@@ -11,4 +11,4 @@ time argen tokenize --tokenizer "$runs/tok/final" --data mnist:train --out "$run
 time argen train --tokens "$runs/tokens" --tokenizer "$runs/tok/final" --preset mnist-next-scale --out "$runs/gen" \
     --steps 1000 --batch-size 64 --lr 2e-3 --warmup-steps 60 --ema-decay 0.995 --save-every 250 --preview-every 250
 
-python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name next-scale-mnist --cfg 2.0
+python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name next-scale-mnist --cfg 1.0
