@@ -105,3 +105,24 @@ def test_unknown_dataset_is_a_clear_error():
         load_dataset("imagenet-please", 28)
     with pytest.raises(ValueError, match="unknown split"):
         load_dataset("mnist:val", 28)
+
+
+def test_fashion_mnist_reads_idx_files_and_explains_when_missing(tmp_path, monkeypatch):
+    import gzip
+    import struct
+
+    import argen.data.datasets as datasets
+
+    pixels = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    for prefix, n in (("train", 3), ("t10k", 3)):
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, 28, 28) + pixels.tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + bytes([7, 1, 9]))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path)
+    data = load_dataset("fashion-mnist:test", 28)
+    assert data.labels.tolist() == [7, 1, 9] and data.class_names[7] == "sneaker"
+    assert torch.equal(data.images[1, 0], torch.from_numpy(pixels[1]).float() / 127.5 - 1)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", 28)
