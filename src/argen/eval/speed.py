@@ -74,13 +74,21 @@ class PeakRSS:
 
 
 class CountingGenerator:
-    """Wraps a generator to count its sequential forward passes (NFE): `predict` and, when the model can verify
-    drafted blocks, `verify` calls."""
+    """Wraps a generator to count its sequential forward passes (NFE): `predict` and, where the model has them,
+    `verify` (speculative) and `predict_at` (parallel) calls."""
 
     def __init__(self, model):
         self.model, self.calls = model, 0
-        if hasattr(model, "verify"):
-            self.verify = self._verify
+        for name in ("verify", "predict_at"):
+            if hasattr(model, name):
+                setattr(self, name, self._counted(getattr(model, name)))
+
+    def _counted(self, method):
+        def call(*args):
+            self.calls += 1
+            return method(*args)
+
+        return call
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -88,10 +96,6 @@ class CountingGenerator:
     def predict(self, state: DecodeState) -> torch.Tensor:
         self.calls += 1
         return self.model.predict(state)
-
-    def _verify(self, state: DecodeState, draft: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.model.verify(state, draft)
 
 
 @dataclass

@@ -62,15 +62,18 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
         layer: int,
-        start: int,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
+        """`start`: the first of T consecutive positions, or a (T,) tensor of arbitrary positions."""
         B, T, D = x.shape
         kv_dim = self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([D, kv_dim, kv_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):
+            k, v = cache.update_at(layer, k, v, start)  # (B, Hkv, max position + 1, hd)
+        elif cache is not None:
             k, v = cache.update(layer, k, v, start)  # (B, Hkv, start+T, hd)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
@@ -147,6 +150,17 @@ class RasterTransformer(nn.Module, Pretrained):
             h = layer(h, rope, mask, cache, i, start)
         return self.output(self.norm(h)).float()
 
+    def _run_at(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedded inputs (B, T, D) at arbitrary positions (T,) -> logits (B, T, V). Each query sees the filled
+        cache positions up to its own (the others are not known yet)."""
+        cache.filled[positions] = True
+        pos_k = torch.arange(int(positions.max()) + 1, device=x.device)
+        mask = cache.filled[: len(pos_k)][None, :] & (pos_k[None, :] <= positions[:, None])  # (T, S)
+        h = self.tok_dropout(x)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope[positions], mask, cache, i, positions)
+        return self.output(self.norm(h)).float()
+
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. ids: (B, T) image tokens, T <= seq_len - 1; labels: (B,). -> (B, T+1, V)."""
         if ids.dim() != 2 or ids.shape[1] > self.seq_len - 1:
@@ -201,6 +215,15 @@ class RasterTransformer(nn.Module, Pretrained):
         logits = self._run(x, n, state.cache)
         state.span = (n, n + k + 1)
         return logits
+
+    def predict_at(self, state: DecodeState, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Parallel decoding: logits (B, n, V) for the tokens at sequence indices `targets` (n,), each fed with the
+        token `inputs` (B, n) standing before it (ignored for target 0, which reads the class token)."""
+        embedded = self.tok_embeddings(inputs.clamp(min=0))  # (B, n, D)
+        cls = self.cls_embedding(state.labels)[:, None].expand_as(embedded)
+        x = torch.where((targets == 0)[None, :, None], cls, embedded)
+        state.span = (int(targets.min()), int(targets.max()) + 1)
+        return self._run_at(x, targets, state.cache)
 
     def rewind(self, state: DecodeState, tokens: torch.Tensor) -> None:
         """Set the state to "these (B, s) tokens are chosen". Cached keys/values of positions < s are kept: the

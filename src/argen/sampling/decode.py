@@ -23,12 +23,17 @@ class SamplerConfig:
     greedy: bool = False  # argmax instead of a draw
     speculative: str = "none"  # "none", "sjd" (speculative Jacobi) or "draft" (a draft model): same distribution
     window: int = 8  # tokens drafted per speculative step
+    parallel_window: int = 0  # > 0: decode rows in parallel, a row starting this many tokens behind the one above
 
     def __post_init__(self) -> None:
         if self.speculative not in ("none", "sjd", "draft"):
             raise ValueError(f"speculative must be 'none', 'sjd' or 'draft', got {self.speculative!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.parallel_window < 0:
+            raise ValueError(f"parallel_window must be >= 0, got {self.parallel_window}")
+        if self.parallel_window and self.speculative != "none":
+            raise ValueError("choose speculative or parallel decoding, not both")
         if self.cfg_schedule not in guidance.SCHEDULES:
             raise ValueError(f"cfg_schedule {self.cfg_schedule!r} unknown; choose from {sorted(guidance.SCHEDULES)}")
         if self.cfg_scale < 0:
@@ -120,6 +125,14 @@ def generate(
     `config.speculative` set, the same distribution is sampled with fewer target passes (`draft_model` is the
     drafter of speculative='draft')."""
     config = config or SamplerConfig()
+    if config.parallel_window:
+        if known is not None:
+            raise ValueError("editing (known tokens) is not combined with parallel decoding")
+        from argen.sampling.parallel import generate_parallel
+
+        return generate_parallel(
+            model, labels, config, generators, schedule or config.schedule(), config.parallel_window
+        )
     if config.speculative != "none":
         if known is not None:
             raise ValueError("editing (known tokens) is not combined with speculative decoding")
