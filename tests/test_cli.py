@@ -61,7 +61,18 @@ SURFACE = {
     },
     "eval-tokenizer": {"--tokenizer", "--data"},
     "bench": {"--model", "--setting", "--batch-sizes", "--repeats", "--threads", "--train", "--json", "--device"},
-    "report": {"--model", "--out", "--data", "-n", "--n", "--seeds", "--cfg-values", "--top-k-values", "--classifier"},
+    "report": {
+        "--model",
+        "--out",
+        "--data",
+        "-n",
+        "--n",
+        "--seeds",
+        "--cfg-values",
+        "--top-k-values",
+        "--classifier",
+        "--setting",
+    },
 }
 TRAIN_FLAGS = {
     "--out",
@@ -268,3 +279,29 @@ def test_edit_and_progressive_commands(tmp_path, capsys):
         == 0
     )
     assert Image.open(strip).size == (6 * 30 + 2, 2 * 30 + 2)  # 6 scales, a row per image
+
+
+def test_report_page_with_an_acceleration_setting(tmp_path):
+    out = tmp_path / "report.html"
+    assert (
+        main(
+            [
+                "report",
+                "-n",
+                "100",
+                "--seeds",
+                "0",
+                "--cfg-values",
+                "2",
+                "--top-k-values",
+                "0",
+                "--setting",
+                "rows2:parallel_window=2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    page = out.read_text()
+    assert page.count('class="point"') == 2 and "rows2" in page and "data:image/png;base64," in page

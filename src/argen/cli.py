@@ -432,6 +432,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         top_k_values=args.top_k_values,
         classifier=_classifier_path(args.classifier),
         data=args.data,
+        extra_settings=dict(_parse_setting(t) for t in args.setting or []),
     )
     print(f"wrote {path}")
 
@@ -586,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--cfg-values", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     p.add_argument("--top-k-values", type=int, nargs="+", default=[0, 20])
+    p.add_argument(
+        "--setting",
+        action="append",
+        metavar="NAME:FIELD=V,...",
+        help="more sampler settings to place on the plot, e.g. sjd:speculative=sjd (repeatable)",
+    )
     p.add_argument("--classifier", default="default")
     p.set_defaults(func=cmd_report)
     return parser

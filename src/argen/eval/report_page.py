@@ -35,12 +35,16 @@ def build_report(
     classifier: Path,
     data: str = "mnist",
     speed_batch: int = 8,
+    extra_settings: dict[str, dict] | None = None,
 ) -> Path:
+    """A grid of guidance scales x top-k values, plus `extra_settings` (name -> sampler fields, e.g.
+    {"sjd": {"speculative": "sjd"}}) on the speed-vs-quality plot."""
     pipe = ARPipeline.from_pretrained(model)
     tc = pipe.tokenizer.config
     reference, rest = reference_sets(data, n, tc.image_size, tc.image_channels)
     features = ClassifierFeatures(load_pretrained(classifier))
     settings = {setting_name(s): s for s in ({"cfg_scale": c, "top_k": k} for c in cfg_values for k in top_k_values)}
+    settings.update(extra_settings or {})
 
     reports = {}
     for name, sampler in tqdm(settings.items(), desc="evaluating settings", unit="setting"):
