@@ -8,6 +8,7 @@ interleaved (A, B, A, B, ...) so that machine load affects them alike, and compa
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import threading
 import time
@@ -115,7 +116,7 @@ class SpeedResult:
 
 def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -> tuple[float, int]:
     counter = CountingGenerator(pipe.generator)
-    config = pipe.sampler.__class__(**{**pipe.sampler.__dict__, **sampler})
+    config = dataclasses.replace(pipe.sampler, **sampler)
     t0 = time.perf_counter()
     with torch.no_grad():
         ids = generate(
