@@ -57,6 +57,7 @@ def total_variation(samples: torch.Tensor, exact: dict[tuple, float]) -> float:
     "config",
     [
         SamplerConfig(speculative="sjd", window=3),
+        SamplerConfig(speculative="mc-sjd", window=3, temperature=1.5),
         SamplerConfig(speculative="sjd", window=2, cfg_scale=2.0, top_k=2),
         SamplerConfig(speculative="draft", window=3, temperature=1.3),
     ],
@@ -89,7 +90,7 @@ def test_a_biased_acceptance_rule_would_be_caught():
     assert total_variation(biased, exact) > 2 * expected_tv(exact, 1200)
 
 
-@pytest.mark.parametrize("method", ["sjd", "draft"])
+@pytest.mark.parametrize("method", ["sjd", "mc-sjd", "draft"])
 def test_greedy_speculative_equals_greedy_raster(method):
     target = peaked(vocab_size=16, grid_size=3, scale=5.0)
     draft = peaked(vocab_size=16, grid_size=3, scale=2.0, seed=3)

@@ -21,13 +21,13 @@ class SamplerConfig:
     top_k: int = 0  # 0 = no filtering
     top_p: float = 1.0
     greedy: bool = False  # argmax instead of a draw
-    speculative: str = "none"  # "none", "sjd" (speculative Jacobi) or "draft" (a draft model): same distribution
+    speculative: str = "none"  # "none", "sjd"/"mc-sjd" (speculative Jacobi) or "draft" (a draft model)
     window: int = 8  # tokens drafted per speculative step
     parallel_window: int = 0  # > 0: decode rows in parallel, a row starting this many tokens behind the one above
 
     def __post_init__(self) -> None:
-        if self.speculative not in ("none", "sjd", "draft"):
-            raise ValueError(f"speculative must be 'none', 'sjd' or 'draft', got {self.speculative!r}")
+        if self.speculative not in ("none", "sjd", "mc-sjd", "draft"):
+            raise ValueError(f"speculative must be 'none', 'sjd', 'mc-sjd' or 'draft', got {self.speculative!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.parallel_window < 0:

@@ -7,6 +7,8 @@ norm(max(0, p - q)). Whatever q is, the kept tokens are distributed exactly as t
 - `sjd`: Speculative Jacobi Decoding (Teng et al. 2024), training-free. The drafts of the next iteration are
   the target's own predictions for the positions after the accepted prefix (made in the same pass, conditioned
   on the older drafts); positions never predicted yet start from uniform random tokens.
+- `mc-sjd`: the same, but a position's new draft is maximally coupled with its previous one (kept whenever the
+  new prediction allows), so drafts stop changing once the context settles.
 - `draft`: a small generator of the same order proposes the block autoregressively.
 
 Samples are decoded one at a time (acceptance lengths differ per sample); guidance rows (conditional,
@@ -78,6 +80,18 @@ def _accept(
     return torch.cat([drafts[:m], _sample(fix[None], g, greedy)])
 
 
+def _couple(old: torch.Tensor, q_old: torch.Tensor, p_new: torch.Tensor, g) -> torch.Tensor:
+    """Maximal coupling of (n,) tokens drawn from q_old (n, V) with p_new (n, V): keep a token with probability
+    min(1, p_new / q_old), otherwise redraw from norm(max(0, p_new - q_old)); the result is distributed as p_new."""
+    rows = torch.arange(len(old), device=old.device)
+    u = torch.rand(len(old), generator=g, dtype=torch.float64).to(old.device)
+    keep = u * q_old[rows, old].double() < p_new[rows, old].double()
+    residual = (p_new - q_old).clamp(min=0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_new)
+    return torch.where(keep, old, _sample(residual, g, greedy=False))
+
+
 def _rows(labels: torch.Tensor, model: Generator, guided: bool) -> torch.Tensor:
     return torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
 
@@ -120,8 +134,13 @@ def _one_sample(
         model.rewind(state, chosen.expand(R, -1))
         if draft_model is None:
             # Jacobi: the target's predictions for the positions after the new prefix become the next drafts.
+            fresh = _sample(p[m:], g, config.greedy) if m <= k else drafts[:0]
+            if config.speculative == "mc-sjd" and m < k and not config.greedy:
+                # Maximal coupling: keep the old draft of a position whenever the new distribution allows it, so
+                # drafts settle instead of being redrawn every pass (each is still distributed as p exactly).
+                fresh[: k - m] = _couple(drafts[m:], q[m:], p[m:k], g)
             q = p[m:]
-            drafts = _sample(q, g, config.greedy) if len(q) else drafts[:0]
+            drafts = fresh
         elif m <= k:
             draft_model.rewind(dstate, chosen.expand(R, -1))
         else:  # the bonus token's input position was never fed to the draft model: feed it now
