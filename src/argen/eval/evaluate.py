@@ -51,7 +51,7 @@ class EvalReport:
     recall: MeanStd
     class_accuracy: MeanStd | None
     classifier_score: MeanStd | None
-    bits_per_token: float | None
+    bits_per_token: float
     feature_extractor: str
     extra: dict = field(default_factory=dict)
 
@@ -66,8 +66,7 @@ class EvalReport:
         if self.class_accuracy is not None:
             rows.append(("class accuracy", str(self.class_accuracy)))
             rows.append(("classifier score exp(E KL)", str(self.classifier_score)))
-        if self.bits_per_token is not None:
-            rows.append(("test NLL (bits/token)", f"{self.bits_per_token:.4f}"))
+        rows.append(("test NLL (bits/token)", f"{self.bits_per_token:.4f}"))
         return rows
 
 
@@ -140,13 +139,11 @@ def evaluate(
             )
             accs.append((probs.argmax(1).cpu() == labels).double().mean().item())
             scores.append(classifier_score(probs))
-    bits = None
-    if pipe.generator.seq_len == pipe.tokenizer.seq_len:
-        with torch.no_grad():
-            ids = torch.cat(
-                [pipe.tokenizer.encode(reference.images[i : i + 250].to(pipe.device)).cpu() for i in range(0, n, 250)]
-            )
-        bits = bits_per_token(pipe.generator, TensorDataset(ids, reference.labels))
+    with torch.no_grad():
+        ids = torch.cat(
+            [pipe.tokenizer.encode(reference.images[i : i + 250].to(pipe.device)).cpu() for i in range(0, n, 250)]
+        )
+    bits = bits_per_token(pipe.generator, TensorDataset(ids, reference.labels))
     effective = dataclasses.asdict(dataclasses.replace(pipe.sampler, **sampler))
     return EvalReport(
         num_samples=n,

@@ -87,6 +87,11 @@ def decode_steps(
     `known` teacher-forces some tokens (editing).
     """
     config = config or SamplerConfig()
+    if config.speculative != "none" or config.parallel_window:
+        raise ValueError(
+            "step-by-step decoding (previews, editing) runs the plain sampler: unset speculative and "
+            "parallel_window, or call generate()"
+        )
     schedule = schedule or config.schedule()
     if labels.dim() != 1:
         raise ValueError(f"labels must be (B,), got {tuple(labels.shape)}")

@@ -37,9 +37,17 @@ def interval(scale: float, cfg_interval: int, num_steps: int) -> Schedule:
 SCHEDULES: dict[str, Callable[[float], Schedule]] = {"constant": constant, "linear": linear, "var_ramp": var_ramp}
 
 
-def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """logits: (2B, n, V) with conditional rows first -> (B, n, V) guided logits."""
+def position_scales(schedule: Schedule, positions, num_steps: int) -> torch.Tensor:
+    """(n,) guidance scales for tokens at these step indices (orders that sample several positions at once)."""
+    return torch.tensor([schedule(p / max(num_steps - 1, 1)) for p in positions])
+
+
+def guide(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """logits: (2B, n, V) with conditional rows first -> (B, n, V) guided logits. scale: one number, or (n,)
+    scales, one per position."""
     cond, uncond = logits.chunk(2, dim=0)
+    if isinstance(scale, torch.Tensor):
+        return uncond + (cond - uncond) * scale.to(logits.device)[None, :, None]
     if scale == 1.0:
         return cond
     return uncond + (cond - uncond) * scale

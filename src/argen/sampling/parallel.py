@@ -50,9 +50,7 @@ def generate_parallel(
         logits = model.predict_at(state, targets, inputs)  # (rows, n, V)
         check_finite(logits, f"logits at positions {targets.tolist()}")
         if schedule is not None:
-            cond, uncond = logits.chunk(2, dim=0)
-            scale = torch.tensor([schedule(t / max(L - 1, 1)) for t in targets.tolist()], device=logits.device)
-            logits = uncond + (cond - uncond) * scale[None, :, None]
+            logits = guidance.guide(logits, guidance.position_scales(schedule, targets.tolist(), L))
         ids = draw(process(logits, config.temperature, config.top_k, config.top_p), generators, config.greedy)
         state.tokens[:, targets] = ids.repeat(len(rows) // B, 1)
         for r in ready:

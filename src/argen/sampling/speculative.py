@@ -51,9 +51,7 @@ def _probs(logits: torch.Tensor, positions: range, num_steps: int, schedule, con
     """(rows, n, V) logits of the target/draft at `positions` -> (n, V) sampling distribution of the sample."""
     check_finite(logits, f"logits at positions {positions.start}..{positions.stop - 1}")
     if schedule is not None:
-        cond, uncond = logits.chunk(2, dim=0)
-        scale = torch.tensor([schedule(p / max(num_steps - 1, 1)) for p in positions], device=logits.device)
-        logits = uncond + (cond - uncond) * scale[None, :, None]
+        logits = guidance.guide(logits, guidance.position_scales(schedule, positions, num_steps))
     return process(logits, config.temperature, config.top_k, config.top_p)[0].float().softmax(-1)
 
 
