@@ -52,3 +52,98 @@ def test_greedy_guided_sampling_parity(official, var_fixture):
 def test_official_key_set(official, var_fixture):
     gen, vq = official
     assert set(var_fixture[0]["transformer"]) == set(gen.state_dict())
+
+
+# --- accelerations: FastVAR-style token pruning and a ScaleKV-style KV budget, on the shipped model ---
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from argen.pipeline import ARPipeline
+
+    return ARPipeline.from_pretrained("next-scale").generator
+
+
+@torch.no_grad()
+def _teacher_forced_logits(gen, tokens, labels, **options):
+    """Scale-by-scale logits with the given tokens fed back, under start(**options)."""
+    state = gen.start(labels, **options)
+    rows = []
+    while not state.done:
+        rows.append(gen.predict(state))
+        a, b = state.span
+        gen.advance(state, tokens[:, a:b])
+    return torch.cat(rows, dim=1), state
+
+
+@torch.no_grad()
+def test_pruned_block_keeping_every_token_is_the_plain_block(shipped):
+    gen = shipped
+    state = gen.start(torch.tensor([1, 2]))
+    for _ in range(4):  # reach scale 4 so that the previous scale's block outputs exist
+        gen.advance(state, gen.predict(state).argmax(-1))
+    x = torch.randn(2, 25, gen.config.dim)
+    block, previous = gen.blocks[2], state.extra["layer_out"][2]
+    cache_a, cache_b = gen.start(torch.tensor([1, 2])).cache, gen.start(torch.tensor([1, 2])).cache
+    full = block(x, state.extra["cond"], None, cache_a, 2, 0)
+    pruned = gen._pruned_block(block, 2, x, 25, previous, state.extra["cond"], cache_b, 0)
+    torch.testing.assert_close(pruned, full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_pruning_ratio_zero_and_full_kv_budget_are_the_baseline(shipped):
+    torch.manual_seed(0)
+    labels, tokens = torch.tensor([3, 7]), torch.randint(shipped.vocab_size, (2, shipped.seq_len))
+    base, _ = _teacher_forced_logits(shipped, tokens, labels)
+    zero, _ = _teacher_forced_logits(shipped, tokens, labels, prune=0.0, prune_scales=3)
+    full, state = _teacher_forced_logits(shipped, tokens, labels, kv_budget=10_000, kv_drafters=0)
+    assert torch.equal(zero, base)
+    torch.testing.assert_close(full, base)  # the compression path ran (scores observed) but evicted nothing
+    assert state.cache.size() == len(shipped.blocks) * shipped.seq_len
+    cfg = SamplerConfig(cfg_scale=2.0, cfg_schedule="var_ramp")
+    g = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    plain = generate(shipped, labels, cfg, g)
+    g = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    same = generate(shipped, labels, SamplerConfig(cfg_scale=2.0, cfg_schedule="var_ramp", kv_budget=10_000), g)
+    assert torch.equal(plain, same)
+
+
+@torch.no_grad()
+def test_pruning_touches_only_the_largest_scales_and_skips_tokens(shipped):
+    torch.manual_seed(0)
+    labels, tokens = torch.tensor([3, 7]), torch.randint(shipped.vocab_size, (2, shipped.seq_len))
+    base, _ = _teacher_forced_logits(shipped, tokens, labels)
+    pruned, state = _teacher_forced_logits(shipped, tokens, labels, prune=0.5, prune_scales=2)
+    b = shipped.bounds
+    torch.testing.assert_close(pruned[:, : b[-3]], base[:, : b[-3]])  # scales before the pruned two: unchanged
+    assert not torch.allclose(pruned[:, b[-2] :], base[:, b[-2] :])
+    # later layers cached only the kept tokens: 49 - 24 at 7x7, 25 - 6 at 5x5
+    first = shipped._first_pruned_layer()
+    assert state.cache.keys[0].shape[2] == shipped.seq_len
+    assert state.cache.keys[first].shape[2] == b[-3] + 19 + 25
+    # lossy but close: most argmax tokens at the largest scale agree
+    agree = (pruned[:, b[-2] :].argmax(-1) == base[:, b[-2] :].argmax(-1)).float().mean()
+    assert agree > 0.5
+
+
+@torch.no_grad()
+def test_kv_budget_caps_refiner_layers(shipped):
+    torch.manual_seed(0)
+    labels, tokens = torch.tensor([3, 7]), torch.randint(shipped.vocab_size, (2, shipped.seq_len))
+    base, full = _teacher_forced_logits(shipped, tokens, labels)
+    capped, state = _teacher_forced_logits(shipped, tokens, labels, kv_budget=16, kv_drafters=1)
+    sizes = sorted(k.shape[2] for k in state.cache.keys)
+    assert sizes == [16] * (len(shipped.blocks) - 1) + [shipped.seq_len]
+    assert state.cache.peak < full.cache.peak
+    b = shipped.bounds
+    torch.testing.assert_close(capped[:, : b[3]], base[:, : b[3]])  # until the cache first exceeds 16 entries
+    assert torch.isfinite(capped).all() and not torch.allclose(capped, base)
+
+
+def test_generator_options_are_checked():
+    from tests.conftest import tiny_raster
+
+    with pytest.raises(ValueError, match="does not support the sampler settings prune"):
+        generate(tiny_raster(), torch.tensor([0]), SamplerConfig(prune=0.5))
+    with pytest.raises(ValueError, match="not combined"):
+        SamplerConfig(kv_budget=8, speculative="sjd")

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from argen.models.interface import DecodeState
-from argen.models.kv_cache import KVCache
 from argen.models.layers import attention, drop_labels
+from argen.models.scale_cache import ScaleKVCache
 from argen.pretrained import Pretrained, register
 
 
@@ -63,7 +63,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int, start: int
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: ScaleKVCache | None, layer: int, start: int
     ) -> torch.Tensor:
         B, T, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
@@ -76,6 +76,8 @@ class SelfAttention(nn.Module):
             scale = 1.0
         if cache is not None:
             k, v = cache.update(layer, k, v, start)
+            if cache.compressing:
+                cache.observe(layer, q, k, self.head_dim**-0.5 if scale is None else scale)
         out = attention(q, k, v, mask, scale=scale)  # (B, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(B, T, C))
 
@@ -208,11 +210,6 @@ class NextScaleTransformer(nn.Module, Pretrained):
     def _level_pos(self, start: int, end: int) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[:, start:end]) + self.pos_1LC[:, start:end]  # (1, T, D)
 
-    def _run(self, x: torch.Tensor, cond: torch.Tensor, start: int, mask, cache: KVCache | None) -> torch.Tensor:
-        for i, block in enumerate(self.blocks):
-            x = block(x, cond, mask, cache, i, start)
-        return self.head(self.head_nm(x, cond)).float()
-
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing on all scales at once. inputs: (B, L - first, token_dim) from `teacher_inputs`,
         labels: (B,) -> logits (B, L, V)."""
@@ -225,19 +222,42 @@ class NextScaleTransformer(nn.Module, Pretrained):
         start = cond[:, None] + self.pos_start  # (B, first, D)
         x = torch.cat([start, self.word_embed(inputs)], dim=1) + self._level_pos(0, L)  # (B, L, D)
         mask = self.attn_bias_for_masking[0, 0] == 0  # (L, L) block-causal
-        return self._run(x, cond, 0, mask, None)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, mask, None, i, 0)
+        return self.head(self.head_nm(x, cond)).float()
 
     # --- the step interface (argen.models.interface.Generator): one scale per step ---
 
-    def start(self, labels: torch.Tensor) -> DecodeState:
-        B, c = labels.shape[0], self.config
-        tok = self.tokenizer
-        weight = self.head.weight
-        cache = KVCache(len(self.blocks), B, c.num_heads, c.dim // c.num_heads, self.seq_len, like=weight)
-        tokens = torch.full((B, self.seq_len), -1, dtype=torch.long, device=weight.device)
-        f_hat = weight.new_zeros(B, c.token_dim, tok.side, tok.side)
-        extra = {"cond": self.class_emb(labels), "f_hat": f_hat, "next_input": None}
+    # Sampler options this order accepts in `start` (SamplerConfig.model_options).
+    start_options = ("prune", "prune_scales", "kv_budget", "kv_drafters")
+
+    def start(
+        self, labels: torch.Tensor, prune: float = 0.0, prune_scales: int = 2, kv_budget: int = 0, kv_drafters: int = 1
+    ) -> DecodeState:
+        """Begin decoding. `prune` > 0 leaves that fraction of tokens out of the later layers at the largest scale
+        (half of it at the one before when prune_scales = 2, ...; FastVAR); `kv_budget` > 0 caps the KV entries
+        of all but `kv_drafters` layers (ScaleKV). Both are lossy."""
+        if not 0.0 <= prune < 1.0:
+            raise ValueError(f"prune must be in [0, 1), got {prune}")
+        if not 1 <= prune_scales < len(self.scales):
+            raise ValueError(f"prune_scales must be in 1..{len(self.scales) - 1}, got {prune_scales}")
+        c, tok, weight = self.config, self.tokenizer, self.head.weight
+        tokens = torch.full((labels.shape[0], self.seq_len), -1, dtype=torch.long, device=weight.device)
+        f_hat = weight.new_zeros(labels.shape[0], c.token_dim, tok.side, tok.side)
+        extra = {
+            "cond": self.class_emb(labels),
+            "f_hat": f_hat,
+            "next_input": None,
+            "prune": self._prune_ratios(prune, prune_scales),
+            "layer_out": None,  # every block's output at the previous scale: what pruned slots are restored from
+        }
+        cache = ScaleKVCache(len(self.blocks), kv_budget, kv_drafters)
         return DecodeState(labels=labels, tokens=tokens, num_steps=len(self.scales), cache=cache, extra=extra)
+
+    def _prune_ratios(self, prune: float, prune_scales: int) -> list[float]:
+        """Per scale, the fraction of its tokens pruned: `prune` at the largest, falling linearly before it."""
+        K = len(self.scales)
+        return [prune * max(0.0, 1 - (K - 1 - k) / prune_scales) for k in range(K)]
 
     def predict(self, state: DecodeState) -> torch.Tensor:
         if state.done:
@@ -251,10 +271,36 @@ class NextScaleTransformer(nn.Module, Pretrained):
             x = self.word_embed(state.extra["next_input"])
         x = x + self._level_pos(begin, end)  # (B, pn*pn, D)
         # Every cached key is of a coarser scale or this one: block-causal needs no mask step by step.
-        logits = self._run(x, cond, begin, None, state.cache)
-        state.cache.length = end
+        keep = x.shape[1] - int(x.shape[1] * state.extra["prune"][si])
+        previous = state.extra["layer_out"]
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            if keep < x.shape[1] and i >= self._first_pruned_layer():
+                x = self._pruned_block(block, i, x, keep, previous[i], cond, state.cache, begin)
+            else:
+                x = block(x, cond, None, state.cache, i, begin)
+            outputs.append(x)
+        state.extra["layer_out"] = outputs
+        state.cache.compress()
         state.span = (begin, end)
-        return logits  # (B, pn*pn, V)
+        return self.head(self.head_nm(x, cond)).float()  # (B, pn*pn, V)
+
+    def _first_pruned_layer(self) -> int:
+        # The first layers still mix the new map with the coarse context; FastVAR prunes only later ones.
+        return max(1, len(self.blocks) // 8)
+
+    def _pruned_block(self, block, i, x, keep, previous, cond, cache, begin) -> torch.Tensor:
+        """FastVAR's cached token pruning: run the block only on the `keep` tokens farthest from the map's mean
+        (the detail still changing at this scale); the others take the block's output at the previous scale,
+        enlarged to this map's size."""
+        B, T, D = x.shape
+        distance = (x - x.mean(1, keepdim=True)).square().sum(-1)  # (B, T)
+        index = distance.topk(keep, dim=1).indices[..., None].expand(-1, -1, D)  # (B, keep, D)
+        kept = block(x.gather(1, index), cond, None, cache, i, begin)
+        side, prev_side = math.isqrt(T), math.isqrt(previous.shape[1])
+        grid = previous.transpose(1, 2).reshape(B, D, prev_side, prev_side)
+        restored = F.interpolate(grid, size=(side, side), mode="area").flatten(2).transpose(1, 2)
+        return restored.scatter(1, index, kept)
 
     def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
         si = state.step

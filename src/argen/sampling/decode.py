@@ -24,6 +24,12 @@ class SamplerConfig:
     speculative: str = "none"  # "none", "sjd"/"mc-sjd" (speculative Jacobi) or "draft" (a draft model)
     window: int = 8  # tokens drafted per speculative step
     parallel_window: int = 0  # > 0: decode rows in parallel, a row starting this many tokens behind the one above
+    relax_k: int = 0  # > 0: relaxed (lossy) speculative acceptance over each draft's relax_k nearest codes (LANTERN)
+    relax_delta: float = 0.1  # LANTERN's bound on the probability mass a draft may borrow from its neighbours
+    prune: float = 0.0  # next-scale: fraction of the largest map's tokens the later layers skip (FastVAR; lossy)
+    prune_scales: int = 2  # next-scale: how many of the largest scales are pruned (the ratio falls linearly)
+    kv_budget: int = 0  # next-scale: KV entries a refiner layer keeps after each scale (ScaleKV; lossy); 0 = all
+    kv_drafters: int = 1  # next-scale: layers with the widest attention, which keep their whole cache
 
     def __post_init__(self) -> None:
         if self.speculative not in ("none", "sjd", "mc-sjd", "draft"):
@@ -34,10 +40,25 @@ class SamplerConfig:
             raise ValueError(f"parallel_window must be >= 0, got {self.parallel_window}")
         if self.parallel_window and self.speculative != "none":
             raise ValueError("choose speculative or parallel decoding, not both")
+        if self.relax_k < 0 or not 0.0 <= self.relax_delta <= 1.0:
+            raise ValueError(f"relax_k must be >= 0 and relax_delta in [0, 1], got {self.relax_k}, {self.relax_delta}")
+        if self.relax_k and self.speculative == "none":
+            raise ValueError("relax_k relaxes speculative acceptance: set speculative too")
+        if self.model_options() and (self.speculative != "none" or self.parallel_window):
+            raise ValueError("prune / kv_budget (next-scale) are not combined with speculative or parallel decoding")
         if self.cfg_schedule not in guidance.SCHEDULES:
             raise ValueError(f"cfg_schedule {self.cfg_schedule!r} unknown; choose from {sorted(guidance.SCHEDULES)}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+
+    def model_options(self) -> dict:
+        """The settings the generator itself applies (passed to its `start`); empty when all are off."""
+        options = {}
+        if self.prune:
+            options.update(prune=self.prune, prune_scales=self.prune_scales)
+        if self.kv_budget:
+            options.update(kv_budget=self.kv_budget, kv_drafters=self.kv_drafters)
+        return options
 
     def schedule(self) -> guidance.Schedule | None:
         if self.cfg_scale == 1.0 and self.cfg_schedule == "constant":
@@ -102,7 +123,11 @@ def decode_steps(
         raise ValueError(f"known tokens and mask must be (B, {model.seq_len}) = ({B}, {model.seq_len})")
     if schedule is not None:
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # rows B..2B-1: null class
-    state = model.start(labels)
+    options = config.model_options()
+    unsupported = sorted(set(options) - set(getattr(model, "start_options", ())))
+    if unsupported:
+        raise ValueError(f"{type(model).__name__} does not support the sampler settings {', '.join(unsupported)}")
+    state = model.start(labels, **options)
     while not state.done:
         logits = model.predict(state)  # (B or 2B, n, V)
         check_finite(logits, f"logits at step {state.step}")
