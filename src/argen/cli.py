@@ -381,12 +381,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
             f"{r.peak_memory_mb:.0f}",
             f"{r.flops_per_image / 1e9:.3f}",
             f"{r.peak_ratio:.3f}",
+            "-" if r.acceptance is None else f"{r.acceptance:.3f}",
         ]
         for r in results
     ]
-    _print_table(
-        ["setting", "batch", "NFE", "s/image median (min-max)", "images/s", "peak MB", "GFLOP/image", "of peak"], rows
-    )
+    header = ["setting", "batch", "NFE", "s/image median (min-max)", "images/s", "peak MB", "GFLOP/image", "of peak"]
+    _print_table([*header, "accepted"], rows)
     base = next(iter(settings))
     if len(settings) > 1:
         print(f"\nratios against {base!r}, measured interleaved in this run:")

@@ -164,10 +164,16 @@ class ARPipeline:
                 gens[i : i + batch_size],
                 known=part,
                 draft_model=self.draft,
+                codebook=self.codebook if config.relax_k else None,
             )
             tokens.append(ids)
             images.append(self.tokenizer.decode(ids).clamp(-1, 1).cpu())
         return PipelineOutput(self._format(torch.cat(images), output_type), labels.cpu(), torch.cat(tokens).cpu())
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The tokenizer's code vectors (V, d): what relaxed speculative acceptance measures closeness in."""
+        return self.tokenizer.quantize.embedding.weight
 
     @torch.no_grad()
     def edit(

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from argen.models.interface import DecodeState
 from argen.pipeline import ARPipeline
 from argen.sampling.decode import generate, seeded_generators
+from argen.sampling.speculative import SpeculativeStats
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
@@ -112,18 +113,28 @@ class SpeedResult:
     flops_per_image: float
     peak_ratio: float  # achieved FLOP/s / matmul peak
     times: list[float] = field(default_factory=list)
+    acceptance: float | None = None  # speculative settings: share of drafted tokens the target kept
 
 
-def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -> tuple[float, int]:
+def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -> tuple[float, int, float | None]:
+    """One timed generation + decode -> (seconds, target forward passes, speculative acceptance rate or None)."""
     counter = CountingGenerator(pipe.generator)
     config = dataclasses.replace(pipe.sampler, **sampler)
+    stats = SpeculativeStats()
     t0 = time.perf_counter()
     with torch.no_grad():
         ids = generate(
-            counter, labels, config, seeded_generators(range(seed, seed + len(labels))), draft_model=pipe.draft
+            counter,
+            labels,
+            config,
+            seeded_generators(range(seed, seed + len(labels))),
+            draft_model=pipe.draft,
+            stats=stats,
+            codebook=pipe.codebook if config.relax_k else None,
         )
         pipe.tokenizer.decode(ids)
-    return time.perf_counter() - t0, counter.calls
+    acceptance = stats.acceptance_rate if config.speculative != "none" else None
+    return time.perf_counter() - t0, counter.calls, acceptance
 
 
 def _flops(pipe: ARPipeline, labels: torch.Tensor, sampler: dict) -> float:
@@ -145,18 +156,21 @@ def bench_sampling(
     results = []
     for bs in batch_sizes:
         times = {name: [] for name in runs}
+        accepted = {name: [] for name in runs}
         nfe, mem, flops, labels = {}, {}, {}, {}
         for name, (pipe, sampler) in runs.items():
             labels[name] = (torch.arange(bs) % pipe.generator.num_classes).to(pipe.device)
             _one_run(pipe, labels[name], 0, sampler)  # warm-up
             flops[name] = _flops(pipe, labels[name], sampler)
             with PeakRSS(pipe.device) as watch:
-                _, nfe[name] = _one_run(pipe, labels[name], 0, sampler)
+                _, nfe[name], _ = _one_run(pipe, labels[name], 0, sampler)
             mem[name] = watch.megabytes
         for r in range(repeats):
             for name, (pipe, sampler) in runs.items():
-                seconds, _ = _one_run(pipe, labels[name], 1000 * (r + 1), sampler)
+                seconds, _, acceptance = _one_run(pipe, labels[name], 1000 * (r + 1), sampler)
                 times[name].append(seconds / bs)
+                if acceptance is not None:
+                    accepted[name].append(acceptance)
                 if progress is not None:
                     progress.update(1)
         for name in runs:
@@ -175,6 +189,7 @@ def bench_sampling(
                     flops[name] / bs,
                     flops[name] / bs / med / peak,
                     t,
+                    statistics.mean(accepted[name]) if accepted[name] else None,
                 )
             )
     return results

@@ -150,10 +150,13 @@ def generate(
     schedule: guidance.Schedule | None = None,
     known: KnownTokens | None = None,
     draft_model: Generator | None = None,
+    stats=None,
+    codebook: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample token sequences: labels (B,) -> ids (B, seq_len). Arguments as `decode_steps`; with
     `config.speculative` set, the same distribution is sampled with fewer target passes (`draft_model` is the
-    drafter of speculative='draft')."""
+    drafter of speculative='draft', `stats` a speculative.SpeculativeStats to count acceptances, `codebook` the
+    tokenizer's code vectors for relaxed acceptance)."""
     config = config or SamplerConfig()
     if config.parallel_window:
         if known is not None:
@@ -168,6 +171,8 @@ def generate(
             raise ValueError("editing (known tokens) is not combined with speculative decoding")
         from argen.sampling.speculative import generate_speculative
 
-        return generate_speculative(model, labels, config, generators, schedule or config.schedule(), draft_model)
+        return generate_speculative(
+            model, labels, config, generators, schedule or config.schedule(), draft_model, stats, codebook
+        )
     steps = decode_steps(model, labels, config, generators, schedule, known)
     return collections.deque(steps, maxlen=1)[0].tokens  # run the loop, keep the final step

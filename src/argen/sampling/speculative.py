@@ -24,6 +24,7 @@ import torch
 from argen.models.interface import Generator
 from argen.sampling import guidance
 from argen.sampling.logits import check_finite, process
+from argen.sampling.relaxed import code_neighbours, relaxed_mass
 
 
 @dataclass
@@ -56,17 +57,21 @@ def _probs(logits: torch.Tensor, positions: range, num_steps: int, schedule, con
 
 
 def _accept(
-    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, g, greedy: bool, stats: SpeculativeStats
+    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, g, config, stats: SpeculativeStats, neighbours
 ) -> torch.Tensor:
-    """Speculative acceptance of drafts (k,) drawn from q (k, V) against the target p (k+1, V).
-    Returns the new tokens (between 1 and k+1 of them)."""
-    k = len(drafts)
+    """Speculative acceptance of drafts (k,) drawn from q (k, V) against the target p (k+1, V); relaxed over
+    each draft's `neighbours` (LANTERN) when given. Returns the new tokens (between 1 and k+1 of them)."""
+    k, greedy = len(drafts), config.greedy
     rows = torch.arange(k, device=p.device)
     if greedy:
         keep = drafts == p[:k].argmax(-1)
     else:
         u = torch.rand(k, generator=g, dtype=torch.float64).to(p.device)
-        keep = u * q[rows, drafts].double() < p[rows, drafts].double()  # kept with probability min(1, p/q)
+        if neighbours is None:
+            p_d, q_d = p[rows, drafts], q[rows, drafts]
+        else:
+            p_d, q_d = relaxed_mass(drafts, p[:k], q, neighbours, config.relax_delta)
+        keep = u * q_d.double() < p_d.double()  # kept with probability min(1, p/q)
     rejected = (~keep).nonzero()
     m = int(rejected[0]) if len(rejected) else k  # drafts kept before the first rejection
     stats.drafted += min(m + 1, k)
@@ -95,7 +100,15 @@ def _rows(labels: torch.Tensor, model: Generator, guided: bool) -> torch.Tensor:
 
 
 def _one_sample(
-    model: Generator, label: torch.Tensor, config, g, schedule, window: int, draft_model, stats: SpeculativeStats
+    model: Generator,
+    label: torch.Tensor,
+    config,
+    g,
+    schedule,
+    window: int,
+    draft_model,
+    stats: SpeculativeStats,
+    neighbours: torch.Tensor | None,
 ) -> torch.Tensor:
     L, V = model.seq_len, model.vocab_size
     rows = _rows(label, model, schedule is not None)
@@ -126,7 +139,7 @@ def _one_sample(
             q = torch.cat(dists) if dists else q[:0]
         p = _probs(model.verify(state, drafts.expand(R, k)), range(n, n + k + 1), L, schedule, config)  # (k+1, V)
         stats.target_passes += 1
-        new = _accept(drafts, q, p, g, config.greedy, stats)
+        new = _accept(drafts, q, p, g, config, stats, neighbours)
         m = len(new)
         chosen = torch.cat([state.tokens[:1, :n], new[None]], dim=1)  # (1, n + m)
         model.rewind(state, chosen.expand(R, -1))
@@ -158,8 +171,10 @@ def generate_speculative(
     schedule: guidance.Schedule | None,
     draft_model: Generator | None = None,
     stats: SpeculativeStats | None = None,
+    codebook: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """labels (B,) -> ids (B, seq_len), distributed exactly as the plain sampler's (greedy: identical ids)."""
+    """labels (B,) -> ids (B, seq_len), distributed exactly as the plain sampler's (greedy: identical ids),
+    unless `config.relax_k` relaxes the acceptance over the nearest codes of `codebook` (V, d) (LANTERN)."""
     if not hasattr(model, "verify"):
         raise ValueError(
             f"{type(model).__name__} cannot verify drafted blocks: speculative decoding needs a raster-order generator"
@@ -171,9 +186,18 @@ def generate_speculative(
             raise ValueError("the draft model must share the target's vocabulary and sequence length")
     else:
         draft_model = None
+    neighbours = None
+    if config.relax_k:
+        if codebook is None:
+            raise ValueError("relaxed acceptance (relax_k) needs the tokenizer's codebook (codebook=)")
+        if len(codebook) != model.vocab_size:
+            raise ValueError(f"the codebook has {len(codebook)} codes, the generator {model.vocab_size}")
+        neighbours = code_neighbours(codebook, config.relax_k)
     stats = stats if stats is not None else SpeculativeStats()
     out = []
     for b in range(labels.shape[0]):
         g = generators[b] if generators is not None else None
-        out.append(_one_sample(model, labels[b : b + 1], config, g, schedule, config.window, draft_model, stats))
+        out.append(
+            _one_sample(model, labels[b : b + 1], config, g, schedule, config.window, draft_model, stats, neighbours)
+        )
     return torch.cat(out)
