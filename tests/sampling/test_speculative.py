@@ -109,7 +109,24 @@ def test_draft_equal_to_target_accepts_everything():
     stats = SpeculativeStats()
     generate_speculative(target, torch.tensor([0, 1]), config, seeded_generators([0, 1]), None, target, stats)
     assert stats.acceptance_rate > 0.999
-    assert stats.target_passes == 2 * math.ceil(9 / 5)  # 4 drafts + 1 bonus token per pass
+    assert stats.target_passes == math.ceil(9 / 5)  # 4 drafts + 1 bonus token per pass, both samples at once
+
+
+@pytest.mark.parametrize("method", ["sjd", "mc-sjd", "draft"])
+def test_a_sample_is_the_same_alone_or_in_a_batch(method):
+    """Samples advance at their own pace inside one batched pass, each with its own random stream."""
+    target = peaked(vocab_size=16, grid_size=3, scale=2.0)
+    draft = peaked(vocab_size=16, grid_size=3, scale=1.0, seed=3)
+    config = SamplerConfig(speculative=method, window=3, cfg_scale=1.5)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    stats = SpeculativeStats()
+    batch = generate_speculative(target, labels, config, seeded_generators(range(6)), config.schedule(), draft, stats)
+    alone = [
+        generate_speculative(target, labels[i : i + 1], config, seeded_generators([i]), config.schedule(), draft)
+        for i in range(6)
+    ]
+    assert torch.equal(batch, torch.cat(alone))
+    assert stats.target_passes < 9  # fewer passes than tokens, for the whole batch
 
 
 def test_speculative_errors():

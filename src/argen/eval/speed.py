@@ -77,11 +77,11 @@ class PeakRSS:
 
 class CountingGenerator:
     """Wraps a generator to count its sequential forward passes (NFE): `predict` and, where the model has them,
-    `verify` (speculative) and `predict_at` (parallel) calls."""
+    `predict_rows` (speculative) and `predict_at` (parallel) calls."""
 
     def __init__(self, model):
         self.model, self.calls = model, 0
-        for name in ("verify", "predict_at"):
+        for name in ("predict_rows", "predict_at"):
             if hasattr(model, name):
                 setattr(self, name, self._counted(getattr(model, name)))
 

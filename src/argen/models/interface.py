@@ -4,9 +4,10 @@ The sampler never imports a concrete model: it starts a decode state, asks for t
 next set of positions, and advances the state with the ids it chose. Sampling policy (guidance,
 top-k, randomness) stays in `argen.sampling`.
 
-Optional steps, used where a model has them: `verify(state, draft)` + `rewind(state, tokens)` (speculative
-decoding checks a drafted block in one pass) and `predict_at(state, targets, inputs)` (parallel decoding of
-positions out of order). Raster models have both; next-scale models neither.
+Optional steps, used where a model has them: `predict_rows(state, starts, length)` (speculative decoding
+checks every sample's drafted block, each at its own position, in one pass) and
+`predict_at(state, targets, inputs)` (parallel decoding of positions out of order). Raster models have both;
+next-scale models neither.
 """
 
 from __future__ import annotations

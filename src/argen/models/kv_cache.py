@@ -41,3 +41,16 @@ class KVCache:
         self.keys[layer][:, :, positions] = k
         self.values[layer][:, :, positions] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def update_rows(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, hd) of row b at its own positions (B, T); return all entries up to the largest
+        position (each row masks what is not valid for it)."""
+        end = int(positions.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing at {end - 1}")
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.keys[layer][rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, H, hd)
+        self.values[layer][rows, :, positions] = v.transpose(1, 2)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

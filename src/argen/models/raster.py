@@ -64,14 +64,17 @@ class Attention(nn.Module):
         layer: int,
         start: int | torch.Tensor,
     ) -> torch.Tensor:
-        """`start`: the first of T consecutive positions, or a (T,) tensor of arbitrary positions."""
+        """`start`: the first of T consecutive positions, a (T,) tensor of arbitrary positions, or a (B, T) tensor
+        of positions per row."""
         B, T, D = x.shape
         kv_dim = self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([D, kv_dim, kv_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None and isinstance(start, torch.Tensor):
+        if cache is not None and isinstance(start, torch.Tensor) and start.dim() == 2:
+            k, v = cache.update_rows(layer, k, v, start)  # (B, Hkv, max position + 1, hd)
+        elif cache is not None and isinstance(start, torch.Tensor):
             k, v = cache.update_at(layer, k, v, start)  # (B, Hkv, max position + 1, hd)
         elif cache is not None:
             k, v = cache.update(layer, k, v, start)  # (B, Hkv, start+T, hd)
@@ -161,6 +164,16 @@ class RasterTransformer(nn.Module, Pretrained):
             h = layer(h, self.rope[positions], mask, cache, i, positions)
         return self.output(self.norm(h)).float()
 
+    def _run_rows(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedded inputs (B, T, D) at per-row positions (B, T) -> logits (B, T, V). Each query sees the cache
+        positions up to its own, which the caller keeps valid for its row."""
+        pos_k = torch.arange(int(positions.max()) + 1, device=x.device)
+        mask = (pos_k[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        h = self.tok_dropout(x)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope[positions], mask, cache, i, positions)
+        return self.output(self.norm(h)).float()
+
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. ids: (B, T) image tokens, T <= seq_len - 1; labels: (B,). -> (B, T+1, V)."""
         if ids.dim() != 2 or ids.shape[1] > self.seq_len - 1:
@@ -200,21 +213,25 @@ class RasterTransformer(nn.Module, Pretrained):
         state.tokens[:, state.step : state.step + 1] = ids
         state.step += 1
 
-    # --- speculative steps: verify a drafted block in one pass, then keep what was accepted ---
+    # --- speculative steps: rows check drafted blocks at their own positions in one pass ---
 
-    def verify(self, state: DecodeState, draft: torch.Tensor) -> torch.Tensor:
-        """draft: (B, k) guesses for tokens step..step+k-1 -> logits (B, k+1, V); row j is the distribution of
-        token step+j given the chosen tokens and draft[:, :j] (one forward pass over k+1 positions)."""
-        n, k = state.step, draft.shape[1]
-        if n + k > self.seq_len:
-            raise ValueError(f"cannot draft {k} tokens after {n} of {self.seq_len}")
-        first = (
-            self.cls_embedding(state.labels)[:, None] if n == 0 else self.tok_embeddings(state.tokens[:, n - 1 : n])
-        )  # (B, 1, D)
-        x = torch.cat([first, self.tok_embeddings(draft)], dim=1)  # (B, k+1, D) at positions n..n+k
-        logits = self._run(x, n, state.cache)
-        state.span = (n, n + k + 1)
-        return logits
+    def predict_rows(self, state: DecodeState, starts: torch.Tensor, length: int) -> torch.Tensor:
+        """Logits (B, length, V) for positions starts[b]..starts[b]+length-1 of every row b, each fed with the row's
+        `state.tokens` before it (the class token at position 0): one forward pass however far apart the rows
+        are. The caller writes drafted tokens into `state.tokens` first and keeps each row's cache valid below
+        starts[b] (entries at and after it are rewritten)."""
+        if int(starts.min()) < 0 or int(starts.max()) + length > self.seq_len:
+            raise ValueError(
+                f"positions {int(starts.min())}..{int(starts.max()) + length - 1} outside 0..{self.seq_len - 1}"
+            )
+        positions = starts[:, None] + torch.arange(length, device=starts.device)  # (B, T)
+        previous = state.tokens.gather(1, (positions - 1).clamp(min=0)).clamp(min=0)  # unknown (-1): any id
+        x = self.tok_embeddings(previous)
+        cls = self.cls_embedding(state.labels)[:, None].expand_as(x)
+        x = torch.where((positions == 0)[..., None], cls, x)
+        return self._run_rows(x, positions, state.cache)
+
+    # --- parallel decoding: positions out of order ---
 
     def predict_at(self, state: DecodeState, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Parallel decoding: logits (B, n, V) for the tokens at sequence indices `targets` (n,), each fed with the
@@ -224,15 +241,6 @@ class RasterTransformer(nn.Module, Pretrained):
         x = torch.where((targets == 0)[None, :, None], cls, embedded)
         state.span = (int(targets.min()), int(targets.max()) + 1)
         return self._run_at(x, targets, state.cache)
-
-    def rewind(self, state: DecodeState, tokens: torch.Tensor) -> None:
-        """Set the state to "these (B, s) tokens are chosen". Cached keys/values of positions < s are kept: the
-        caller guarantees they were computed from these tokens (true after `verify` of an accepted draft)."""
-        s = tokens.shape[1]
-        state.tokens[:, :s] = tokens
-        state.tokens[:, s:] = -1
-        state.step = s
-        state.cache.length = s
 
 
 # Presets are data. "mnist-small" is the shipped default; the GPT-* rows are LlamaGen's c2i sizes at 256x256.

@@ -25,9 +25,10 @@ def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, num_pref
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, hd); table: (T, hd/2, 2). Rotates adjacent pairs (2j, 2j+1)."""
+    """x: (B, T, H, hd); table: (T, hd/2, 2), or (B, T, hd/2, 2) when rows sit at different positions. Rotates
+    adjacent pairs (2j, 2j+1)."""
     xp = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
-    t = table[None, :, None]  # (1, T, 1, hd/2, 2)
+    t = table[:, :, None] if table.dim() == 4 else table[None, :, None]  # (1 or B, T, 1, hd/2, 2)
     cos, sin = t[..., 0], t[..., 1]
     out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
     return out.flatten(3).type_as(x)

@@ -11,8 +11,10 @@ norm(max(0, p - q)). Whatever q is, the kept tokens are distributed exactly as t
   new prediction allows), so drafts stop changing once the context settles.
 - `draft`: a small generator of the same order proposes the block autoregressively.
 
-Samples are decoded one at a time (acceptance lengths differ per sample); guidance rows (conditional,
-unconditional) of one sample share tokens, as in the plain sampler.
+A batch is decoded together: every forward pass checks each sample's block at that sample's own position
+(acceptance lengths differ), while drafting and acceptance use the sample's own random generator, so a seed
+gives the same image whatever the batch. Guidance rows (conditional, unconditional) of one sample share
+tokens, as in the plain sampler.
 """
 
 from __future__ import annotations
@@ -95,71 +97,64 @@ def _couple(old: torch.Tensor, q_old: torch.Tensor, p_new: torch.Tensor, g) -> t
     return torch.where(keep, old, _sample(residual, g, greedy=False))
 
 
+@dataclass
+class _Progress:
+    """One sample: tokens chosen so far, its current drafts and the distributions they were drawn from, and how
+    many leading positions of the draft model's cache hold entries computed from chosen tokens."""
+
+    rows: list[int]  # its rows in the batch: conditional (and unconditional when guided)
+    g: torch.Generator | None
+    drafts: torch.Tensor
+    q: torch.Tensor
+    n: int = 0
+    draft_valid: int = 0
+
+
+def _jacobi_drafts(s: _Progress, k: int, V: int) -> None:
+    """Keep the first k carried drafts; positions never predicted yet start from uniform random tokens."""
+    if len(s.drafts) < k:
+        extra = k - len(s.drafts)
+        s.drafts = torch.cat([s.drafts, torch.randint(V, (extra,), generator=s.g).to(s.drafts.device)])
+        s.q = torch.cat([s.q, torch.full((extra, V), 1.0 / V, device=s.q.device)])
+    s.drafts, s.q = s.drafts[:k], s.q[:k]
+
+
+def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, schedule, config, stats) -> None:
+    """The draft model proposes each sample's k tokens autoregressively, all samples in one pass per token."""
+    device = dstate.tokens.device
+    proposals = [[] for _ in progress]
+    dists = [[] for _ in progress]
+    for j in range(max(ks, default=0)):
+        active = [s.n + j if j < k else None for s, k in zip(progress, ks, strict=True)]
+        # a pass feeds every position from the first stale cache entry on (two after a fully accepted block)
+        span = max((p - s.draft_valid + 1 for s, p in zip(progress, active, strict=True) if p is not None))
+        starts, ends = [], []
+        for s, p in zip(progress, active, strict=True):
+            end = p if p is not None else max(s.draft_valid - 1, 0)  # idle rows rewrite a valid entry
+            start = max(end - span + 1, 0)
+            starts += [start] * len(s.rows)
+            ends.append(end - start)
+        order = [r for s in progress for r in s.rows]
+        starts_t = torch.empty(len(order), dtype=torch.long, device=device)
+        starts_t[order] = torch.tensor(starts, device=device)
+        logits = draft_model.predict_rows(dstate, starts_t, span)
+        stats.draft_passes += 1
+        for i, (s, p) in enumerate(zip(progress, active, strict=True)):
+            if p is None:
+                continue
+            dist = _probs(logits[s.rows, ends[i] : ends[i] + 1], range(p, p + 1), L, schedule, config)
+            token = _sample(dist, s.g, config.greedy)
+            dstate.tokens[s.rows, p] = token
+            proposals[i].append(token)
+            dists[i].append(dist)
+            s.draft_valid = p + 1
+    for s, k, tokens, q in zip(progress, ks, proposals, dists, strict=True):
+        s.drafts = torch.cat(tokens) if k else s.drafts[:0]
+        s.q = torch.cat(q) if k else s.q[:0]
+
+
 def _rows(labels: torch.Tensor, model: Generator, guided: bool) -> torch.Tensor:
     return torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
-
-
-def _one_sample(
-    model: Generator,
-    label: torch.Tensor,
-    config,
-    g,
-    schedule,
-    window: int,
-    draft_model,
-    stats: SpeculativeStats,
-    neighbours: torch.Tensor | None,
-) -> torch.Tensor:
-    L, V = model.seq_len, model.vocab_size
-    rows = _rows(label, model, schedule is not None)
-    R, device = len(rows), rows.device
-    state = model.start(rows)
-    dstate = draft_model.start(rows) if draft_model is not None else None
-    # The Jacobi drafts carried between iterations (sjd) and the distributions they were drawn from.
-    drafts = torch.empty(0, dtype=torch.long, device=device)
-    q = torch.empty(0, V, device=device)
-    while state.step < L:
-        n = state.step
-        k = min(window, L - n - 1)
-        if draft_model is None:
-            if len(drafts) < k:  # positions not predicted yet: uniform random initialisation
-                extra = k - len(drafts)
-                drafts = torch.cat([drafts, torch.randint(V, (extra,), generator=g).to(device)])
-                q = torch.cat([q, torch.full((extra, V), 1.0 / V, device=device)])
-            drafts, q = drafts[:k], q[:k]
-        else:
-            proposals, dists = [], []
-            for j in range(k):
-                dist = _probs(draft_model.predict(dstate), range(n + j, n + j + 1), L, schedule, config)
-                stats.draft_passes += 1
-                proposals.append(_sample(dist, g, config.greedy))
-                dists.append(dist)
-                draft_model.advance(dstate, proposals[-1].expand(R, 1))
-            drafts = torch.cat(proposals) if proposals else drafts[:0]
-            q = torch.cat(dists) if dists else q[:0]
-        p = _probs(model.verify(state, drafts.expand(R, k)), range(n, n + k + 1), L, schedule, config)  # (k+1, V)
-        stats.target_passes += 1
-        new = _accept(drafts, q, p, g, config, stats, neighbours)
-        m = len(new)
-        chosen = torch.cat([state.tokens[:1, :n], new[None]], dim=1)  # (1, n + m)
-        model.rewind(state, chosen.expand(R, -1))
-        if draft_model is None:
-            # Jacobi: the target's predictions for the positions after the new prefix become the next drafts.
-            fresh = _sample(p[m:], g, config.greedy) if m <= k else drafts[:0]
-            if config.speculative == "mc-sjd" and m < k and not config.greedy:
-                # Maximal coupling: keep the old draft of a position whenever the new distribution allows it, so
-                # drafts settle instead of being redrawn every pass (each is still distributed as p exactly).
-                fresh[: k - m] = _couple(drafts[m:], q[m:], p[m:k], g)
-            q = p[m:]
-            drafts = fresh
-        elif m <= k:
-            draft_model.rewind(dstate, chosen.expand(R, -1))
-        else:  # the bonus token's input position was never fed to the draft model: feed it now
-            draft_model.rewind(dstate, chosen[:, :-1].expand(R, -1))
-            draft_model.predict(dstate)
-            stats.draft_passes += 1
-            draft_model.advance(dstate, chosen[:, -1:].expand(R, -1))
-    return state.tokens[:1]
 
 
 @torch.no_grad()
@@ -175,7 +170,7 @@ def generate_speculative(
 ) -> torch.Tensor:
     """labels (B,) -> ids (B, seq_len), distributed exactly as the plain sampler's (greedy: identical ids),
     unless `config.relax_k` relaxes the acceptance over the nearest codes of `codebook` (V, d) (LANTERN)."""
-    if not hasattr(model, "verify"):
+    if not hasattr(model, "predict_rows"):
         raise ValueError(
             f"{type(model).__name__} cannot verify drafted blocks: speculative decoding needs a raster-order generator"
         )
@@ -194,10 +189,56 @@ def generate_speculative(
             raise ValueError(f"the codebook has {len(codebook)} codes, the generator {model.vocab_size}")
         neighbours = code_neighbours(codebook, config.relax_k)
     stats = stats if stats is not None else SpeculativeStats()
-    out = []
-    for b in range(labels.shape[0]):
-        g = generators[b] if generators is not None else None
-        out.append(
-            _one_sample(model, labels[b : b + 1], config, g, schedule, config.window, draft_model, stats, neighbours)
+    B, L, V = labels.shape[0], model.seq_len, model.vocab_size
+    guided = schedule is not None
+    rows = _rows(labels, model, guided)
+    device = rows.device
+    window = min(config.window, L - 1)
+    state = model.start(rows)
+    dstate = draft_model.start(rows) if draft_model is not None else None
+    # state.tokens: each row's chosen tokens, followed during a pass by its drafts
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    progress = [
+        _Progress(
+            [b, b + B] if guided else [b],
+            generators[b] if generators is not None else None,
+            empty,
+            torch.empty(0, V, device=device),
         )
-    return torch.cat(out)
+        for b in range(B)
+    ]
+    while any(s.n < L for s in progress):
+        ks = [min(window, L - 1 - s.n) if s.n < L else 0 for s in progress]
+        if draft_model is None:
+            for s, k in zip(progress, ks, strict=True):
+                _jacobi_drafts(s, k, V)
+        else:
+            dstate.tokens.copy_(state.tokens)
+            _propose(draft_model, dstate, progress, ks, L, schedule, config, stats)
+        starts = torch.empty(len(rows), dtype=torch.long, device=device)
+        for s, k in zip(progress, ks, strict=True):
+            state.tokens[s.rows, s.n : s.n + k] = s.drafts
+            starts[s.rows] = min(s.n, L - 1 - window)  # a block always spans window + 1 positions
+        logits = model.predict_rows(state, starts, window + 1)  # (R, window + 1, V)
+        stats.target_passes += 1
+        for s, k in zip(progress, ks, strict=True):
+            if s.n >= L:
+                continue
+            at = s.n - int(starts[s.rows[0]])
+            p = _probs(logits[s.rows, at : at + k + 1], range(s.n, s.n + k + 1), L, schedule, config)  # (k+1, V)
+            new = _accept(s.drafts, s.q, p, s.g, config, stats, neighbours)
+            m = len(new)
+            state.tokens[s.rows, s.n : s.n + m] = new
+            if draft_model is None:
+                # Jacobi: the target's predictions for the positions after the new prefix become the next drafts.
+                fresh = _sample(p[m:], s.g, config.greedy) if m <= k else s.drafts[:0]
+                if config.speculative == "mc-sjd" and m < k and not config.greedy:
+                    # Maximal coupling: keep the old draft of a position whenever the new distribution allows it,
+                    # so drafts settle instead of being redrawn every pass (each is still distributed as p).
+                    fresh[: k - m] = _couple(s.drafts[m:], s.q[m:], p[m:k], s.g)
+                s.q, s.drafts = p[m:], fresh
+            else:
+                # draft-cache entries stay valid up to the last accepted draft's successor
+                s.draft_valid = min(s.draft_valid, s.n + m)
+            s.n += m
+    return state.tokens[:B].clone()

@@ -1,0 +1,152 @@
+"""Every fast-sampling option against the plain sampler, on the shipped MNIST models, in one run.
+
+    python bench/fast_sampling.py [--n 1000] [--seeds 0 1] [--batch-sizes 1 8] [--repeats 5] [--threads 2]
+                                  [--markdown table.md] [--json out.json] [--quick]
+
+Speed: NFE (sequential target forward passes), seconds per image (generation + decode) at each batch size,
+settings interleaved within every repeat so machine load hits them alike, ratios against the plain sampler of
+the same model; the speculative acceptance rate; for next-scale, the most KV-cache entries held at once.
+Quality: FD and class accuracy (classifier features, N samples per seed, held-out reference), and the FD change
+against the plain sampler of the same model.
+"""
+
+import argparse
+import json
+
+import torch
+from tqdm import tqdm
+
+from argen.eval.evaluate import evaluate, reference_sets
+from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
+from argen.eval.speed import bench_sampling, matmul_peak_flops
+from argen.pipeline import ARPipeline
+from argen.pretrained import load_pretrained
+from argen.sampling.decode import SamplerConfig
+
+RASTER = {
+    "plain": {},
+    "SJD, window 8": {"speculative": "sjd", "window": 8},
+    "MC-SJD, window 16": {"speculative": "mc-sjd", "window": 16},
+    "draft model, window 4": {"speculative": "draft", "window": 4},
+    "LANTERN (MC-SJD 16, k 8, δ 0.1)": {"speculative": "mc-sjd", "window": 16, "relax_k": 8, "relax_delta": 0.1},
+    "LANTERN (MC-SJD 16, k 8, δ 0.3)": {"speculative": "mc-sjd", "window": 16, "relax_k": 8, "relax_delta": 0.3},
+    "ZipAR, window 1": {"parallel_window": 1},
+    "ZipAR, window 3": {"parallel_window": 3},
+}
+NEXT_SCALE = {
+    "plain": {},
+    "FastVAR prune 0.5 (2 scales)": {"prune": 0.5},
+    "FastVAR prune 0.75 (2 scales)": {"prune": 0.75},
+    "ScaleKV budget 32": {"kv_budget": 32},
+    "ScaleKV budget 16": {"kv_budget": 16},
+}
+LOSSLESS = {"plain", "SJD, window 8", "MC-SJD, window 16", "draft model, window 4"}
+
+
+@torch.no_grad()
+def kv_peak(pipe: ARPipeline, sampler: dict, batch: int = 8) -> int | None:
+    """Most KV entries (all layers, per row) the next-scale cache holds while decoding (argmax tokens)."""
+    model = pipe.generator
+    if not hasattr(model, "start_options"):
+        return None
+    config = SamplerConfig(**{**pipe.sampler.__dict__, **sampler})
+    state = model.start(torch.arange(batch) % model.num_classes, **config.model_options())
+    while not state.done:
+        model.advance(state, model.predict(state).argmax(-1))
+    return state.cache.peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", help="also write the table as markdown")
+    p.add_argument("--json")
+    p.add_argument("--quick", action="store_true", help="N=100, one seed, 2 repeats: a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.n, args.seeds, args.repeats = 100, [0], 2
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak_flops()
+    features = ClassifierFeatures(load_pretrained(DEFAULT_CLASSIFIER))
+    rows, records = [], []
+    for model, settings in (("raster", RASTER), ("next-scale", NEXT_SCALE)):
+        pipe = ARPipeline.from_pretrained(model)
+        runs = {name: (pipe, sampler) for name, sampler in settings.items()}
+        bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(runs), desc=f"{model} speed", unit="run")
+        speed = bench_sampling(runs, args.batch_sizes, args.repeats, peak, bar)
+        bar.close()
+        tc = pipe.tokenizer.config
+        reference, rest = reference_sets("mnist", args.n, tc.image_size, tc.image_channels)
+        quality = {}
+        for name, sampler in tqdm(settings.items(), desc=f"{model} quality", unit="setting"):
+            quality[name] = evaluate(pipe, reference, rest, features, args.seeds, features, **sampler)
+        base_fd = quality["plain"].fd.mean
+        for name in settings:
+            q = quality[name]
+            by_batch = {r.batch_size: r for r in speed if r.setting == name}
+            plain = {r.batch_size: r for r in speed if r.setting == "plain"}
+            b1 = args.batch_sizes[0]
+            record = {
+                "model": model,
+                "setting": name,
+                "sampler": settings[name],
+                "nfe": by_batch[b1].nfe,
+                "nfe_ratio": by_batch[b1].nfe / plain[b1].nfe,
+                "seconds_per_image": {bs: r.seconds_per_image for bs, r in by_batch.items()},
+                "time_ratio": {bs: r.seconds_per_image / plain[bs].seconds_per_image for bs, r in by_batch.items()},
+                "acceptance": by_batch[b1].acceptance,
+                "kv_peak": kv_peak(pipe, settings[name]),
+                "fd": [q.fd.mean, q.fd.std],
+                "fd_change": q.fd.mean / base_fd - 1,
+                "class_accuracy": [q.class_accuracy.mean, q.class_accuracy.std],
+                "lossless": model == "raster" and name in LOSSLESS,
+            }
+            records.append(record)
+            rows.append(
+                [
+                    model,
+                    name,
+                    f"{record['nfe']} ({record['nfe_ratio']:.2f}×)",
+                    *(f"{record['time_ratio'][bs]:.2f}×" for bs in args.batch_sizes),
+                    "-" if record["acceptance"] is None else f"{record['acceptance']:.2f}",
+                    "-" if record["kv_peak"] is None else str(record["kv_peak"]),
+                    f"{q.fd}",
+                    "-" if name == "plain" else f"{100 * record['fd_change']:+.0f} %",
+                    f"{100 * q.class_accuracy.mean:.1f} %",
+                ]
+            )
+    header = [
+        "model",
+        "setting",
+        "NFE",
+        *(f"time b{bs}" for bs in args.batch_sizes),
+        "accepted",
+        "KV peak",
+        "FD",
+        "FD change",
+        "class acc",
+    ]
+    print(
+        f"\n{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s; time = seconds per image (generation + "
+        f"decode) relative to the plain sampler of the same model, {args.repeats} interleaved repeats; "
+        f"quality: N={args.n}, seeds {args.seeds}"
+    )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    if args.markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "n": args.n, "seeds": args.seeds, "results": records}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
