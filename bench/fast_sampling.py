@@ -35,8 +35,9 @@ RASTER = {
 }
 NEXT_SCALE = {
     "plain": {},
-    "FastVAR prune 0.5 (2 scales)": {"prune": 0.5},
-    "FastVAR prune 0.75 (2 scales)": {"prune": 0.75},
+    "FastVAR prune 0.25 (7×7 map)": {"prune": 0.25, "prune_scales": 1},
+    "FastVAR prune 0.5 (7×7 map)": {"prune": 0.5, "prune_scales": 1},
+    "FastVAR prune 0.5 (7×7, 5×5 at 0.25)": {"prune": 0.5, "prune_scales": 2},
     "ScaleKV budget 32": {"kv_budget": 32},
     "ScaleKV budget 16": {"kv_budget": 16},
 }
