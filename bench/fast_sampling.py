@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from argen.eval.evaluate import evaluate, reference_sets
 from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
+from argen.eval.report import Point, scatter_svg
 from argen.eval.speed import bench_sampling, matmul_peak_flops
 from argen.pipeline import ARPipeline
 from argen.pretrained import load_pretrained
@@ -44,6 +45,15 @@ NEXT_SCALE = {
 LOSSLESS = {"plain", "SJD, window 8", "MC-SJD, window 16", "draft model, window 4"}
 
 
+def _short(name: str) -> str:
+    """A plot label: 'MC-SJD, window 16' -> 'MC-SJD 16', 'LANTERN (MC-SJD 16, k 8, δ 0.1)' -> 'LANTERN δ 0.1'."""
+    if name.startswith("LANTERN"):
+        return "LANTERN " + name.split(", ")[-1].rstrip(")")
+    if "5×5" in name:
+        return name.split(" (")[0].replace("FastVAR ", "") + " (2 maps)"
+    return name.split(" (")[0].replace(", window", "").replace("FastVAR ", "").replace("ScaleKV budget", "KV")
+
+
 @torch.no_grad()
 def kv_peak(pipe: ARPipeline, sampler: dict, batch: int = 8) -> int | None:
     """Most KV entries (all layers, per row) the next-scale cache holds while decoding (argmax tokens)."""
@@ -66,6 +76,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--markdown", help="also write the table as markdown")
     p.add_argument("--json")
+    p.add_argument("--svg", help="also draw FD against batch-1 time ratio for each model (PATH with {model})")
     p.add_argument("--quick", action="store_true", help="N=100, one seed, 2 repeats: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -144,6 +155,14 @@ def main() -> None:
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         with open(args.markdown, "w") as f:
             f.write("\n".join(lines) + "\n")
+    if args.svg:
+        b1 = args.batch_sizes[0]
+        for model in ("raster", "next-scale"):
+            points = [
+                Point(_short(r["setting"]), r["time_ratio"][b1], *r["fd"]) for r in records if r["model"] == model
+            ]
+            with open(args.svg.format(model=model), "w") as f:
+                f.write(scatter_svg(points, f"time per image at batch {b1}, relative to plain", f"FD ({model})"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "n": args.n, "seeds": args.seeds, "results": records}, f, indent=2)
