@@ -21,6 +21,7 @@ SURFACE = {
         "--device",
         "--classifier",
         "--progressive",
+        "--set",
     },
     "edit": {
         "--image",
@@ -36,6 +37,7 @@ SURFACE = {
         "--top-k",
         "--top-p",
         "--temperature",
+        "--set",
     },
     "train-tokenizer": {"--data", "--preset", "--restart-every"},
     "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--device"},
@@ -58,6 +60,7 @@ SURFACE = {
         "--top-k",
         "--top-p",
         "--temperature",
+        "--set",
     },
     "eval-tokenizer": {"--tokenizer", "--data"},
     "bench": {"--model", "--setting", "--batch-sizes", "--repeats", "--threads", "--train", "--json", "--device"},
@@ -102,6 +105,30 @@ def test_cli_surface_is_frozen():
         if name.startswith("train"):
             expected = expected | TRAIN_FLAGS
         assert options == expected, name
+
+
+def test_sample_takes_any_sampler_field(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    argv = [
+        "sample",
+        "--labels",
+        "3,7",
+        "-n",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "speculative=mc-sjd",
+        "--set",
+        "window=6",
+    ]
+    assert main(argv) == 0
+    data = np.load(out)
+    assert data["images"].shape[0] == 4 and data["images"].dtype == np.uint8 and data["images"].std() > 10
+    with pytest.raises(SystemExit, match="unknown SamplerConfig field"):
+        main(["sample", "--out", str(out), "--set", "speculativ=sjd"])
+    with pytest.raises(SystemExit, match="speculative must be"):
+        main(["sample", "--out", str(out), "--set", "speculative=medusa"])
 
 
 def test_sample_writes_npz_for_evaluation(tmp_path, capsys):

@@ -259,7 +259,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def _sampler_overrides(args: argparse.Namespace) -> dict:
     values = {"cfg_scale": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
-    return {k: v for k, v in values.items() if v is not None}
+    overrides = {**{k: v for k, v in values.items() if v is not None}, **_parse_overrides(args.set or [])}
+    from argen.sampling.decode import SamplerConfig
+
+    try:
+        config_from_dict(SamplerConfig, overrides)  # unknown fields and bad values fail before any work
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--set: {e}") from e
+    return overrides
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -267,6 +274,12 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=V",
+        help="any sampler field, e.g. --set speculative=mc-sjd --set window=16 (repeatable)",
+    )
 
 
 def _classifier_path(name: str) -> Path:
