@@ -119,6 +119,16 @@ def _jacobi_drafts(s: _Progress, k: int, V: int) -> None:
     s.drafts, s.q = s.drafts[:k], s.q[:k]
 
 
+def _next_jacobi_drafts(s: _Progress, p: torch.Tensor, m: int, k: int, config) -> None:
+    """Jacobi: the target's predictions p (k+1, V) for the positions after the m new tokens become the drafts."""
+    fresh = _sample(p[m:], s.g, config.greedy) if m <= k else s.drafts[:0]
+    if config.speculative == "mc-sjd" and m < k and not config.greedy:
+        # Maximal coupling: keep the old draft of a position whenever the new distribution allows it, so drafts
+        # settle instead of being redrawn every pass (each is still distributed as p).
+        fresh[: k - m] = _couple(s.drafts[m:], s.q[m:], p[m:k], s.g)
+    s.q, s.drafts = p[m:], fresh
+
+
 def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, schedule, config, stats) -> None:
     """The draft model proposes each sample's k tokens autoregressively, all samples in one pass per token."""
     device = dstate.tokens.device
@@ -128,21 +138,18 @@ def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, s
         active = [s.n + j if j < k else None for s, k in zip(progress, ks, strict=True)]
         # a pass feeds every position from the first stale cache entry on (two after a fully accepted block)
         span = max((p - s.draft_valid + 1 for s, p in zip(progress, active, strict=True) if p is not None))
-        starts, ends = [], []
+        starts = torch.empty(len(dstate.labels), dtype=torch.long, device=device)
+        at = []  # where each sample's position sits in its block
         for s, p in zip(progress, active, strict=True):
             end = p if p is not None else max(s.draft_valid - 1, 0)  # idle rows rewrite a valid entry
-            start = max(end - span + 1, 0)
-            starts += [start] * len(s.rows)
-            ends.append(end - start)
-        order = [r for s in progress for r in s.rows]
-        starts_t = torch.empty(len(order), dtype=torch.long, device=device)
-        starts_t[order] = torch.tensor(starts, device=device)
-        logits = draft_model.predict_rows(dstate, starts_t, span)
+            starts[s.rows] = max(end - span + 1, 0)
+            at.append(end - max(end - span + 1, 0))
+        logits = draft_model.predict_rows(dstate, starts, span)
         stats.draft_passes += 1
         for i, (s, p) in enumerate(zip(progress, active, strict=True)):
             if p is None:
                 continue
-            dist = _probs(logits[s.rows, ends[i] : ends[i] + 1], range(p, p + 1), L, schedule, config)
+            dist = _probs(logits[s.rows, at[i] : at[i] + 1], range(p, p + 1), L, schedule, config)
             token = _sample(dist, s.g, config.greedy)
             dstate.tokens[s.rows, p] = token
             proposals[i].append(token)
@@ -230,13 +237,7 @@ def generate_speculative(
             m = len(new)
             state.tokens[s.rows, s.n : s.n + m] = new
             if draft_model is None:
-                # Jacobi: the target's predictions for the positions after the new prefix become the next drafts.
-                fresh = _sample(p[m:], s.g, config.greedy) if m <= k else s.drafts[:0]
-                if config.speculative == "mc-sjd" and m < k and not config.greedy:
-                    # Maximal coupling: keep the old draft of a position whenever the new distribution allows it,
-                    # so drafts settle instead of being redrawn every pass (each is still distributed as p).
-                    fresh[: k - m] = _couple(s.drafts[m:], s.q[m:], p[m:k], s.g)
-                s.q, s.drafts = p[m:], fresh
+                _next_jacobi_drafts(s, p, m, k, config)
             else:
                 # draft-cache entries stay valid up to the last accepted draft's successor
                 s.draft_valid = min(s.draft_valid, s.n + m)
