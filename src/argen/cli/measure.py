@@ -1,0 +1,160 @@
+"""`argen eval`, `eval-tokenizer`, `bench`, `report`: measuring quality and speed."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from argen.cli.common import classifier_path, parse_setting, print_table, sampler_overrides
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from argen.eval.evaluate import evaluate, reference_sets, sample_uint8
+    from argen.eval.features import ClassifierFeatures, inception_features
+    from argen.pipeline import ARPipeline
+    from argen.pretrained import atomic_write, load_pretrained
+
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    tc = pipe.tokenizer.config
+    reference, rest = reference_sets(args.data, args.n, tc.image_size, tc.image_channels)
+    classifier = ClassifierFeatures(load_pretrained(classifier_path(args.classifier))) if args.classifier else None
+    if args.features == "inception":
+        try:
+            extractor = inception_features(args.inception_weights)
+        except RuntimeError as e:
+            print(f"skipping Inception FID: {e}", file=sys.stderr)
+            return
+    else:
+        if classifier is None:
+            raise ValueError("--features classifier needs --classifier")
+        extractor = classifier
+    sampler = sampler_overrides(args)
+    report = evaluate(pipe, reference, rest, extractor, args.seeds, classifier, batch_size=args.batch_size, **sampler)
+    print(f"model {args.model}, sampler {report.sampler}")
+    print(
+        f"N = {report.num_samples} generated (class-balanced) vs {report.num_samples} held-out real images, "
+        f"seeds {report.seeds} (mean ± std over seeds)"
+    )
+    print_table(["metric", "value"], [list(r) for r in report.rows()])
+    if args.json:
+        atomic_write(Path(args.json), lambda t: Path(t).write_text(json.dumps(dataclasses.asdict(report), indent=2)))
+    if args.npz:
+        images, labels = sample_uint8(pipe, args.n, args.seeds[0], args.batch_size, **sampler)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)  # the ADM evaluator expects RGB
+        np.savez(args.npz, arr_0=images, labels=labels.numpy().astype(np.int64))
+        print(f"wrote {len(images)} samples to {args.npz} (arr_0: uint8 NHWC, the ADM evaluator layout)")
+
+
+def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset
+    from argen.eval.tokenizer import evaluate_tokenizer
+    from argen.pipeline import resolve
+    from argen.pretrained import load_pretrained
+
+    path = Path(args.tokenizer)
+    folder = path if (path / "config.json").is_file() else resolve(args.tokenizer) / "tokenizer"
+    tokenizer = load_pretrained(folder)
+    data = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
+    r = evaluate_tokenizer(tokenizer, data)
+    print_table(
+        ["metric", "value"],
+        [
+            ["images", r.num_images],
+            ["MSE (pixels in [0, 1])", f"{r.mse:.5f}"],
+            ["PSNR (dB)", f"{r.psnr:.2f}"],
+            ["codebook usage", f"{r.codebook_usage:.3f} of {tokenizer.vocab_size}"],
+            ["codebook perplexity", f"{r.codebook_perplexity:.1f}"],
+        ],
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from argen.eval.speed import bench_sampling, bench_training, matmul_peak_flops
+    from argen.pipeline import ARPipeline
+    from argen.pretrained import atomic_write
+
+    torch.set_num_threads(args.threads)
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    settings = dict(parse_setting(s) for s in (args.setting or ["default"]))
+    peak = matmul_peak_flops()
+    print(
+        f"model {args.model}: {pipe.generator.seq_len} tokens/image; {args.threads} threads; "
+        f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
+    bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(settings), desc="bench", unit="run", leave=False)
+    runs = {name: (pipe, sampler) for name, sampler in settings.items()}
+    results = bench_sampling(runs, args.batch_sizes, args.repeats, peak, bar)
+    bar.close()
+    rows = [
+        [
+            r.setting,
+            r.batch_size,
+            r.nfe,
+            f"{r.seconds_per_image:.4f} ({r.seconds_per_image_min:.4f}-{r.seconds_per_image_max:.4f})",
+            f"{r.images_per_second:.1f}",
+            f"{r.peak_memory_mb:.0f}",
+            f"{r.flops_per_image / 1e9:.3f}",
+            f"{r.peak_ratio:.3f}",
+            "-" if r.acceptance is None else f"{r.acceptance:.3f}",
+        ]
+        for r in results
+    ]
+    header = ["setting", "batch", "NFE", "s/image median (min-max)", "images/s", "peak MB", "GFLOP/image", "of peak"]
+    print_table([*header, "accepted"], rows)
+    base = next(iter(settings))
+    if len(settings) > 1:
+        print(f"\nratios against {base!r}, measured interleaved in this run:")
+        ratio_rows = []
+        for r in results:
+            b = next(x for x in results if x.setting == base and x.batch_size == r.batch_size)
+            if r.setting != base:
+                ratio_rows.append(
+                    [
+                        r.setting,
+                        r.batch_size,
+                        f"{r.nfe / b.nfe:.3f}",
+                        f"{r.seconds_per_image / b.seconds_per_image:.3f}",
+                    ]
+                )
+        print_table(["setting", "batch", "NFE ratio", "time ratio"], ratio_rows)
+    out = {
+        "model": str(args.model),
+        "threads": args.threads,
+        "matmul_peak_flops": peak,
+        "sampling": [dataclasses.asdict(r) for r in results],
+    }
+    if args.train:
+        t = bench_training(pipe, peak=peak)
+        out["training"] = t
+        print(
+            f"\ntraining: {t['tokens_per_second']:,.0f} tokens/s at batch {t['batch_size']} "
+            f"({t['peak_ratio']:.3f} of peak)"
+        )
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2)))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from argen.eval.report_page import build_report
+
+    path = build_report(
+        args.model,
+        Path(args.out),
+        n=args.n,
+        seeds=args.seeds,
+        cfg_values=args.cfg_values,
+        top_k_values=args.top_k_values,
+        classifier=classifier_path(args.classifier),
+        data=args.data,
+        extra_settings=dict(parse_setting(t) for t in args.setting or []),
+    )
+    print(f"wrote {path}")

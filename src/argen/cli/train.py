@@ -1,0 +1,201 @@
+"""`argen train-tokenizer`, `tokenize`, `train`, `train-classifier`: the training commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from argen.cli.common import parse_overrides
+from argen.pretrained import config_from_dict
+
+log = logging.getLogger("argen")
+
+
+def _model_config(presets: dict, name: str, overrides: list[str]):
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    base = dataclasses.asdict(presets[name])
+    try:
+        return config_from_dict(type(presets[name]), {**base, **parse_overrides(overrides)})
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e)) from e
+
+
+def add_train_args(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
+    from argen.train.loop import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--out", required=True, help="run folder: checkpoints, previews, log.jsonl, final/")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (all ranks together)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables EMA")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--preview-every", type=int, default=d.preview_every)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the model preset (repeatable)",
+    )
+
+
+def _train_config(args: argparse.Namespace):
+    from argen.train.loop import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        save_every=args.save_every,
+        preview_every=args.preview_every,
+        num_workers=args.num_workers,
+    )
+
+
+def _tokenizer_presets() -> dict:
+    from argen.tokenizers.multiscale import MULTISCALE_PRESETS
+    from argen.tokenizers.vq import VQ_PRESETS
+
+    return {**VQ_PRESETS, **MULTISCALE_PRESETS}
+
+
+def _generator_presets() -> dict:
+    from argen.models.next_scale import NEXT_SCALE_PRESETS
+    from argen.models.raster import RASTER_PRESETS
+
+    return {**RASTER_PRESETS, **NEXT_SCALE_PRESETS}
+
+
+def _build(config):
+    """A config dataclass -> the component it configures."""
+    from argen.models.next_scale import NextScaleConfig, NextScaleTransformer
+    from argen.models.raster import RasterConfig, RasterTransformer
+    from argen.tokenizers.multiscale import MultiScaleVQ, MultiScaleVQConfig
+    from argen.tokenizers.vq import VQConfig, VQTokenizer
+
+    classes = {
+        VQConfig: VQTokenizer,
+        MultiScaleVQConfig: MultiScaleVQ,
+        RasterConfig: RasterTransformer,
+        NextScaleConfig: NextScaleTransformer,
+    }
+    return classes[type(config)](config)
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset
+    from argen.train.loop import train
+    from argen.train.tasks import TokenizerTask
+
+    config = _model_config(_tokenizer_presets(), args.preset, args.overrides)
+    dataset = load_dataset(args.data, config.image_size, config.image_channels)
+    torch.manual_seed(args.seed)
+    model = _build(config)
+    preview = torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(16, len(dataset)))])
+    result = train(
+        TokenizerTask(model, preview, args.restart_every),
+        dataset,
+        _train_config(args),
+        args.out,
+        resume=args.resume,
+        device=args.device,
+    )
+    if result.output:
+        print(f"tokenizer saved to {result.output} (loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from argen.data.datasets import load_dataset
+    from argen.data.shards import write_shards
+    from argen.pretrained import load_pretrained
+
+    tokenizer = load_pretrained(args.tokenizer).to(args.device)
+    dataset = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
+    out = write_shards(tokenizer, dataset, args.out, batch_size=args.batch_size, hflip=args.hflip)
+    print(f"wrote token shards to {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from argen.data.shards import TokenShards
+    from argen.models.next_scale import NextScaleConfig
+    from argen.pipeline import ARPipeline
+    from argen.pretrained import load_pretrained
+    from argen.train.loop import train
+    from argen.train.tasks import GeneratorTask
+
+    shards = TokenShards(args.tokens)
+    presets = _generator_presets()
+    if args.preset not in presets:
+        raise SystemExit(f"unknown preset {args.preset!r}; choose from {sorted(presets)}")
+    tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
+    overrides = [f"vocab_size={shards.vocab_size}"]
+    if shards.class_names:
+        overrides.append(f"num_classes={len(shards.class_names)}")
+    if isinstance(presets[args.preset], NextScaleConfig):
+        if tokenizer is None:
+            raise ValueError("a next-scale generator trains through its tokenizer: pass --tokenizer")
+        overrides += [f"scales={list(tokenizer.scales)}", f"token_dim={tokenizer.config.z_channels}"]
+    else:
+        overrides.append(f"grid_size={int(round(shards.seq_len**0.5))}")
+    config = _model_config(presets, args.preset, overrides + args.overrides)
+    torch.manual_seed(args.seed)
+    model = _build(config)
+    if hasattr(model, "bind"):
+        model.bind(tokenizer)
+    task = GeneratorTask(model, decode=tokenizer.decode if tokenizer is not None else None)
+    result = train(task, shards, _train_config(args), args.out, resume=args.resume, device=args.device)
+    if result.output:
+        print(f"generator saved to {result.output} (loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
+        if tokenizer is not None:
+            pipe = ARPipeline(tokenizer, load_pretrained(result.output), shards.class_names or None)
+            if hasattr(model, "bind"):  # VAR's ramp: guidance grows over the scales
+                pipe.sampler = dataclasses.replace(pipe.sampler, cfg_schedule="var_ramp")
+            print(f"pipeline saved to {pipe.save_pretrained(Path(args.out) / 'pipeline')}")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from argen.data.datasets import ArrayDataset, load_dataset
+    from argen.eval.classifier import ClassifierConfig, ImageClassifier, accuracy
+    from argen.pretrained import load_pretrained
+    from argen.train.loop import train
+    from argen.train.tasks import ClassifierTask
+
+    config = ClassifierConfig(image_size=args.image_size, image_channels=args.channels)
+    data = load_dataset(args.data, config.image_size, config.image_channels)
+    held = ArrayDataset.of(load_dataset(args.eval_data, config.image_size, config.image_channels))
+    config = dataclasses.replace(config, num_classes=len(data.class_names))
+    torch.manual_seed(args.seed)
+    result = train(
+        ClassifierTask(ImageClassifier(config)),
+        data,
+        _train_config(args),
+        args.out,
+        resume=args.resume,
+        device=args.device,
+    )
+    if result.output:
+        acc = accuracy(load_pretrained(result.output), held.images, held.labels)
+        print(
+            f"classifier saved to {result.output}: accuracy {acc:.4f} on {len(held)} held-out images "
+            f"({args.eval_data})"
+        )
