@@ -67,24 +67,11 @@ def kv_peak(pipe: ARPipeline, sampler: dict, batch: int = 8) -> int | None:
     return state.cache.peak
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--markdown", help="also write the table as markdown")
-    p.add_argument("--json")
-    p.add_argument("--svg", help="also draw FD against batch-1 time ratio for each model (PATH with {model})")
-    p.add_argument("--quick", action="store_true", help="N=100, one seed, 2 repeats: a smoke run")
-    args = p.parse_args()
-    if args.quick:
-        args.n, args.seeds, args.repeats = 100, [0], 2
+def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     peak = matmul_peak_flops()
     features = ClassifierFeatures(load_pretrained(DEFAULT_CLASSIFIER))
-    rows, records = [], []
+    records = []
     for model, settings in (("raster", RASTER), ("next-scale", NEXT_SCALE)):
         pipe = ARPipeline.from_pretrained(model)
         runs = {name: (pipe, sampler) for name, sampler in settings.items()}
@@ -96,56 +83,65 @@ def main() -> None:
         quality = {}
         for name, sampler in tqdm(settings.items(), desc=f"{model} quality", unit="setting"):
             quality[name] = evaluate(pipe, reference, rest, features, args.seeds, features, **sampler)
-        base_fd = quality["plain"].fd.mean
+        plain = {r.batch_size: r for r in speed if r.setting == "plain"}
+        b1 = args.batch_sizes[0]
         for name in settings:
             q = quality[name]
             by_batch = {r.batch_size: r for r in speed if r.setting == name}
-            plain = {r.batch_size: r for r in speed if r.setting == "plain"}
-            b1 = args.batch_sizes[0]
-            record = {
-                "model": model,
-                "setting": name,
-                "sampler": settings[name],
-                "nfe": by_batch[b1].nfe,
-                "nfe_ratio": by_batch[b1].nfe / plain[b1].nfe,
-                "seconds_per_image": {bs: r.seconds_per_image for bs, r in by_batch.items()},
-                "time_ratio": {bs: r.seconds_per_image / plain[bs].seconds_per_image for bs, r in by_batch.items()},
-                "acceptance": by_batch[b1].acceptance,
-                "kv_peak": kv_peak(pipe, settings[name]),
-                "fd": [q.fd.mean, q.fd.std],
-                "fd_change": q.fd.mean / base_fd - 1,
-                "class_accuracy": [q.class_accuracy.mean, q.class_accuracy.std],
-                "lossless": model == "raster" and name in LOSSLESS,
-            }
-            records.append(record)
-            rows.append(
-                [
-                    model,
-                    name,
-                    f"{record['nfe']} ({record['nfe_ratio']:.2f}×)",
-                    *(f"{record['time_ratio'][bs]:.2f}×" for bs in args.batch_sizes),
-                    "-" if record["acceptance"] is None else f"{record['acceptance']:.2f}",
-                    "-" if record["kv_peak"] is None else str(record["kv_peak"]),
-                    f"{q.fd}",
-                    "-" if name == "plain" else f"{100 * record['fd_change']:+.0f} %",
-                    f"{100 * q.class_accuracy.mean:.1f} %",
-                ]
+            records.append(
+                {
+                    "model": model,
+                    "setting": name,
+                    "sampler": settings[name],
+                    "nfe": by_batch[b1].nfe,
+                    "nfe_ratio": by_batch[b1].nfe / plain[b1].nfe,
+                    "seconds_per_image": {bs: r.seconds_per_image for bs, r in by_batch.items()},
+                    "time_ratio": {
+                        bs: r.seconds_per_image / plain[bs].seconds_per_image for bs, r in by_batch.items()
+                    },
+                    "acceptance": by_batch[b1].acceptance,
+                    "kv_peak": kv_peak(pipe, settings[name]),
+                    "fd": [q.fd.mean, q.fd.std],
+                    "fd_change": q.fd.mean / quality["plain"].fd.mean - 1,
+                    "class_accuracy": [q.class_accuracy.mean, q.class_accuracy.std],
+                    "lossless": model == "raster" and name in LOSSLESS,
+                }
             )
-    header = [
-        "model",
-        "setting",
-        "NFE",
-        *(f"time b{bs}" for bs in args.batch_sizes),
-        "accepted",
-        "KV peak",
-        "FD",
-        "FD change",
-        "class acc",
-    ]
+    return {
+        "threads": args.threads,
+        "matmul_peak_flops": peak,
+        "repeats": args.repeats,
+        "batch_sizes": args.batch_sizes,
+        "n": args.n,
+        "seeds": args.seeds,
+        "results": records,
+    }
+
+
+def render(run: dict, args: argparse.Namespace) -> None:
+    """Print the table; write it as markdown and the FD-vs-time plots when asked."""
+    sizes = run["batch_sizes"]
+    header = ["model", "setting", "NFE", *(f"time b{bs}" for bs in sizes), "accepted", "KV peak", "FD"]
+    header += ["FD change", "class acc"]
+    rows = []
+    for r in run["results"]:
+        rows.append(
+            [
+                r["model"],
+                r["setting"],
+                f"{r['nfe']} ({r['nfe_ratio']:.2f}×)",
+                *(f"{r['time_ratio'][str(bs)]:.2f}×" for bs in sizes),
+                "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+                "-" if r["kv_peak"] is None else str(r["kv_peak"]),
+                f"{r['fd'][0]:.4g} ± {r['fd'][1]:.2g}",
+                "-" if r["setting"] == "plain" else f"{100 * r['fd_change']:+.0f} %",
+                f"{100 * r['class_accuracy'][0]:.1f} %",
+            ]
+        )
     print(
-        f"\n{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s; time = seconds per image (generation + "
-        f"decode) relative to the plain sampler of the same model, {args.repeats} interleaved repeats; "
-        f"quality: N={args.n}, seeds {args.seeds}"
+        f"\n{run['threads']} threads, matmul peak {run['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; time = seconds per "
+        f"image (generation + decode) relative to the plain sampler of the same model, {run['repeats']} "
+        f"interleaved repeats; quality: N={run['n']}, seeds {run['seeds']}"
     )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -156,16 +152,44 @@ def main() -> None:
         with open(args.markdown, "w") as f:
             f.write("\n".join(lines) + "\n")
     if args.svg:
-        b1 = args.batch_sizes[0]
+        b1 = str(sizes[0])
         for model in ("raster", "next-scale"):
-            points = [
-                Point(_short(r["setting"]), r["time_ratio"][b1], *r["fd"]) for r in records if r["model"] == model
-            ]
+            results = [r for r in run["results"] if r["model"] == model]
+            # settings far worse than plain would squash the rest: they stay in the table
+            shown = [r for r in results if r["fd_change"] < 0.5]
+            off = ", ".join(_short(r["setting"]) for r in results if r["fd_change"] >= 0.5)
+            points = [Point(_short(r["setting"]), r["time_ratio"][b1], *r["fd"]) for r in shown]
+            x_label = f"seconds per image at batch {b1}, relative to plain" + (
+                f" (off the plot: {off})" if off else ""
+            )
             with open(args.svg.format(model=model), "w") as f:
-                f.write(scatter_svg(points, f"time per image at batch {b1}, relative to plain", f"FD ({model})"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "n": args.n, "seeds": args.seeds, "results": records}, f, indent=2)
+                f.write(scatter_svg(points, x_label, f"FD, {model} (N = {run['n']})", y_from_zero=False))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", help="also write the table as markdown")
+    p.add_argument("--json", help="also save the measurements")
+    p.add_argument("--svg", help="also draw FD against the batch-1 time ratio (a PATH with {model})")
+    p.add_argument("--from-json", help="render a saved run instead of measuring")
+    p.add_argument("--quick", action="store_true", help="N=100, one seed, 2 repeats: a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.n, args.seeds, args.repeats = 100, [0], 2
+    if args.from_json:
+        with open(args.from_json) as f:
+            run = json.load(f)
+    else:
+        run = json.loads(json.dumps(measure(args)))  # batch sizes become string keys, as when loaded
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(run, f, indent=2)
+    render(run, args)
 
 
 if __name__ == "__main__":

@@ -41,15 +41,22 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def scatter_svg(points: list[Point], x_label: str, y_label: str, width: int = 640, height: int = 400) -> str:
-    """A labelled scatter plot with error bars, as an SVG string."""
+def scatter_svg(
+    points: list[Point], x_label: str, y_label: str, width: int = 640, height: int = 400, y_from_zero: bool = True
+) -> str:
+    """A labelled scatter plot with error bars, as an SVG string. `y_from_zero=False` zooms the y axis onto the
+    points (for values that differ by little)."""
     if not points:
         return "<p>no points</p>"
     left, right, top, bottom = 70, 150, 20, 50  # room on the right for the point labels
     xs = [p.x for p in points]
     ys = [p.y - p.y_err for p in points] + [p.y + p.y_err for p in points]
     xt = _nice_ticks(min(0.0, min(xs)), max(xs) * 1.1)
-    yt = _nice_ticks(min(0.0, min(ys)), max(ys) * 1.1)
+    if y_from_zero:
+        yt = _nice_ticks(min(0.0, min(ys)), max(ys) * 1.1)
+    else:
+        margin = 0.1 * (max(ys) - min(ys) or abs(max(ys)) or 1.0)
+        yt = _nice_ticks(min(ys) - margin, max(ys) + margin)
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
 
     def sx(v: float) -> float:
