@@ -18,6 +18,20 @@ def test_scatter_plot_places_points_by_value():
     assert all(70 <= x <= width - 150 and 20 <= y <= 400 - 50 for x, y in circles)
 
 
+def test_zoomed_scatter_plot_spreads_close_values():
+    points = [Point("a", 1.0, 31.0, 0.5), Point("b", 0.8, 33.5, 2.0), Point("c", 1.9, 36.0)]
+    spread, lowest_tick = [], []
+    for svg in (scatter_svg(points, "time", "FD"), scatter_svg(points, "time", "FD", y_from_zero=False)):
+        ys = [float(y) for y in re.findall(r'class="point" cx="[\d.]+" cy="([\d.]+)"', svg)]
+        assert all(20 <= y <= 400 - 50 for y in ys)  # inside the plotting area
+        ticks = [float(t) for t in re.findall(r'text-anchor="end">([\d.]+)</text>', svg)]
+        assert min(ticks) <= 31.0 - 0.5 and max(ticks) >= 36.0  # the axis covers every error bar
+        spread.append(max(ys) - min(ys))
+        lowest_tick.append(min(ticks))
+    assert lowest_tick[0] == 0 and lowest_tick[1] > 20
+    assert spread[1] > 4 * spread[0]
+
+
 def test_page_is_self_contained_and_escapes_text():
     image = Image.new("L", (4, 4), 128)
     page = render_page(

@@ -64,6 +64,12 @@ def shipped():
     return ARPipeline.from_pretrained("next-scale").generator
 
 
+def _two_sequences(gen):
+    """Labels (2,) and seeded random token sequences (2, L) to teacher-force."""
+    g = torch.Generator().manual_seed(0)
+    return torch.tensor([3, 7]), torch.randint(gen.vocab_size, (2, gen.seq_len), generator=g)
+
+
 @torch.no_grad()
 def _teacher_forced_logits(gen, tokens, labels, **options):
     """Scale-by-scale logits with the given tokens fed back, under start(**options)."""
@@ -92,8 +98,7 @@ def test_pruned_block_keeping_every_token_is_the_plain_block(shipped):
 
 @torch.no_grad()
 def test_pruning_ratio_zero_and_full_kv_budget_are_the_baseline(shipped):
-    torch.manual_seed(0)
-    labels, tokens = torch.tensor([3, 7]), torch.randint(shipped.vocab_size, (2, shipped.seq_len))
+    labels, tokens = _two_sequences(shipped)
     base, _ = _teacher_forced_logits(shipped, tokens, labels)
     zero, _ = _teacher_forced_logits(shipped, tokens, labels, prune=0.0, prune_scales=3)
     full, state = _teacher_forced_logits(shipped, tokens, labels, kv_budget=10_000, kv_drafters=0)
@@ -110,8 +115,7 @@ def test_pruning_ratio_zero_and_full_kv_budget_are_the_baseline(shipped):
 
 @torch.no_grad()
 def test_pruning_touches_only_the_largest_scales_and_skips_tokens(shipped):
-    torch.manual_seed(0)
-    labels, tokens = torch.tensor([3, 7]), torch.randint(shipped.vocab_size, (2, shipped.seq_len))
+    labels, tokens = _two_sequences(shipped)
     base, _ = _teacher_forced_logits(shipped, tokens, labels)
     pruned, state = _teacher_forced_logits(shipped, tokens, labels, prune=0.5, prune_scales=2)
     b = shipped.bounds
@@ -128,8 +132,7 @@ def test_pruning_touches_only_the_largest_scales_and_skips_tokens(shipped):
 
 @torch.no_grad()
 def test_kv_budget_caps_refiner_layers(shipped):
-    torch.manual_seed(0)
-    labels, tokens = torch.tensor([3, 7]), torch.randint(shipped.vocab_size, (2, shipped.seq_len))
+    labels, tokens = _two_sequences(shipped)
     base, full = _teacher_forced_logits(shipped, tokens, labels)
     capped, state = _teacher_forced_logits(shipped, tokens, labels, kv_budget=16, kv_drafters=1)
     sizes = sorted(k.shape[2] for k in state.cache.keys)
