@@ -72,7 +72,8 @@ def measure(args: argparse.Namespace) -> dict:
     peak = matmul_peak_flops()
     features = ClassifierFeatures(load_pretrained(DEFAULT_CLASSIFIER))
     records = []
-    for model, settings in (("raster", RASTER), ("next-scale", NEXT_SCALE)):
+    for model in args.models:
+        settings = {"raster": RASTER, "next-scale": NEXT_SCALE}[model]
         pipe = ARPipeline.from_pretrained(model)
         runs = {name: (pipe, sampler) for name, sampler in settings.items()}
         bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(runs), desc=f"{model} speed", unit="run")
@@ -176,7 +177,9 @@ def main() -> None:
     p.add_argument("--markdown", help="also write the table as markdown")
     p.add_argument("--json", help="also save the measurements")
     p.add_argument("--svg", help="also draw FD against the batch-1 time ratio (a PATH with {model})")
+    p.add_argument("--models", nargs="+", choices=["raster", "next-scale"], default=["raster", "next-scale"])
     p.add_argument("--from-json", help="render a saved run instead of measuring")
+    p.add_argument("--update", help="measure --models again and replace their rows in this saved run")
     p.add_argument("--quick", action="store_true", help="N=100, one seed, 2 repeats: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -186,6 +189,13 @@ def main() -> None:
             run = json.load(f)
     else:
         run = json.loads(json.dumps(measure(args)))  # batch sizes become string keys, as when loaded
+        if args.update:
+            with open(args.update) as f:
+                saved = json.load(f)
+            kept = [r for r in saved["results"] if r["model"] not in args.models]
+            run["results"] = sorted(kept + run["results"], key=lambda r: r["model"] != "raster")
+            run["updated_models"] = args.models
+            args.json = args.json or args.update
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(run, f, indent=2)

@@ -103,7 +103,7 @@ def test_pruning_ratio_zero_and_full_kv_budget_are_the_baseline(shipped):
     zero, _ = _teacher_forced_logits(shipped, tokens, labels, prune=0.0, prune_scales=3)
     full, state = _teacher_forced_logits(shipped, tokens, labels, kv_budget=10_000, kv_drafters=0)
     assert torch.equal(zero, base)
-    torch.testing.assert_close(full, base)  # the compression path ran (scores observed) but evicted nothing
+    torch.testing.assert_close(full, base)  # a budget the cache never exceeds: nothing observed, nothing evicted
     assert state.cache.size() == len(shipped.blocks) * shipped.seq_len
     cfg = SamplerConfig(cfg_scale=2.0, cfg_schedule="var_ramp")
     g = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]

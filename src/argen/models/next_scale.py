@@ -76,7 +76,7 @@ class SelfAttention(nn.Module):
             scale = 1.0
         if cache is not None:
             k, v = cache.update(layer, k, v, start)
-            if cache.compressing:
+            if cache.wants_scores(layer):
                 cache.observe(layer, q, k, self.head_dim**-0.5 if scale is None else scale)
         out = attention(q, k, v, mask, scale=scale)  # (B, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(B, T, C))

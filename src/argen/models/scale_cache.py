@@ -32,9 +32,12 @@ class ScaleKVCache:
         self._spread: dict[int, float] = {}
         self.peak = 0  # most entries held at once, summed over layers (per batch row)
 
-    @property
-    def compressing(self) -> bool:
-        return self.budget > 0
+    def wants_scores(self, layer: int) -> bool:
+        """Whether the layer's attention must be observed: it holds more than its budget and is not a drafter
+        (before the first compression every layer is observed, to choose the drafters)."""
+        keys = self.keys[layer]
+        over = self.budget > 0 and keys is not None and keys.shape[2] > self.budget
+        return over and (self.drafters is None or layer not in self.drafters)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, ...]:
         """Append k, v (B, H, T, hd) to the layer's entries; return all of them. `start` (the raster cache's
@@ -61,7 +64,7 @@ class ScaleKVCache:
 
     def compress(self) -> None:
         """After a scale: every refiner layer over budget keeps its `budget` most-attended entries."""
-        if not self.compressing or not self._scores:
+        if not self._scores:
             return
         if self.drafters is None:
             ranked = sorted(self._spread, key=self._spread.get, reverse=True)
