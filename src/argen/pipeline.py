@@ -23,6 +23,7 @@ from PIL import Image
 from argen.data.images import to_pil, to_uint8
 from argen.pretrained import atomic_write, config_from_dict, load_pretrained
 from argen.sampling.decode import KnownTokens, SamplerConfig, decode_steps, generate, seeded_generators
+from argen.sampling.speculative import SpeculativeStats
 
 ASSETS = Path(__file__).parent / "assets"
 # Shipped pipelines by name; "default" is what `argen sample` uses without arguments.
@@ -54,6 +55,7 @@ class PipelineOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor
     labels: torch.Tensor  # (N,)
     tokens: torch.Tensor  # (N, seq_len)
+    speculative: SpeculativeStats | None = None  # target passes, drafts and acceptances (speculative sampling)
 
 
 class ARPipeline:
@@ -146,6 +148,7 @@ class ARPipeline:
         config = dataclasses.replace(self.sampler, **sampler_overrides)
         gens = self._generators(len(labels), generator, seed)
         tokens, images = [], []
+        stats = SpeculativeStats() if config.speculative != "none" else None
         starts = range(0, len(labels), batch_size)
         if progress:
             from tqdm import tqdm
@@ -164,11 +167,13 @@ class ARPipeline:
                 gens[i : i + batch_size],
                 known=part,
                 draft_model=self.draft,
+                stats=stats,
                 codebook=self.codebook if config.relax_k else None,
             )
             tokens.append(ids)
             images.append(self.tokenizer.decode(ids).clamp(-1, 1).cpu())
-        return PipelineOutput(self._format(torch.cat(images), output_type), labels.cpu(), torch.cat(tokens).cpu())
+        images = self._format(torch.cat(images), output_type)
+        return PipelineOutput(images, labels.cpu(), torch.cat(tokens).cpu(), stats)
 
     @property
     def codebook(self) -> torch.Tensor:
