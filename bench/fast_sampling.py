@@ -11,6 +11,7 @@ against the plain sampler of the same model.
 """
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -22,7 +23,6 @@ from argen.eval.report import Point, scatter_svg
 from argen.eval.speed import bench_sampling, matmul_peak_flops
 from argen.pipeline import ARPipeline
 from argen.pretrained import load_pretrained
-from argen.sampling.decode import SamplerConfig
 
 RASTER = {
     "plain": {},
@@ -60,7 +60,7 @@ def kv_peak(pipe: ARPipeline, sampler: dict, batch: int = 8) -> int | None:
     model = pipe.generator
     if not hasattr(model, "start_options"):
         return None
-    config = SamplerConfig(**{**pipe.sampler.__dict__, **sampler})
+    config = dataclasses.replace(pipe.sampler, **sampler)
     state = model.start(torch.arange(batch) % model.num_classes, **config.model_options())
     while not state.done:
         model.advance(state, model.predict(state).argmax(-1))

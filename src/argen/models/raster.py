@@ -148,6 +148,10 @@ class RasterTransformer(nn.Module, Pretrained):
         pos_q = torch.arange(start, start + T, device=x.device)
         pos_k = torch.arange(start + T, device=x.device)
         mask = pos_k[None, :] <= pos_q[:, None]  # (T, start+T) causal
+        return self._layers(x, rope, mask, cache, start)
+
+    def _layers(self, x, rope, mask, cache: KVCache | None, start: int | torch.Tensor) -> torch.Tensor:
+        """The layer stack and head: embedded inputs (B, T, D) -> logits (B, T, V) in float32."""
         h = self.tok_dropout(x)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, cache, i, start)
@@ -159,20 +163,14 @@ class RasterTransformer(nn.Module, Pretrained):
         cache.filled[positions] = True
         pos_k = torch.arange(int(positions.max()) + 1, device=x.device)
         mask = cache.filled[: len(pos_k)][None, :] & (pos_k[None, :] <= positions[:, None])  # (T, S)
-        h = self.tok_dropout(x)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, self.rope[positions], mask, cache, i, positions)
-        return self.output(self.norm(h)).float()
+        return self._layers(x, self.rope[positions], mask, cache, positions)
 
     def _run_rows(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embedded inputs (B, T, D) at per-row positions (B, T) -> logits (B, T, V). Each query sees the cache
         positions up to its own, which the caller keeps valid for its row."""
         pos_k = torch.arange(int(positions.max()) + 1, device=x.device)
         mask = (pos_k[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
-        h = self.tok_dropout(x)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, self.rope[positions], mask, cache, i, positions)
-        return self.output(self.norm(h)).float()
+        return self._layers(x, self.rope[positions], mask, cache, positions)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. ids: (B, T) image tokens, T <= seq_len - 1; labels: (B,). -> (B, T+1, V)."""

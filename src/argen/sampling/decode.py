@@ -5,12 +5,16 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from argen.models.interface import Generator
 from argen.sampling import guidance
 from argen.sampling.logits import check_finite, draw, process
+
+if TYPE_CHECKING:  # speculative imports this module's config at run time
+    from argen.sampling.speculative import SpeculativeStats
 
 
 @dataclass
@@ -122,7 +126,7 @@ def decode_steps(
     if known is not None and (known.tokens.shape != (B, model.seq_len) or known.known.shape != (B, model.seq_len)):
         raise ValueError(f"known tokens and mask must be (B, {model.seq_len}) = ({B}, {model.seq_len})")
     if schedule is not None:
-        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # rows B..2B-1: null class
+        labels = guidance.with_null_rows(labels, model.num_classes)
     options = config.model_options()
     unsupported = sorted(set(options) - set(getattr(model, "start_options", ())))
     if unsupported:
@@ -150,7 +154,7 @@ def generate(
     schedule: guidance.Schedule | None = None,
     known: KnownTokens | None = None,
     draft_model: Generator | None = None,
-    stats=None,
+    stats: SpeculativeStats | None = None,
     codebook: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample token sequences: labels (B,) -> ids (B, seq_len). Arguments as `decode_steps`; with

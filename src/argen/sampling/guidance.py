@@ -37,6 +37,11 @@ def interval(scale: float, cfg_interval: int, num_steps: int) -> Schedule:
 SCHEDULES: dict[str, Callable[[float], Schedule]] = {"constant": constant, "linear": linear, "var_ramp": var_ramp}
 
 
+def with_null_rows(labels: torch.Tensor, null_class: int) -> torch.Tensor:
+    """(B,) labels -> (2B,): the conditional rows, then one unconditional (null-class) row per sample."""
+    return torch.cat([labels, torch.full_like(labels, null_class)])
+
+
 def position_scales(schedule: Schedule, positions, num_steps: int) -> torch.Tensor:
     """(n,) guidance scales for tokens at these step indices (orders that sample several positions at once)."""
     return torch.tensor([schedule(p / max(num_steps - 1, 1)) for p in positions])

@@ -35,7 +35,7 @@ def generate_parallel(
     width = model.config.grid_size
     window = min(window, width)
     B, L = labels.shape[0], model.seq_len
-    rows = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if schedule is not None else labels
+    rows = guidance.with_null_rows(labels, model.num_classes) if schedule is not None else labels
     state = model.start(rows)
     done = [0] * width  # tokens decoded per image row
     while done[-1] < width:

@@ -142,8 +142,9 @@ def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, s
         at = []  # where each sample's position sits in its block
         for s, p in zip(progress, active, strict=True):
             end = p if p is not None else max(s.draft_valid - 1, 0)  # idle rows rewrite a valid entry
-            starts[s.rows] = max(end - span + 1, 0)
-            at.append(end - max(end - span + 1, 0))
+            start = max(end - span + 1, 0)
+            starts[s.rows] = start
+            at.append(end - start)
         logits = draft_model.predict_rows(dstate, starts, span)
         stats.draft_passes += 1
         for i, (s, p) in enumerate(zip(progress, active, strict=True)):
@@ -158,10 +159,6 @@ def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, s
     for s, k, tokens, q in zip(progress, ks, proposals, dists, strict=True):
         s.drafts = torch.cat(tokens) if k else s.drafts[:0]
         s.q = torch.cat(q) if k else s.q[:0]
-
-
-def _rows(labels: torch.Tensor, model: Generator, guided: bool) -> torch.Tensor:
-    return torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
 
 
 @torch.no_grad()
@@ -198,7 +195,7 @@ def generate_speculative(
     stats = stats if stats is not None else SpeculativeStats()
     B, L, V = labels.shape[0], model.seq_len, model.vocab_size
     guided = schedule is not None
-    rows = _rows(labels, model, guided)
+    rows = guidance.with_null_rows(labels, model.num_classes) if guided else labels
     device = rows.device
     window = min(config.window, L - 1)
     state = model.start(rows)
