@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from argen.errors import check_int
 from argen.pretrained import Pretrained, register
 
 
@@ -19,6 +20,11 @@ class ClassifierConfig:
     num_classes: int = 10
     width: int = 32
     feature_dim: int = 128
+
+    def __post_init__(self) -> None:
+        check_int(self, "image_size", minimum=4)  # two 2x poolings
+        for name in ("image_channels", "num_classes", "width", "feature_dim"):
+            check_int(self, name)
 
 
 @register

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from argen.errors import ConfigError, check_int, check_number, check_probability, check_sizes
 from argen.models.interface import DecodeState
 from argen.models.layers import attention, drop_labels
 from argen.models.scale_cache import ScaleKVCache
@@ -39,8 +40,18 @@ class NextScaleConfig:
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing), training only
 
     def __post_init__(self) -> None:
+        check_int(self, "vocab_size", minimum=2)
+        for name in ("num_classes", "token_dim", "depth", "dim", "num_heads"):
+            check_int(self, name)
+        check_sizes(self, "scales")
+        if list(self.scales) != sorted(set(self.scales)):
+            raise ConfigError(f"NextScaleConfig.scales must grow strictly, got {self.scales}")
+        check_number(self, "mlp_ratio", above=0)
+        check_number(self, "norm_eps", above=0)
+        check_probability(self, "class_dropout")
+        check_probability(self, "drop_path")
         if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+            raise ConfigError(f"NextScaleConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
 
     @property
     def seq_len(self) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from argen.errors import ConfigError, check_int, check_number, check_probability
 from argen.models.interface import DecodeState
 from argen.models.kv_cache import KVCache
 from argen.models.layers import FeedForward, RMSNorm, attention, drop_labels, swiglu_hidden_dim
@@ -38,10 +39,26 @@ class RasterConfig:
     ffn_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        check_int(self, "vocab_size", minimum=2)
+        for name in ("num_classes", "grid_size", "dim", "num_layers", "num_heads", "multiple_of"):
+            check_int(self, name)
+        check_int(self, "num_kv_heads", optional=True)
+        check_number(self, "ffn_dim_multiplier", above=0, optional=True)
+        check_number(self, "rope_base", above=0)
+        check_number(self, "norm_eps", above=0)
+        for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout"):
+            check_probability(self, name)
         if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+            raise ConfigError(f"RasterConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if (self.dim // self.num_heads) % 4:
+            raise ConfigError(
+                f"RasterConfig: head width dim / num_heads = {self.dim // self.num_heads} must be a multiple of 4 "
+                "(2D rotary embedding)"
+            )
         if self.num_heads % (self.num_kv_heads or self.num_heads):
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ConfigError(
+                f"RasterConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
 
 
 class Attention(nn.Module):

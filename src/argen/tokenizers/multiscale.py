@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from argen.errors import ConfigError, check_int, check_number, check_sizes
 from argen.pretrained import Pretrained, register
 from argen.tokenizers.convnet import Decoder, Encoder
 from argen.tokenizers.vq import TokenizerOutput
@@ -41,16 +42,25 @@ class MultiScaleVQConfig:
     beta: float = 0.25  # commitment weight
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "image_channels", "z_channels", "num_res_blocks", "quant_conv_kernel"):
+            check_int(self, name)
+        check_int(self, "codebook_size", minimum=2)
+        check_int(self, "ch", minimum=32)
+        if self.ch % 32:
+            raise ConfigError(f"MultiScaleVQConfig.ch={self.ch}: must be a multiple of 32 (GroupNorm uses 32 groups)")
+        check_sizes(self, "ch_mult")
+        check_sizes(self, "scales")
+        check_number(self, "quant_resi", at_least=0, at_most=1)
+        check_number(self, "beta", at_least=0)
         side = self.image_size // 2 ** (len(self.ch_mult) - 1)
         if self.scales[-1] != side:
-            raise ValueError(
+            raise ConfigError(
                 f"the last scale must equal the latent side {side} (image_size {self.image_size} / "
                 f"{2 ** (len(self.ch_mult) - 1)}), got scales {self.scales}"
             )
         if list(self.scales) != sorted(set(self.scales)):
-            raise ValueError(f"scales must grow strictly, got {self.scales}")
-        if self.share_quant_resi < 1:
-            raise ValueError(f"share_quant_resi must be >= 1, got {self.share_quant_resi}")
+            raise ConfigError(f"MultiScaleVQConfig.scales must grow strictly, got {self.scales}")
+        check_int(self, "share_quant_resi")
 
     @property
     def seq_len(self) -> int:

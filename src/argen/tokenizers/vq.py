@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from argen.errors import ConfigError, check_int, check_number, check_sizes
 from argen.pretrained import Pretrained, register
 from argen.tokenizers.convnet import Decoder, Encoder
 
@@ -35,11 +36,23 @@ class VQConfig:
     z_channels: int = 256
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "image_channels", "codebook_embed_dim", "num_res_blocks", "z_channels"):
+            check_int(self, name)
+        check_int(self, "codebook_size", minimum=2)
+        check_int(self, "ch", minimum=32)
+        check_number(self, "commit_loss_beta", at_least=0)
+        check_sizes(self, "encoder_ch_mult")
+        check_sizes(self, "decoder_ch_mult")
+        if len(self.decoder_ch_mult) != len(self.encoder_ch_mult):
+            raise ConfigError(
+                f"VQConfig: decoder_ch_mult {self.decoder_ch_mult} must have as many levels as encoder_ch_mult "
+                f"{self.encoder_ch_mult} (the decoder undoes the encoder's downsampling)"
+            )
         if self.ch % 32:
-            raise ValueError(f"ch={self.ch}: must be a multiple of 32 (GroupNorm uses 32 groups)")
+            raise ConfigError(f"VQConfig.ch={self.ch}: must be a multiple of 32 (GroupNorm uses 32 groups)")
         if self.image_size % self.downsample:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of the downsample factor {self.downsample}"
+            raise ConfigError(
+                f"VQConfig.image_size={self.image_size} is not a multiple of the downsample factor {self.downsample}"
             )
 
     @property
