@@ -17,7 +17,16 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from argen.data.images import IMAGE_EXTENSIONS, ImageError, center_crop_resize, load_image, to_tensor
+from argen.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    center_crop_resize,
+    check_channels,
+    load_image,
+    read_image,
+    to_tensor,
+)
+from argen.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +76,52 @@ class ArrayDataset(Dataset):
         return ArrayDataset.from_tensors(self.images[indices], self.labels[indices], self.class_names)
 
 
+# Training folders: an image with a side under MIN_IMAGE_SIDE px holds too little to upscale into a sample (a
+# 1x1 file becomes a blank square), and one over MAX_TRAINING_PIXELS (4096x4096, 16.7 M pixels; Pillow's own
+# guard only warns below 89 M) costs gigabytes and seconds on every read. Both are skipped and counted, judged
+# from the file's header without decoding it.
+MIN_IMAGE_SIDE = 8
+MAX_TRAINING_PIXELS = 4096 * 4096
+# How each reason a file is skipped reads in the summary line.
+SKIP_REASONS = {
+    "too_small": "too small, side under {min_side} px",
+    "too_large": "too large, over {max_pixels:,} pixels",
+    "decompression_bomb": "decompression bomb",
+    "not_an_image": "not an image",
+    "truncated": "truncated",
+    "corrupt": "corrupt",
+}
+# Per-file warnings shown for each reason; the rest go to the debug log (the summary line counts them all).
+FILES_SHOWN_PER_REASON = 3
+
+
 class ImageFolder(Dataset):
     """`root/<class>/<image>`: class folder names sorted -> labels 0..K-1.
 
-    Every file is decoded once when the dataset is built; files that are not valid images are skipped with a
-    warning and counted per kind in `skipped` (a Counter) — a run never crashes on, or trains on, a bad file.
+    Every file is decoded once when the dataset is built; files that are not usable images (not images,
+    corrupt, truncated, decompression bombs, a side under `min_side`, more than `max_pixels` pixels) are skipped
+    and counted per reason in `skipped` (a Counter), with one summary warning — a run never crashes on, or
+    trains on, a bad file. Kept images smaller than `size` (upscaled) and images whose drawing lives in the
+    alpha channel (composited over black) get one warning each, with a count.
     """
 
-    def __init__(self, root: str | os.PathLike, size: int, channels: int = 3, progress: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        size: int,
+        channels: int = 3,
+        progress: bool = True,
+        min_side: int = MIN_IMAGE_SIDE,
+        max_pixels: int = MAX_TRAINING_PIXELS,
+    ):
+        check_channels(channels)  # before scanning: a bad setting must not be reported as bad files
         self.root, self.size, self.channels = Path(root), size, channels
+        self.min_side, self.max_pixels = min_side, max_pixels
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.class_names = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.class_names:
-            raise ValueError(f"{self.root} has no class sub-folders: expected root/<class>/<image>")
+            raise DataError(f"{self.root} has no class sub-folders: expected root/<class>/<image>")
         candidates = [
             (p, label)
             for label, name in enumerate(self.class_names)
@@ -89,31 +130,61 @@ class ImageFolder(Dataset):
         ]
         self.samples: list[tuple[Path, int]] = []
         self.skipped: Counter[str] = Counter()
+        self.upscaled: Counter[tuple[int, int]] = Counter()  # (width, height) of kept images smaller than `size`
+        self.over_black = 0
         for path, label in tqdm(candidates, desc=f"checking {self.root.name}", disable=not progress, leave=False):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 self._skip(path, "not_an_image", "unknown file extension")
                 continue
             try:
-                load_image(path, channels)
+                image = read_image(path, channels, min_side=min_side, max_pixels=max_pixels)
             except ImageError as e:
-                self._skip(path, e.kind, str(e))
+                self._skip(path, e.kind, e.detail)
                 continue
             self.samples.append((path, label))
-        if self.skipped:
-            summary = ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items()))
-            log.warning(
-                "%s: skipped %d files (%s); %d images kept",
-                self.root,
-                sum(self.skipped.values()),
-                summary,
-                len(self.samples),
-            )
+            self.over_black += image.over_black
+            if min(image.source_size) < size:
+                self.upscaled[image.source_size] += 1
+        self._summarize()
         if not self.samples:
-            raise ValueError(f"{self.root} holds no readable images")
+            raise DataError(f"{self.root} holds no usable images")
 
     def _skip(self, path: Path, kind: str, detail: str) -> None:
         self.skipped[kind] += 1
-        log.warning("skipping %s (%s): %s", path, kind, detail)
+        shown = self.skipped[kind] <= FILES_SHOWN_PER_REASON
+        log.log(logging.WARNING if shown else logging.DEBUG, "skipping %s (%s): %s", path, kind, detail)
+
+    def _summarize(self) -> None:
+        """One warning line per finding, each with its count."""
+        if self.skipped:
+            reasons = "; ".join(
+                f"{SKIP_REASONS.get(kind, kind).format(min_side=self.min_side, max_pixels=self.max_pixels)}: {n}"
+                for kind, n in sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
+            )
+            total = self.skipped.total()
+            kept = len(self.samples)
+            log.warning(
+                "%s: skipped %d of %d files (%s); %d images kept", self.root, total, total + kept, reasons, kept
+            )
+        if self.upscaled:
+            sizes = ", ".join(f"{n} at {w}x{h}" for (w, h), n in self.upscaled.most_common(3))
+            more = "" if len(self.upscaled) <= 3 else f" and {len(self.upscaled) - 3} other sizes"
+            log.warning(
+                "%s: %d of %d images are smaller than image_size %d and are upscaled (%s%s)",
+                self.root,
+                self.upscaled.total(),
+                len(self.samples),
+                self.size,
+                sizes,
+                more,
+            )
+        if self.over_black:
+            log.warning(
+                "%s: %d images keep their drawing in the alpha channel over a light colour that is blank over "
+                "white; they are composited over black instead",
+                self.root,
+                self.over_black,
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -178,9 +249,11 @@ def load_dataset(spec: str, size: int, channels: int | None = None) -> Dataset:
     `mnist` is all 5,000 digits; `mnist:test` a fixed class-balanced 1,000 of them and `mnist:train` the other
     4,000. `fashion-mnist:train`/`:test` are the official splits (plain `fashion-mnist` is the train split).
     """
+    if channels is not None:
+        check_channels(channels)
     name, _, split = spec.partition(":") if spec.split(":")[0] in BUILTIN else (spec, "", "")
     if split and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} in {spec!r}; use one of {SPLITS}")
+        raise ConfigError(f"unknown split {split!r} in {spec!r}; use one of {SPLITS}")
     if name == "mnist":
         pixels, labels = mnist_pixels()
         data = ArrayDataset(pixels, labels, [str(i) for i in range(10)], size)
@@ -192,8 +265,8 @@ def load_dataset(spec: str, size: int, channels: int | None = None) -> Dataset:
         pixels, labels = fashion_mnist_pixels(split or "train")
         return ArrayDataset(pixels, labels, FASHION_CLASSES, size)
     if os.path.isdir(spec):
-        return ImageFolder(spec, size, channels or 3)
-    raise ValueError(f"dataset {spec!r} is neither a built-in ({sorted(BUILTIN)}) nor an existing folder")
+        return ImageFolder(spec, size, 3 if channels is None else channels)
+    raise ConfigError(f"dataset {spec!r} is neither a built-in ({sorted(BUILTIN)}) nor an existing folder")
 
 
 def split_indices(labels: torch.Tensor, held_out_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

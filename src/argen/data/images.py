@@ -2,24 +2,35 @@
 
 Every failure becomes an `ImageError` with a `kind` (so a dataset can count them): Pillow's lazy
 decoding is forced with `load()` so a truncated file fails here instead of giving grey pixels later.
-Pillow's decompression-bomb guard is left on.
+Pillow's decompression-bomb guard is left on; a caller can ask for a much lower pixel cap and a minimum side,
+both checked from the header before any pixel is decoded. The EXIF orientation is applied, so a photo taken
+sideways is read upright.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from argen.errors import ArgenError, ConfigError, DataError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CHANNELS = (1, 3)  # 'L' or 'RGB'
+# A composite spanning fewer grey levels than this (of 255, in every channel) shows nothing.
+BLANK_CONTRAST = 16
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
+    """One file a dataset cannot use; `kind` names the reason so a dataset can count files per reason."""
+
     def __init__(self, path: str | os.PathLike, kind: str, detail: str):
         super().__init__(f"{path}: {kind}: {detail}")
-        self.kind = kind
+        self.kind, self.detail = kind, detail
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -35,24 +46,49 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _composite(img: Image.Image, background: int = 255) -> Image.Image:
-    """Images with transparency are composited over a white background rather than losing alpha."""
+def check_channels(channels: int) -> None:
+    """The one place the channel count is checked: a bad value is the config's fault, never the data's."""
+    if channels not in CHANNELS:
+        raise ConfigError(f"image_channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+
+def _contrast(rgb: Image.Image) -> int:
+    """Largest range of any channel, in grey levels (0..255)."""
+    return int(np.ptp(np.asarray(rgb).reshape(-1, 3), axis=0).max())
+
+
+def _over(img: Image.Image, background: int) -> Image.Image:
+    base = Image.new("RGBA", img.size, (background, background, background, 255))
+    return Image.alpha_composite(base, img).convert("RGB")
+
+
+def _composite(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Images with transparency are composited over a background rather than losing alpha.
+
+    White is the background unless it hides everything while black does not: an image whose colour is one
+    (light) colour and whose drawing lives in the alpha channel (white strokes on transparency, a common icon
+    and glyph format) is composited over black instead. Returns (image, whether black was chosen).
+    """
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "La", "PA", "RGBa"):
         img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        base = Image.new("RGBA", img.size, (background, background, background, 255))
-        return Image.alpha_composite(base, img).convert("RGB")
-    return img
+    if img.mode != "RGBA":
+        return img, False
+    over_white = _over(img, 255)
+    if _contrast(over_white) >= BLANK_CONTRAST:
+        return over_white, False
+    over_black = _over(img, 0)
+    if _contrast(over_black) >= BLANK_CONTRAST:
+        return over_black, True
+    return over_white, False
 
 
-def convert(img: Image.Image, channels: int) -> Image.Image:
-    """Any Pillow mode -> 'L' (channels=1) or 'RGB' (channels=3)."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    img = _composite(_to_8bit(img))
-    return img.convert("L" if channels == 1 else "RGB")  # CMYK, YCbCr, 1-bit: Pillow's own conversions
+def convert(img: Image.Image, channels: int) -> tuple[Image.Image, bool]:
+    """Any Pillow mode -> 'L' (channels=1) or 'RGB' (channels=3), and whether it was composited over black."""
+    check_channels(channels)
+    img, over_black = _composite(_to_8bit(img))
+    return img.convert("L" if channels == 1 else "RGB"), over_black  # CMYK, YCbCr, 1-bit: Pillow's conversions
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
@@ -63,25 +99,61 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return img if side == size else img.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def load_image(path: str | os.PathLike, channels: int, size: int | None = None) -> np.ndarray:
-    """Read, fully decode, convert and (optionally) center-crop/resize. Returns (H, W, C) uint8."""
+@dataclass
+class LoadedImage:
+    pixels: np.ndarray  # (H, W, C) uint8, after any resize
+    source_size: tuple[int, int]  # (width, height) as stored, after the EXIF orientation
+    over_black: bool  # content lived in the alpha channel, so it was composited over black, not white
+
+
+def read_image(
+    path: str | os.PathLike,
+    channels: int,
+    size: int | None = None,
+    min_side: int | None = None,
+    max_pixels: int | None = None,
+) -> LoadedImage:
+    """Read, fully decode, orient (EXIF), convert and (optionally) center-crop/resize.
+
+    `min_side` and `max_pixels` are checked from the header, before decoding: a smaller or larger image raises
+    an `ImageError` of kind "too_small" / "too_large".
+    """
+    check_channels(channels)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files would load as grey; unset it")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # our own, lower cap reports it; Pillow's warning would only repeat it
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if min_side is not None and min(w, h) < min_side:
+                raise ImageError(path, "too_small", f"{w}x{h} has a side under {min_side} px")
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageError(path, "too_large", f"{w}x{h} = {w * h:,} pixels is over the cap of {max_pixels:,}")
             img.load()
-            img = convert(img, channels)
+            img = ImageOps.exif_transpose(img)
+            source_size = img.size
+            img, over_black = convert(img, channels)
     except Image.DecompressionBombError as e:
         raise ImageError(path, "decompression_bomb", str(e)) from e
     except UnidentifiedImageError as e:
         raise ImageError(path, "not_an_image", str(e)) from e
+    except ArgenError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         kind = "truncated" if "truncated" in str(e).lower() or "broken data stream" in str(e).lower() else "corrupt"
         raise ImageError(path, kind, str(e)) from e
     if size is not None:
         img = center_crop_resize(img, size)
     a = np.asarray(img, dtype=np.uint8)
-    return a[..., None] if a.ndim == 2 else a
+    return LoadedImage(a[..., None] if a.ndim == 2 else a, source_size, over_black)
+
+
+def load_image(path: str | os.PathLike, channels: int, size: int | None = None) -> np.ndarray:
+    """`read_image`'s pixels: (H, W, C) uint8."""
+    return read_image(path, channels, size).pixels
 
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
