@@ -4,10 +4,12 @@ sampler settings and lay the results out with `argen.eval.report`."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from argen.data.images import grid
@@ -23,6 +25,45 @@ log = logging.getLogger(__name__)
 
 def setting_name(sampler: dict) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sampler.items()) or "default"
+
+
+# Every string below that comes from outside argen (the model path, class names taken from folder names, setting
+# names) is escaped: a folder named `<img src=x onerror=...>` must show as text, not run in the page.
+def samples_section(
+    model: str, sampler: dict, class_names: list[str], num_images: int, picture: Image.Image
+) -> tuple[str, str]:
+    """The sample grid, one row per class, with what produced it."""
+    classes = html.escape(", ".join(class_names))
+    return (
+        "Samples",
+        f"<p>{html.escape(model)}, default sampler {html.escape(str(sampler))}; one row per class "
+        f"({classes}), seeds 0..{num_images - 1}.</p>"
+        f"<figure><img alt='sample grid' src='{png_data_uri(picture, 3)}'></figure>",
+    )
+
+
+def metrics_section(
+    n: int, seeds: list[int], feature_extractor: str, metric_rows: list[tuple[str, str]]
+) -> tuple[str, str]:
+    """The default sampler's metrics, with the protocol that produced them."""
+    return (
+        "Metrics (default sampler)",
+        f"<p>N = {n} class-balanced samples per seed against {n} held-out real images; seeds {seeds}; "
+        f"features: {html.escape(feature_extractor)}. The real-vs-real floor compares {n} training-split images "
+        "with the same reference set: an FD near it is as good as this N can tell.</p>"
+        + table_html(["metric", "value"], [list(r) for r in metric_rows]),
+    )
+
+
+def speed_section(speed_batch: int, points: list[Point], rows: list[list]) -> tuple[str, str]:
+    """Speed against quality over the sampler settings: the plot and its table."""
+    return (
+        "Speed vs quality",
+        f"<p>x: seconds per image at batch {speed_batch} (median of 3, generation + decode); "
+        "y: FD (mean ± std over seeds). Lower-left is better.</p>"
+        + scatter_svg(points, f"seconds / image (batch {speed_batch})", "Fréchet distance")
+        + table_html(["setting", "NFE", "s/image", "FD", "FD floor", "class accuracy", "precision", "recall"], rows),
+    )
 
 
 def build_report(
@@ -74,28 +115,9 @@ def build_report(
     samples = pipe(labels, seed=0, output_type="pt").images
     picture = grid(samples, rows=pipe.generator.num_classes)
     sections = [
-        (
-            "Samples",
-            f"<p>{model}, default sampler {dataclasses.asdict(pipe.sampler)}; one row per class "
-            f"({', '.join(pipe.class_names)}), seeds 0..{len(labels) - 1}.</p>"
-            f"<figure><img alt='sample grid' src='{png_data_uri(picture, 3)}'></figure>",
-        ),
-        (
-            "Metrics (default sampler)",
-            f"<p>N = {n} class-balanced samples per seed against {n} held-out real images; seeds {seeds}; "
-            f"features: {default.feature_extractor}. The real-vs-real floor compares {n} training-split images with "
-            f"the same reference set: an FD near it is as good as this N can tell.</p>"
-            + table_html(["metric", "value"], [list(r) for r in default.rows()]),
-        ),
-        (
-            "Speed vs quality",
-            f"<p>x: seconds per image at batch {speed_batch} (median of 3, generation + decode); "
-            "y: FD (mean ± std over seeds). Lower-left is better.</p>"
-            + scatter_svg(points, f"seconds / image (batch {speed_batch})", "Fréchet distance")
-            + table_html(
-                ["setting", "NFE", "s/image", "FD", "FD floor", "class accuracy", "precision", "recall"], rows
-            ),
-        ),
+        samples_section(model, dataclasses.asdict(pipe.sampler), pipe.class_names, len(labels), picture),
+        metrics_section(n, seeds, default.feature_extractor, default.rows()),
+        speed_section(speed_batch, points, rows),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     page = render_page(f"argen report: {model}", sections)
