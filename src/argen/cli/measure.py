@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.cli.common import classifier_path, parse_setting, print_table, sampler_overrides
+from argen.cli.common import check_image_count, classifier_path, parse_setting, print_table, sampler_overrides
+from argen.errors import ConfigError
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -20,6 +21,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from argen.pipeline import ARPipeline
     from argen.pretrained import atomic_write, load_pretrained
 
+    check_image_count(len(args.seeds), args.n, what="per seed")
+    sampler = sampler_overrides(args)
     pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
     tc = pipe.tokenizer.config
     reference, rest = reference_sets(args.data, args.n, tc.image_size, tc.image_channels)
@@ -32,9 +35,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             return
     else:
         if classifier is None:
-            raise ValueError("--features classifier needs --classifier")
+            raise ConfigError("--features classifier needs --classifier")
         extractor = classifier
-    sampler = sampler_overrides(args)
     report = evaluate(pipe, reference, rest, extractor, args.seeds, classifier, batch_size=args.batch_size, **sampler)
     print(f"model {args.model}, sampler {report.sampler}")
     print(

@@ -10,39 +10,49 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.cli.common import parse_overrides
+from argen.cli.common import nonnegative_int, parse_overrides, positive_int, run_folder, shipped_sampler
+from argen.errors import ConfigError
 from argen.pretrained import config_from_dict
 
 log = logging.getLogger("argen")
 
 
-def _model_config(presets: dict, name: str, overrides: list[str]):
+def _model_config(presets: dict, name: str, derived: list[str], overrides: list[str]):
+    """The preset `name` with fields derived from the data (`derived`), then the user's --set `overrides`."""
     if name not in presets:
-        raise SystemExit(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        raise ConfigError(f"--preset {name!r} is unknown; choose from {sorted(presets)}")
     base = dataclasses.asdict(presets[name])
     try:
-        return config_from_dict(type(presets[name]), {**base, **parse_overrides(overrides)})
+        fields = {**base, **parse_overrides(derived), **parse_overrides(overrides)}
+        return config_from_dict(type(presets[name]), fields)
     except (ValueError, TypeError) as e:
-        raise SystemExit(str(e)) from e
+        raise ConfigError(f"{'--set' if overrides else f'--preset {name}'}: {e}") from e
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
     from argen.train.loop import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--out", required=True, help="run folder: checkpoints, previews, log.jsonl, final/")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch size (all ranks together)")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument(
+        "--out", type=run_folder, required=True, help="run folder: checkpoints, previews, log.jsonl, final/"
+    )
+    p.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps in all")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help="global batch size (all ranks together)"
+    )
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps to the peak lr")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables EMA")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--preview-every", type=int, default=d.preview_every)
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and data order")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
+    p.add_argument("--preview-every", type=int, default=d.preview_every, help="steps between preview images")
+    p.add_argument("--num-workers", type=nonnegative_int, default=d.num_workers, help="data loader processes")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest complete checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a previous run in --out (deletes its checkpoints)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     p.add_argument(
         "--set",
@@ -50,7 +60,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: 
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a field of the model preset (repeatable)",
+        help="override a field of the model preset, e.g. --set dim=64 (repeatable; default: none)",
     )
 
 
@@ -72,18 +82,28 @@ def _train_config(args: argparse.Namespace):
     )
 
 
-def _tokenizer_presets() -> dict:
+def tokenizer_presets() -> dict:
     from argen.tokenizers.multiscale import MULTISCALE_PRESETS
     from argen.tokenizers.vq import VQ_PRESETS
 
     return {**VQ_PRESETS, **MULTISCALE_PRESETS}
 
 
-def _generator_presets() -> dict:
+def generator_presets() -> dict:
     from argen.models.next_scale import NEXT_SCALE_PRESETS
     from argen.models.raster import RASTER_PRESETS
 
     return {**RASTER_PRESETS, **NEXT_SCALE_PRESETS}
+
+
+def generator_preset_help() -> str:
+    from argen.models.next_scale import NEXT_SCALE_PRESETS
+    from argen.models.raster import RASTER_PRESETS
+
+    return (
+        f"generator order and size: raster ({', '.join(RASTER_PRESETS)}) or next-scale "
+        f"({', '.join(NEXT_SCALE_PRESETS)}; needs --tokenizer); change single fields with --set"
+    )
 
 
 def _build(config):
@@ -107,7 +127,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from argen.train.loop import train
     from argen.train.tasks import TokenizerTask
 
-    config = _model_config(_tokenizer_presets(), args.preset, args.overrides)
+    config = _model_config(tokenizer_presets(), args.preset, [], args.overrides)
     dataset = load_dataset(args.data, config.image_size, config.image_channels)
     torch.manual_seed(args.seed)
     model = _build(config)
@@ -118,6 +138,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
         _train_config(args),
         args.out,
         resume=args.resume,
+        overwrite=args.overwrite,
         device=args.device,
     )
     if result.output:
@@ -144,33 +165,43 @@ def cmd_train(args: argparse.Namespace) -> None:
     from argen.train.tasks import GeneratorTask
 
     shards = TokenShards(args.tokens)
-    presets = _generator_presets()
+    presets = generator_presets()
     if args.preset not in presets:
-        raise SystemExit(f"unknown preset {args.preset!r}; choose from {sorted(presets)}")
+        raise ConfigError(f"--preset {args.preset!r} is unknown; choose from {sorted(presets)}")
     tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
     overrides = [f"vocab_size={shards.vocab_size}"]
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")
-    if isinstance(presets[args.preset], NextScaleConfig):
+    next_scale = isinstance(presets[args.preset], NextScaleConfig)
+    if next_scale:
         if tokenizer is None:
-            raise ValueError("a next-scale generator trains through its tokenizer: pass --tokenizer")
+            raise ConfigError("a next-scale generator trains through its tokenizer: pass --tokenizer")
         overrides += [f"scales={list(tokenizer.scales)}", f"token_dim={tokenizer.config.z_channels}"]
     else:
         overrides.append(f"grid_size={int(round(shards.seq_len**0.5))}")
-    config = _model_config(presets, args.preset, overrides + args.overrides)
+    config = _model_config(presets, args.preset, overrides, args.overrides)
     torch.manual_seed(args.seed)
     model = _build(config)
     if hasattr(model, "bind"):
         model.bind(tokenizer)
     task = GeneratorTask(model, decode=tokenizer.decode if tokenizer is not None else None)
-    result = train(task, shards, _train_config(args), args.out, resume=args.resume, device=args.device)
+    result = train(
+        task, shards, _train_config(args), args.out, resume=args.resume, overwrite=args.overwrite, device=args.device
+    )
     if result.output:
         print(f"generator saved to {result.output} (loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
         if tokenizer is not None:
             pipe = ARPipeline(tokenizer, load_pretrained(result.output), shards.class_names or None)
-            if hasattr(model, "bind"):  # VAR's ramp: guidance grows over the scales
-                pipe.sampler = dataclasses.replace(pipe.sampler, cfg_schedule="var_ramp")
-            print(f"pipeline saved to {pipe.save_pretrained(Path(args.out) / 'pipeline')}")
+            # The order's documented guidance: the shipped model of the same order's (its pipeline.json).
+            order = "next-scale" if next_scale else "raster"
+            shipped = shipped_sampler(order)
+            guidance = {k: shipped[k] for k in ("cfg_scale", "cfg_schedule") if k in shipped}
+            pipe.sampler = dataclasses.replace(pipe.sampler, **guidance)
+            print(
+                f"pipeline saved to {pipe.save_pretrained(Path(args.out) / 'pipeline')} with the shipped {order} "
+                f"model's guidance: cfg {pipe.sampler.cfg_scale} ({pipe.sampler.cfg_schedule} schedule); "
+                "argen sample --cfg overrides it"
+            )
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -191,6 +222,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
         _train_config(args),
         args.out,
         resume=args.resume,
+        overwrite=args.overwrite,
         device=args.device,
     )
     if result.output:
