@@ -89,3 +89,15 @@ def check_sizes(config: object, name: str, minimum: int = 1) -> None:
         raise ConfigError(
             f"{type(config).__name__}.{name} must be a non-empty list of integers >= {minimum}, got {value!r}"
         )
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint folder or one of its files does not exist (still a `FileNotFoundError` for old callers)."""
+
+
+class WrongComponentError(CheckpointError, TypeError):
+    """A checkpoint holds a different kind of component than the caller asked for (a tokenizer, not a generator)."""
+
+
+class NonFiniteCheckpointError(NonFiniteError, CheckpointError):
+    """A checkpoint whose weights hold NaN or infinity: corrupt, or saved by a run that diverged."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from argen.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    NonFiniteCheckpointError,
+    NonFiniteError,
+    WrongComponentError,
+)
+
+# Re-exported: the rest of argen imports its atomic writer from here.
+from argen.storage import atomic_write as atomic_write
+from argen.storage import remove_stray_temp_files as remove_stray_temp_files
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -46,7 +59,7 @@ def config_from_dict(config_cls: type, fields: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+        raise ConfigError(f"unknown {config_cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
     values = {}
     for f in dataclasses.fields(config_cls):
         if f.name in fields:
@@ -56,33 +69,26 @@ def config_from_dict(config_cls: type, fields: dict[str, Any]) -> Any:
     return config_cls(**values)
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary readable files
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def non_finite(tensors: dict[str, torch.Tensor], parameters: Iterable[str]) -> list[str]:
+    """Names of tensors holding NaN, or holding infinity when they are parameters.
+
+    Buffers may hold -inf on purpose (an additive attention mask); NaN is never legitimate anywhere.
+    """
+    parameters = set(parameters)
+    bad = []
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool((torch.isfinite(v) if k in parameters else ~torch.isnan(v)).all()):
+            bad.append(k)
+    return bad
 
 
-def remove_stray_temp_files(folder: Path) -> int:
-    """Delete temp files left by a writer that was killed mid-write; returns how many."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    stray = list(folder.glob(".*.tmp"))
-    for p in stray:
-        p.unlink()
-    return len(stray)
+def describe_non_finite(tensors: dict[str, torch.Tensor], names: list[str]) -> str:
+    """`'w' (12 of 64 values NaN or inf)`, for the first few `names`."""
+    parts = [
+        f"{k!r} ({int((~torch.isfinite(tensors[k])).sum())} of {tensors[k].numel()} values NaN or inf)"
+        for k in names[:3]
+    ]
+    return ", ".join(parts) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def save_pretrained(
@@ -97,6 +103,12 @@ def save_pretrained(
         "config": dataclasses.asdict(model.config),
     }
     state = state_dict if state_dict is not None else model.state_dict()
+    bad = non_finite(state, (n for n, _ in model.named_parameters()))
+    if bad:
+        raise NonFiniteError(
+            f"refusing to write non-finite weights to {directory}: {describe_non_finite(state, bad)}; "
+            "the run diverged (lower the learning rate)"
+        )
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in state.items()
@@ -117,18 +129,22 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     _import_components()
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise CheckpointNotFoundError(f"{path} not found: a checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not an argen config (a JSON {type(config).__name__}, not an object)")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
     if config.get("component_type") not in _REGISTRY:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: component_type {config.get('component_type')!r} is unknown; known: {sorted(_REGISTRY)}"
         )
+    if not isinstance(config.get("config"), dict):
+        raise CheckpointError(f"{path}: 'config' must be an object of constructor fields")
     return config
 
 
@@ -136,30 +152,55 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning a corrupt or truncated file into a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise CheckpointNotFoundError(f"{path} not found")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from e
+        raise CheckpointError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from e
+
+
+def _key_list(keys: list[str]) -> str:
+    return f"({len(keys)}): {keys[:20]}{' ...' if len(keys) > 20 else ''}"
+
+
+def check_state_dict(own: dict[str, torch.Tensor], loaded: dict[str, Any], source: str, target: str) -> None:
+    """CheckpointError listing missing, unexpected and wrongly shaped keys of `loaded` against `own`."""
+    missing = sorted(set(own) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    not_tensors = sorted(k for k in set(own) & set(loaded) if not isinstance(loaded[k], torch.Tensor))
+    wrong = sorted(
+        k for k in set(own) & set(loaded) - set(not_tensors) if tuple(own[k].shape) != tuple(loaded[k].shape)
+    )
+    if not (missing or unexpected or wrong or not_tensors):
+        return
+    lines = [f"{source} does not match {target}:"]
+    if missing:
+        lines.append(f"  missing keys {_key_list(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys {_key_list(unexpected)}")
+    if not_tensors:
+        lines.append(f"  not tensors {_key_list(not_tensors)}")
+    for k in wrong[:20]:
+        lines.append(f"  shape of {k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}")
+    raise CheckpointError("\n".join(lines))
+
+
+def check_finite_loaded(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """NonFiniteCheckpointError naming the tensors of a loaded state that hold NaN or infinity."""
+    bad = non_finite(state_dict, (n for n, _ in model.named_parameters()))
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"{source} holds non-finite weights: {describe_non_finite(state_dict, bad)}; "
+            "it is corrupt or was saved by a diverged run: use an earlier checkpoint"
+        )
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load with no missing or unexpected keys and identical shapes; floats are cast to the model's dtype."""
+    """Load with no missing or unexpected keys, identical shapes and finite values; floats are cast to the
+    model's dtype."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong = sorted(k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not match {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            lines.append(
-                f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
-            )
-        for k in wrong[:20]:
-            lines.append(f"  shape of {k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}")
-        raise ValueError("\n".join(lines))
+    check_state_dict(own, state_dict, source, type(model).__name__)
+    check_finite_loaded(model, state_dict, source)
     cast = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=True)
 
@@ -170,8 +211,13 @@ def load_pretrained(directory: str | os.PathLike, expected_type: type[M] | None 
     config = read_config(directory)
     cls = _REGISTRY[config["component_type"]]
     if expected_type is not None and not issubclass(cls, expected_type):
-        raise TypeError(f"{directory} holds a {config['component_type']!r}, not a {expected_type.component_type!r}")
-    model = cls(config_from_dict(cls.config_class, config["config"]))
+        raise WrongComponentError(
+            f"{directory} holds a {config['component_type']!r}, not a {expected_type.component_type!r}"
+        )
+    try:
+        model = cls(config_from_dict(cls.config_class, config["config"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
     load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     return model.eval()
 

@@ -1,35 +1,124 @@
-"""Training checkpoints for exact resume, written so that a kill at any instant loses nothing.
+"""Training checkpoints for exact resume, written so that a kill, a full disk or a second run loses nothing.
 
 Layout inside a run folder:
     checkpoints/step-00000500/model/   pretrained folder of the raw weights
     checkpoints/step-00000500/ema/     pretrained folder of the EMA weights (if EMA is on)
     checkpoints/step-00000500/trainer_state.pt   optimizer, step, EMA count, task state (tensors + plain types)
     checkpoints/latest                 name of the newest complete checkpoint, replaced atomically last
-Every file is written to a temp file, fsynced and renamed; `latest` moves only after all files exist.
+Every file is written to a temp file, fsynced and renamed. `trainer_state.pt` is written last inside a folder,
+so a folder without it is an interrupted write; one with all files readable is *complete*. Resume takes the
+newest complete checkpoint (`latest` is a pointer for people and tools, not trusted alone), and nothing is
+deleted unless a newer complete checkpoint supersedes it.
 """
 
 from __future__ import annotations
 
+import logging
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from argen.errors import CheckpointError, NonFiniteError
 from argen.pretrained import (
+    CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_write,
+    check_finite_loaded,
+    describe_non_finite,
     load_safetensors,
     load_state_dict_strict,
+    non_finite,
     remove_stray_temp_files,
     save_pretrained,
 )
 
+log = logging.getLogger(__name__)
+
 STATE_NAME = "trainer_state.pt"
+STATE_KEYS = {"step", "skipped", "optimizer", "ema_updates", "task", "config"}
 
 
 def _dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def _step_of(folder: Path) -> int | None:
+    """The step a `step-00000500` folder holds, or None for anything else."""
+    name = folder.name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() and folder.is_dir() else None
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (by step number, not by name)."""
+    root = _dir(run_dir)
+    found = [d for d in root.iterdir() if _step_of(d) is not None] if root.is_dir() else []
+    return sorted(found, key=_step_of)
+
+
+def _readable_weights(folder: Path) -> bool:
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt"):
+            pass  # only the header is read: cheap even for large checkpoints
+    except (SafetensorError, OSError):
+        return False
+    return (folder / CONFIG_NAME).is_file()
+
+
+def is_complete(ckpt: Path) -> bool:
+    """All files present and readable: the weights' headers parse and the trainer state is a whole archive."""
+    state = ckpt / STATE_NAME
+    if not (state.is_file() and zipfile.is_zipfile(state) and _readable_weights(ckpt / "model")):
+        return False
+    return not (ckpt / "ema").exists() or _readable_weights(ckpt / "ema")
+
+
+def newest_complete(run_dir: Path) -> Path | None:
+    return next((d for d in reversed(step_folders(run_dir)) if is_complete(d)), None)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, whatever `latest` says (it may be empty, dangling or stale)."""
+    found = newest_complete(run_dir)
+    pointer = _dir(run_dir) / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    if found is not None and named != found.name:
+        log.warning("%s names %r; the newest complete checkpoint is %s", pointer, named, found.name)
+    return found
+
+
+def has_run(run_dir: Path) -> bool:
+    """Whether `run_dir` already holds the checkpoints or final weights of a run."""
+    return bool(step_folders(run_dir)) or (Path(run_dir) / "final" / WEIGHTS_NAME).is_file()
+
+
+def clean_run_dir(run_dir: Path) -> int:
+    """Remove stray temp files, and checkpoint folders a killed writer left unfinished (no trainer state)
+    that are newer than the newest complete checkpoint. Returns how many things were removed."""
+    root = _dir(run_dir)
+    n = remove_stray_temp_files(Path(run_dir)) + remove_stray_temp_files(root)
+    newest = newest_complete(run_dir)
+    newest_step = _step_of(newest) if newest is not None else -1
+    for d in step_folders(run_dir):
+        for sub in [d, d / "model", d / "ema"]:
+            n += remove_stray_temp_files(sub)
+        if _step_of(d) > newest_step and not (d / STATE_NAME).exists():
+            shutil.rmtree(d)
+            n += 1
+        elif not is_complete(d):
+            # Its trainer state exists but does not read: damage, not an interrupted write. Keep it for a person.
+            log.warning("%s is incomplete or corrupt; it is kept but not resumed from", d)
+    return n
+
+
+def describe_last(run_dir: Path) -> str:
+    """'the last complete checkpoint is X' (or that there is none), for error messages."""
+    last = newest_complete(run_dir)
+    return f"the last complete checkpoint is {last}" if last else "no checkpoint of this run is complete yet"
 
 
 def save_checkpoint(
@@ -40,44 +129,123 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
+    """Write step `step`'s checkpoint, point `latest` at it, then prune what it supersedes (all but `keep`).
+
+    Non-finite weights or optimizer moments are refused before anything is written (NonFiniteError). If a
+    write fails (StorageError), the half-written folder is removed.
+    """
+    _check_finite_to_save(run_dir, step, model, ema_state, trainer_state)
     root = _dir(run_dir)
     ckpt = root / f"step-{step:08d}"
-    save_pretrained(model, ckpt / "model")
-    if ema_state is not None:
-        save_pretrained(model, ckpt / "ema", state_dict=ema_state)
-    atomic_write(ckpt / STATE_NAME, lambda tmp: torch.save(trainer_state, tmp))
+    existed = ckpt.exists()
+    try:
+        save_pretrained(model, ckpt / "model")
+        if ema_state is not None:
+            save_pretrained(model, ckpt / "ema", state_dict=ema_state)
+        atomic_write(ckpt / STATE_NAME, lambda tmp: torch.save(trainer_state, tmp))
+    except BaseException:
+        if not existed:
+            shutil.rmtree(ckpt, ignore_errors=True)  # half a checkpoint is no checkpoint: leave none behind
+        raise
     atomic_write(root / "latest", lambda tmp: Path(tmp).write_text(ckpt.name))
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(run_dir, step, keep)
     return ckpt
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = _dir(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    ckpt = _dir(run_dir) / pointer.read_text().strip()
-    return ckpt if (ckpt / STATE_NAME).is_file() else None
+def _check_finite_to_save(
+    run_dir: Path, step: int, model: torch.nn.Module, ema_state: dict | None, trainer_state: dict[str, Any]
+) -> None:
+    parameters = [n for n, _ in model.named_parameters()]
+    problems = []
+    for what, tensors in [("weights", model.state_dict()), ("EMA weights", ema_state or {})]:
+        bad = non_finite(tensors, parameters)
+        if bad:
+            problems.append(f"{what} {describe_non_finite(tensors, bad)}")
+    moments = {
+        f"optimizer state {key} of parameter #{i}": v
+        for i, per_param in trainer_state.get("optimizer", {}).get("state", {}).items()
+        for key, v in per_param.items()
+        if isinstance(v, torch.Tensor)
+    }
+    bad = non_finite(moments, moments)
+    if bad:
+        problems.append(describe_non_finite(moments, bad))
+    if problems:
+        raise NonFiniteError(
+            f"step {step}: the run diverged, not saving non-finite {'; '.join(problems)}; "
+            f"{describe_last(run_dir)}; lower the learning rate and resume from it"
+        )
 
 
-def clean_run_dir(run_dir: Path) -> int:
-    """Remove stray temp files and checkpoint folders a killed writer left unfinished."""
-    root = _dir(run_dir)
-    n = remove_stray_temp_files(Path(run_dir)) + remove_stray_temp_files(root)
-    current = latest_checkpoint(run_dir)
-    for d in root.glob("step-*") if root.is_dir() else []:
-        for sub in [d, d / "model", d / "ema"]:
-            n += remove_stray_temp_files(sub)
-        if current is None or d.name > current.name:
-            shutil.rmtree(d, ignore_errors=True)  # newer than the pointer: never completed
-            n += 1
-    return n
+def _prune(run_dir: Path, step: int, keep: int) -> None:
+    """Remove checkpoints older than `step` beyond the newest `keep - 1` of them; never a newer one."""
+    older = [d for d in step_folders(run_dir) if _step_of(d) < step]
+    for old in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_trainer_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; resume from another one")
+    try:
+        # Plain tensors, numbers and dicts only: never unpickle arbitrary objects.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises retrying with weights_only=False, i.e. running the file's code: never repeat it.
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values (possibly code); refusing to load it. "
+            "Delete this checkpoint folder, or resume from one this run wrote"
+        ) from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated; delete this checkpoint folder") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a training state (a {type(state).__name__}, not a dict)")
+    missing, unexpected = sorted(STATE_KEYS - set(state)), sorted(set(state) - STATE_KEYS)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match this trainer: missing keys {missing}, unexpected {unexpected}")
+    return state
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict | None]:
-    """Load raw weights into `model`; return (trainer_state, ema_state or None)."""
+    """Load raw weights into `model` strictly; return (trainer_state, ema_state or None).
+
+    Every part is checked before it is used: keys and shapes of the weights, finite values, and a trainer
+    state made of plain values only. The EMA state is returned unchecked against the model: `EMA` checks it.
+    """
+    ckpt = Path(ckpt)
+    state = _load_trainer_state(ckpt / STATE_NAME)
     load_state_dict_strict(model, load_safetensors(ckpt / "model" / WEIGHTS_NAME), str(ckpt / "model"))
-    ema = load_safetensors(ckpt / "ema" / WEIGHTS_NAME) if (ckpt / "ema").is_dir() else None
-    # Plain tensors, numbers and dicts only: never unpickle arbitrary objects.
-    state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
+    ema = None
+    if (ckpt / "ema").is_dir():
+        ema = load_safetensors(ckpt / "ema" / WEIGHTS_NAME)
+        check_finite_loaded(model, ema, str(ckpt / "ema"))
     return state, ema
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, model: torch.nn.Module, source: str) -> None:
+    """Load an optimizer state strictly: the same parameter groups, per-parameter state shaped like its
+    parameter, finite moments. torch itself checks only the group sizes and fails later on a shrunk moment."""
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        raise CheckpointError(f"{source}: 'optimizer' is not an optimizer state (expected keys state, param_groups)")
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g.get("params", ())) for g in saved["param_groups"]]
+    if ours != theirs:
+        raise CheckpointError(f"{source}: optimizer parameter groups of sizes {theirs}; this model needs {ours}")
+    index = [i for g in saved["param_groups"] for i in g["params"]]
+    problems = [f"unexpected parameter index {i}" for i in sorted(set(saved["state"]) - set(index), key=str)]
+    for i, p in zip(index, params, strict=True):
+        for key, v in saved["state"].get(i, {}).items():
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue  # the step count
+            if tuple(v.shape) != tuple(p.shape):
+                problems.append(f"{names[id(p)]}.{key}: shape {tuple(v.shape)} vs parameter {tuple(p.shape)}")
+            elif not bool(torch.isfinite(v).all()):
+                problems.append(f"{names[id(p)]}.{key}: NaN or inf values")
+    if problems:
+        raise CheckpointError(f"{source}: the optimizer state does not match the model: {'; '.join(problems[:5])}")
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: the optimizer state does not load: {e}") from e

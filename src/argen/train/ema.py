@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from argen.errors import CheckpointError
+from argen.pretrained import check_state_dict
+
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
@@ -30,7 +33,11 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int, source: str = "EMA state") -> None:
+        """Strict, like model loading: the same keys and shapes, else a CheckpointError listing them."""
+        check_state_dict(self.shadow, state, source, "the EMA of this model")
+        if not isinstance(updates, int) or updates < 0:
+            raise CheckpointError(f"{source}: the EMA update count must be an integer >= 0, got {updates!r}")
         for k, v in state.items():
             self.shadow[k].copy_(v)
         self.updates = updates

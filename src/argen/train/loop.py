@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from argen.errors import CheckpointError, ConfigError, NonFiniteError, StorageError
 from argen.pretrained import atomic_write, save_pretrained
+from argen.storage import append_line
 from argen.train import checkpoint
 from argen.train.distributed import DistInfo, all_true, barrier, cleanup, setup
 from argen.train.ema import EMA
@@ -49,8 +53,50 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        # (field, lowest, highest, whether the bounds are open); every number must also be finite.
+        ranges = [
+            ("steps", 1, None, False),
+            ("batch_size", 1, None, False),
+            ("lr", 0, None, True),
+            ("weight_decay", 0, None, False),
+            ("warmup_steps", 0, None, False),
+            ("min_lr_ratio", 0, 1, False),
+            ("grad_clip", 0, None, False),
+            ("ema_decay", 0, 1, False),
+            ("seed", 0, None, False),
+            ("save_every", 0, None, False),
+            ("preview_every", 0, None, False),
+            ("log_every", 1, None, False),
+            ("max_bad_steps", 1, None, False),
+            ("num_workers", 0, None, False),
+        ]
+        for name, low, high, open_low in ranges:
+            _check_number(name, getattr(self, name), low, high, open_low)
+        if self.ema_decay >= 1:
+            raise ConfigError(f"training config: ema_decay must be < 1 (0 disables EMA), got {self.ema_decay}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"training config: betas must be two numbers, got {self.betas!r}")
+        for beta in self.betas:
+            _check_number("betas", beta, 0, 1, False)
+            if beta >= 1:
+                raise ConfigError(f"training config: each of betas must be < 1, got {self.betas!r}")
+
+
+_INT_FIELDS = {"steps", "batch_size", "warmup_steps", "seed", "save_every", "preview_every", "log_every"}
+_INT_FIELDS |= {"max_bad_steps", "num_workers"}
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None, open_low: bool) -> None:
+    """ConfigError naming `name` unless `value` is a finite number (an int where counts are meant) in range."""
+    kind = int if name in _INT_FIELDS else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"training config: {name} must be {what}, got {value!r}")
+    bound = f"> {low}" if open_low else f">= {low}"
+    if high is not None:
+        bound += f" and <= {high}"
+    if not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value > high):
+        raise ConfigError(f"training config: {name} must be a finite number {bound}, got {value}")
 
 
 class Task(Protocol):
@@ -112,46 +158,130 @@ def train(
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train `task.model` on `dataset`; writes checkpoints, previews, `log.jsonl` and `final/` into run_dir."""
+    """Train `task.model` on `dataset`; writes checkpoints, previews, `log.jsonl` and `final/` into run_dir.
+
+    A run folder that already holds a run is continued with `resume`, replaced with `overwrite`, and otherwise
+    refused (ConfigError): a second run must never prune the first one's checkpoints.
+    """
     run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite contradict each other: choose one")
+    if not (resume or overwrite) and checkpoint.has_run(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds a training run ({_describe_run(run_dir)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out folder"
+        )
     info = setup(device)
     try:
-        return _train(task, dataset, config, run_dir, resume, info, progress)
+        return _train(task, dataset, config, run_dir, resume, overwrite, info, progress)
+    except StorageError as e:
+        # What a person needs next: which checkpoint survived to resume from once there is space again.
+        raise StorageError(f"{e}; {checkpoint.describe_last(run_dir)}") from e
     finally:
         cleanup(info)
 
 
+def _describe_run(run_dir: Path) -> str:
+    folders = checkpoint.step_folders(run_dir)
+    return f"checkpoints up to {folders[-1].name}" if folders else "final weights"
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, overwrite: bool) -> None:
+    """On the main rank: replace a previous run if asked, drop leftovers of interrupted writes, save the config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and checkpoint.has_run(run_dir):
+        log.warning("--overwrite: deleting the previous run in %s (%s)", run_dir, _describe_run(run_dir))
+        for name in ("checkpoints", "final", "previews"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    cleaned = checkpoint.clean_run_dir(run_dir)
+    if cleaned:
+        log.info("removed %d leftovers of an interrupted write in %s", cleaned, run_dir)
+    atomic_write(run_dir / "train_config.json", lambda t: Path(t).write_text(json.dumps(asdict(config), indent=2)))
+
+
+def _resume(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, task: Task, config: TrainConfig
+) -> tuple[int, int]:
+    """Load the newest complete checkpoint strictly into model, optimizer, EMA and task; returns (step, skipped)."""
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    if ckpt is None:
+        log.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir)
+        return 0, 0
+    state, ema_state = checkpoint.load_checkpoint(ckpt, model)
+    source = str(ckpt / checkpoint.STATE_NAME)
+    differs = _config_difference(state["config"], _comparable(config))
+    if differs:
+        raise CheckpointError(
+            f"cannot resume {ckpt}: its training config differs in {differs}; "
+            "train with the checkpoint's settings, or into another --out folder"
+        )
+    checkpoint.load_optimizer_state(optimizer, state["optimizer"], model, source)
+    if (ema is None) != (ema_state is None):
+        raise CheckpointError(
+            f"{ckpt}: {'no' if ema_state is None else 'an'} ema/ folder, but EMA is {'on' if ema else 'off'}"
+        )
+    if ema is not None:
+        ema.load_state_dict(ema_state, state["ema_updates"], str(ckpt / "ema"))
+    try:
+        task.load_state_dict(state["task"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{source}: the task state does not match this task ({type(e).__name__}: {e})") from e
+    if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("step", "skipped")):
+        raise CheckpointError(
+            f"{source}: step and skipped must be integers >= 0, got {state['step']!r}, {state['skipped']!r}"
+        )
+    log.info("resumed from %s at step %d", ckpt, state["step"])
+    return state["step"], state["skipped"]
+
+
+def _config_difference(saved: Any, now: dict[str, Any]) -> str:
+    """'lr (checkpoint 0.0003, now 1.0), ...' for the fields that differ; empty if none."""
+    if not isinstance(saved, dict):
+        return f"every field (the checkpoint holds {type(saved).__name__})"
+    keys = sorted(set(saved) | set(now))
+    return ", ".join(
+        f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in keys if saved.get(k) != now.get(k)
+    )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only records up to `step` (the resumed one): the steps after it are trained again and re-logged.
+    A torn last line (a killed writer) is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
 def _train(
-    task: Task, dataset: Dataset, config: TrainConfig, run_dir: Path, resume: bool, info: DistInfo, progress: bool
+    task: Task,
+    dataset: Dataset,
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    info: DistInfo,
+    progress: bool,
 ) -> TrainResult:
     model = task.model.to(info.device)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cleaned = checkpoint.clean_run_dir(run_dir)
-        if cleaned:
-            log.info("removed %d leftovers of an interrupted write in %s", cleaned, run_dir)
-        atomic_write(run_dir / "train_config.json", lambda t: Path(t).write_text(json.dumps(asdict(config), indent=2)))
+        _prepare_run_dir(run_dir, config, overwrite)
     barrier(info)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    start, bad_in_row, skipped = 0, 0, 0
-    if resume:
-        ckpt = checkpoint.latest_checkpoint(run_dir)
-        if ckpt is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
-        else:
-            state, ema_state = checkpoint.load_checkpoint(ckpt, model)
-            if state["config"] != _comparable(config):
-                raise ValueError(
-                    f"cannot resume {ckpt}: its training config differs: {state['config']} vs {asdict(config)}"
-                )
-            optimizer.load_state_dict(state["optimizer"])
-            if ema is not None and ema_state is not None:
-                ema.load_state_dict(ema_state, state["ema_updates"])
-            task.load_state_dict(state["task"])
-            start, skipped = state["step"], state["skipped"]
-            log.info("resumed from %s at step %d", ckpt, start)
+    bad_in_row = 0
+    start, skipped = _resume(run_dir, model, optimizer, ema, task, config) if resume else (0, 0)
+    if info.is_main:
+        _truncate_log(run_dir / "log.jsonl", start)
     module = DistributedDataParallel(model) if info.world_size > 1 else model
 
     sampler = StepBatches(
@@ -182,9 +312,9 @@ def _train(
             bad_in_row, skipped = bad_in_row + 1, skipped + 1
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
             if bad_in_row >= config.max_bad_steps:
-                raise RuntimeError(
+                raise NonFiniteError(
                     f"{bad_in_row} non-finite steps in a row at step {step}: aborting; lower the "
-                    f"learning rate or check the data (last good checkpoint is in {run_dir})"
+                    f"learning rate or check the data ({checkpoint.describe_last(run_dir)})"
                 )
         else:
             optimizer.step()
@@ -201,8 +331,7 @@ def _train(
         done = step + 1
         if info.is_main and (done % config.log_every == 0 or done == config.steps):
             record = {"step": done, "loss": last_loss, "lr": lr, f"{task.unit}_per_s": rate, "skipped": skipped}
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(run_dir / "log.jsonl", json.dumps(record))
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
             if info.is_main:
                 state = {
