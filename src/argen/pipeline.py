@@ -9,7 +9,6 @@ A pipeline folder holds `tokenizer/` and `generator/` (pretrained folders) and `
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -21,8 +20,11 @@ import torch
 from PIL import Image
 
 from argen.data.images import to_pil, to_uint8
-from argen.pretrained import atomic_write, config_from_dict, load_pretrained
-from argen.sampling.decode import KnownTokens, SamplerConfig, decode_steps, generate, seeded_generators
+from argen.models.interface import Condition
+from argen.pretrained import atomic_write, load_pretrained
+from argen.sampling.config import SamplerConfig, Speculative
+from argen.sampling.decode import decode_steps, generate, seeded_generators
+from argen.sampling.positions import KnownTokens
 from argen.sampling.speculative import SpeculativeStats
 
 ASSETS = Path(__file__).parent / "assets"
@@ -73,12 +75,13 @@ class ARPipeline:
             )
         if tokenizer.seq_len != generator.seq_len:
             raise ValueError(f"tokenizer makes {tokenizer.seq_len} tokens, generator expects {generator.seq_len}")
-        if hasattr(generator, "bind"):  # next-scale generators read their inputs through the tokenizer
+        if generator.order.reads_tokenizer:  # next-scale generators read their inputs through the tokenizer
             generator.bind(tokenizer)
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         self.class_names = class_names or [str(i) for i in range(generator.num_classes)]
-        self.sampler = sampler or SamplerConfig()
+        self.sampler = sampler or SamplerConfig.from_flat(dict(generator.order.default_sampler))
+        self.sampler.options_for(generator.order.options_class)  # an option this order lacks fails here
         # Optional small generator of the same order, the drafter of speculative="draft".
         self.draft = draft.eval() if draft is not None else None
 
@@ -86,7 +89,7 @@ class ARPipeline:
     def from_pretrained(cls, name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu"):
         path = resolve(name_or_path)
         meta = json.loads((path / PIPELINE_NAME).read_text()) if (path / PIPELINE_NAME).is_file() else {}
-        sampler = config_from_dict(SamplerConfig, meta.get("sampler", {}))
+        sampler = SamplerConfig.from_flat(meta.get("sampler", {}))
         tokenizer = load_pretrained(path / "tokenizer").to(device)
         generator = load_pretrained(path / "generator").to(device)
         draft = load_pretrained(path / "draft").to(device) if (path / "draft").is_dir() else None
@@ -99,7 +102,7 @@ class ARPipeline:
         self.generator.save_pretrained(directory / "generator", dtype=dtype)
         if self.draft is not None:
             self.draft.save_pretrained(directory / "draft", dtype=dtype)
-        meta = {"class_names": self.class_names, "sampler": dataclasses.asdict(self.sampler)}
+        meta = {"class_names": self.class_names, "sampler": self.sampler.flat()}
         atomic_write(directory / PIPELINE_NAME, lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
         return directory
 
@@ -141,14 +144,15 @@ class ARPipeline:
         generator: one torch.Generator per image, or a single one from which per-image seeds are drawn;
         seed: image i uses seed + i (so a seed gives the same image whatever the batch size).
         known: tokens to teacher-force instead of sampling (see `edit`).
-        sampler_overrides: any SamplerConfig field (cfg_scale, top_k, top_p, temperature, ...).
+        sampler_overrides: any flat sampler field (cfg_scale, top_k, speculative, window, prune, ...).
         output_type: "pil", "np" ((N, H, W, C) uint8) or "pt" ((N, C, H, W) in [-1, 1]).
         """
         labels = self.label_ids(labels)
-        config = dataclasses.replace(self.sampler, **sampler_overrides)
+        config = self.config(**sampler_overrides)
         gens = self._generators(len(labels), generator, seed)
         tokens, images = [], []
-        stats = SpeculativeStats() if config.speculative != "none" else None
+        speculative = isinstance(config.acceleration, Speculative)
+        stats = SpeculativeStats() if speculative else None
         starts = range(0, len(labels), batch_size)
         if progress:
             from tqdm import tqdm
@@ -162,13 +166,13 @@ class ARPipeline:
             )
             ids = generate(
                 self.generator,
-                labels[i : i + batch_size],
+                Condition.classes(labels[i : i + batch_size]),
                 config,
                 gens[i : i + batch_size],
                 known=part,
                 draft_model=self.draft,
                 stats=stats,
-                codebook=self.codebook if config.relax_k else None,
+                codebook=self.codebook if speculative and config.acceleration.relax_k else None,
             )
             tokens.append(ids)
             images.append(self.tokenizer.decode(ids).clamp(-1, 1).cpu())
@@ -208,13 +212,18 @@ class ARPipeline:
         self, labels: list[int | str] | torch.Tensor, seed: int | None = None, **sampler_overrides
     ) -> Iterator[torch.Tensor]:
         """Yield the decoded images (B, C, H, W) in [-1, 1] after every step: coarse to fine for next-scale
-        models (a preview per scale)."""
-        if not hasattr(self.tokenizer, "decode_prefix"):
-            raise ValueError("progressive previews need a next-scale (multi-scale tokenizer) pipeline")
+        models (a preview per scale), a partial canvas for orders that fill positions (what is known so far)."""
         labels = self.label_ids(labels)
-        config = dataclasses.replace(self.sampler, **sampler_overrides)
-        for step in decode_steps(self.generator, labels, config, self._generators(len(labels), None, seed)):
-            yield self.tokenizer.decode_prefix(step.tokens, step.step).cpu()
+        config = self.config(**sampler_overrides)
+        gens = self._generators(len(labels), None, seed)
+        for step in decode_steps(self.generator, Condition.classes(labels), config, gens):
+            yield self.tokenizer.decode_partial(step.tokens, step.filled).clamp(-1, 1).cpu()
+
+    def config(self, **sampler_overrides) -> SamplerConfig:
+        """The pipeline's sampler defaults with flat overrides, checked against the generator's order."""
+        config = self.sampler.with_overrides(**sampler_overrides)
+        config.options_for(self.generator.order.options_class)
+        return config
 
     @staticmethod
     def _format(pixels: torch.Tensor, output_type: str):

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from argen.convert.var import load_transformer, load_vqvae, transformer_config
-from argen.sampling.decode import SamplerConfig, generate
+from argen.models.next_scale import NextScaleOptions
+from argen.sampling.config import SamplerConfig
+from argen.sampling.decode import generate
 from tests.conftest import PARITY, assert_close_ref
 from tests.tokenizers.test_multiscale import FIXTURE
 
@@ -31,8 +33,9 @@ def test_kv_cached_scale_by_scale_equals_teacher_forcing(official, var_fixture):
     state = gen.start(ref["tf_label"])
     rows = []
     for s in range(4):
-        rows.append(gen.predict(state))
-        gen.advance(state, ref[f"tok_idx_s{s}"])
+        prediction = gen.predict(state)
+        rows.append(prediction.logits)
+        gen.advance(state, prediction.positions, ref[f"tok_idx_s{s}"])
     logits = torch.cat(rows, dim=1)
     assert_close_ref(logits[:, :5], "kv_tf_logits_first2scales", ref, meta)
     assert_close_ref(logits, "tf_logits", ref, meta)  # all 30 rows, not only the two stored scales
@@ -42,7 +45,8 @@ def test_kv_cached_scale_by_scale_equals_teacher_forcing(official, var_fixture):
 def test_greedy_guided_sampling_parity(official, var_fixture):
     gen, vq = official
     _, ref, meta, _ = var_fixture
-    ids = generate(gen, ref["greedy_label"], SamplerConfig(cfg_scale=4.0, cfg_schedule="var_ramp", greedy=True))
+    # VAR's cfg=4 is guidance scale 5 in argen's one convention (scale 1 = no guidance for every schedule)
+    ids = generate(gen, ref["greedy_label"], SamplerConfig(cfg_scale=5.0, cfg_schedule="var_ramp", greedy=True))
     assert_close_ref(ids, "greedy_idx", ref, meta)
     f_hat = vq.quantize.ids_to_fhat(vq.split(ids), 4)
     assert_close_ref(f_hat, "greedy_fhat", ref, meta)
@@ -73,12 +77,12 @@ def _two_sequences(gen):
 @torch.no_grad()
 def _teacher_forced_logits(gen, tokens, labels, **options):
     """Scale-by-scale logits with the given tokens fed back, under start(**options)."""
-    state = gen.start(labels, **options)
+    state = gen.start(labels, NextScaleOptions(**options))
     rows = []
     while not state.done:
-        rows.append(gen.predict(state))
-        a, b = state.span
-        gen.advance(state, tokens[:, a:b])
+        prediction = gen.predict(state)
+        rows.append(prediction.logits)
+        gen.advance(state, prediction.positions, tokens.gather(1, prediction.positions))
     return torch.cat(rows, dim=1), state
 
 
@@ -87,7 +91,8 @@ def test_pruned_block_keeping_every_token_is_the_plain_block(shipped):
     gen = shipped
     state = gen.start(torch.tensor([1, 2]))
     for _ in range(4):  # reach scale 4 so that the previous scale's block outputs exist
-        gen.advance(state, gen.predict(state).argmax(-1))
+        prediction = gen.predict(state)
+        gen.advance(state, prediction.positions, prediction.logits.argmax(-1))
     x = torch.randn(2, 25, gen.config.dim)
     block, previous = gen.blocks[2], state.extra["layer_out"][2]
     cache_a, cache_b = gen.start(torch.tensor([1, 2])).cache, gen.start(torch.tensor([1, 2])).cache
@@ -109,7 +114,8 @@ def test_pruning_ratio_zero_and_full_kv_budget_are_the_baseline(shipped):
     g = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
     plain = generate(shipped, labels, cfg, g)
     g = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
-    same = generate(shipped, labels, SamplerConfig(cfg_scale=2.0, cfg_schedule="var_ramp", kv_budget=10_000), g)
+    budget = SamplerConfig.from_flat({"cfg_scale": 2.0, "cfg_schedule": "var_ramp", "kv_budget": 10_000})
+    same = generate(shipped, labels, budget, g)
     assert torch.equal(plain, same)
 
 
@@ -146,7 +152,7 @@ def test_kv_budget_caps_refiner_layers(shipped):
 def test_generator_options_are_checked():
     from tests.conftest import tiny_raster
 
-    with pytest.raises(ValueError, match="does not support the sampler settings prune"):
-        generate(tiny_raster(), torch.tensor([0]), SamplerConfig(prune=0.5))
+    with pytest.raises(ValueError, match=r"unknown sampler setting\(s\) \['prune'\] for this order"):
+        generate(tiny_raster(), torch.tensor([0]), SamplerConfig.from_flat({"prune": 0.5}))
     with pytest.raises(ValueError, match="not combined"):
-        SamplerConfig(kv_budget=8, speculative="sjd")
+        SamplerConfig.from_flat({"kv_budget": 8, "speculative": "sjd"})

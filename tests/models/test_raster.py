@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from argen.convert.llamagen import load_gpt, raster_config
-from argen.models.interface import Generator
+from argen.models.interface import Condition, Generator
 from argen.models.layers import attention
 from argen.models.raster import RasterConfig, RasterTransformer
 from argen.models.rope import rope_2d_table
@@ -32,9 +32,10 @@ def test_kv_cached_logits_parity(official_gpt, llamagen_fixture):
     state = official_gpt.start(ref["tf_cond"])
     rows = []
     for t in range(16):
-        rows.append(official_gpt.predict(state))
+        prediction = official_gpt.predict(state)
+        rows.append(prediction.logits)
         if t < 15:
-            official_gpt.advance(state, ref["tf_idx"][:, t : t + 1])
+            official_gpt.advance(state, prediction.positions, ref["tf_idx"][:, t : t + 1])
     assert_close_ref(torch.cat(rows, dim=1), "kv_tf_logits", ref, meta)
 
 
@@ -60,8 +61,9 @@ def test_kv_cache_step_by_step_equals_teacher_forcing(kv_heads):
     state = model.start(labels)
     steps = []
     for t in range(9):
-        steps.append(model.predict(state))
-        model.advance(state, ids[:, t : t + 1])
+        prediction = model.predict(state)
+        steps.append(prediction.logits)
+        model.advance(state, prediction.positions, ids[:, t : t + 1])
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
     assert state.done and torch.equal(state.tokens, ids)
 
@@ -82,9 +84,14 @@ def test_satisfies_generator_interface_and_checks_input():
         RasterConfig(dim=30, num_heads=4)
 
 
-def test_label_dropout_only_in_training():
-    model = tiny(class_dropout=1.0)
-    labels = torch.tensor([0, 1, 2])
-    assert torch.equal(model.drop_labels(labels), labels)
-    model.train()
-    assert torch.equal(model.drop_labels(labels), torch.full_like(labels, 3))
+def test_condition_dropout_only_in_training():
+    model = tiny()
+    model.config.class_dropout = 1.0
+    tokens, condition = torch.randint(0, 32, (3, 9)), Condition.classes([0, 1, 2])
+    null = Condition.classes([0, 1, 2]).as_null()
+    conditional, unconditional = model(tokens[:, :-1], condition), model(tokens[:, :-1], null)
+    assert not torch.allclose(conditional, unconditional)
+    with torch.no_grad():
+        assert not torch.allclose(model.loss(tokens, condition).loss, model.loss(tokens, null).loss)
+        model.train()  # every condition dropped: the loss is the unconditional one
+        torch.testing.assert_close(model.loss(tokens, condition).loss, model.loss(tokens, null).loss)

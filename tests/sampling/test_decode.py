@@ -86,7 +86,9 @@ def test_guidance_changes_samples_and_schedules():
     guided = generate(model, labels, SamplerConfig(cfg_scale=5.0, greedy=True))
     assert not torch.equal(plain, guided)
     assert guidance.linear(3.0)(0.0) == 1.0 and guidance.linear(3.0)(1.0) == 3.0
-    assert guidance.var_ramp(4.0)(0.5) == 3.0
+    # one meaning of "no guidance": scale 1 is 1 at every step of every schedule; VAR's cfg=4 is scale 5
+    assert guidance.var_ramp(5.0)(0.5) == 3.0
+    assert all(guidance.SCHEDULES[name](1.0)(t) == 1.0 for name in guidance.SCHEDULES for t in (0.0, 0.5, 1.0))
     with pytest.raises(ValueError, match="cfg_schedule"):
         SamplerConfig(cfg_schedule="cosine-ish")
 
@@ -97,5 +99,5 @@ def test_non_finite_logits_and_bad_labels_raise():
         model.output.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         generate(model, torch.tensor([0]))
-    with pytest.raises(ValueError, match="labels must be in"):
+    with pytest.raises(ValueError, match="class ids must be in"):
         generate(tiny(), torch.tensor([9]))

@@ -20,9 +20,7 @@ def test_window_equal_to_the_row_width_is_plain_raster_decoding(config):
     m = model()
     labels = torch.tensor([0, 1, 2])
     plain = generate(m, labels, config, seeded_generators([1, 2, 3]))
-    parallel = generate(
-        m, labels, SamplerConfig(**{**config.__dict__, "parallel_window": 4}), seeded_generators([1, 2, 3])
-    )
+    parallel = generate(m, labels, config.with_overrides(parallel_window=4), seeded_generators([1, 2, 3]))
     assert torch.equal(plain, parallel)
 
 
@@ -31,7 +29,12 @@ def test_small_windows_need_fewer_passes_and_fill_every_token():
 
     for window, passes in [(1, 4 + 3 * 1), (2, 4 + 3 * 2), (4, 16)]:
         counter = CountingGenerator(model())
-        ids = generate(counter, torch.tensor([0, 1]), SamplerConfig(parallel_window=window), seeded_generators([0, 1]))
+        ids = generate(
+            counter,
+            torch.tensor([0, 1]),
+            SamplerConfig.from_flat(dict(parallel_window=window)),
+            seeded_generators([0, 1]),
+        )
         assert counter.calls == passes and (ids >= 0).all()
 
 
@@ -45,4 +48,4 @@ def test_shipped_model_stays_recognisable_with_parallel_rows():
     out = pipe(labels, seed=0, output_type="pt", parallel_window=2)
     assert accuracy(load_pretrained(DEFAULT_CLASSIFIER), out.images, out.labels) > 0.6
     with pytest.raises(ValueError, match="not both"):
-        SamplerConfig(parallel_window=2, speculative="sjd")
+        SamplerConfig.from_flat(dict(parallel_window=2, speculative="sjd"))

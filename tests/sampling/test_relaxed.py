@@ -34,8 +34,10 @@ def _sample(config, n, codebook, stats=None):
 
 def test_delta_zero_is_the_exact_sampler():
     codebook = torch.tensor([[1.0, 0.0], [0.8, 0.6], [-1.0, 0.0]])
-    exact = _sample(SamplerConfig(speculative="draft", window=3), 300, None)
-    same = _sample(SamplerConfig(speculative="draft", window=3, relax_k=1, relax_delta=0.0), 300, codebook)
+    exact = _sample(SamplerConfig.from_flat(dict(speculative="draft", window=3)), 300, None)
+    same = _sample(
+        SamplerConfig.from_flat(dict(speculative="draft", window=3, relax_k=1, relax_delta=0.0)), 300, codebook
+    )
     assert torch.equal(same, exact)
 
 
@@ -49,7 +51,7 @@ def test_a_draft_on_a_close_code_is_accepted_where_exact_acceptance_halves():
     drafts = torch.zeros(n, dtype=torch.long)
     kept = {}
     for delta in (0.0, 0.6):
-        config = SamplerConfig(speculative="draft", relax_k=1, relax_delta=delta)
+        config = SamplerConfig.from_flat(dict(speculative="draft", relax_k=1, relax_delta=delta))
         stats, g = SpeculativeStats(), torch.Generator().manual_seed(0)
         # _accept stops at the first rejection: count acceptances draft by draft
         for i in range(n):
@@ -60,9 +62,9 @@ def test_a_draft_on_a_close_code_is_accepted_where_exact_acceptance_halves():
 
 def test_relaxed_acceptance_errors():
     with pytest.raises(ValueError, match="set speculative"):
-        SamplerConfig(relax_k=4)
+        SamplerConfig.from_flat(dict(relax_k=4))
     with pytest.raises(ValueError, match="codebook"):
-        generate(peaked(), torch.tensor([0]), SamplerConfig(speculative="sjd", relax_k=1))
+        generate(peaked(), torch.tensor([0]), SamplerConfig.from_flat(dict(speculative="sjd", relax_k=1)))
 
 
 def test_the_pipeline_hands_its_codebook_to_relaxed_acceptance():

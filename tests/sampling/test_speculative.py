@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from argen.models.interface import Condition
 from argen.sampling.decode import SamplerConfig, generate, seeded_generators
 from argen.sampling.speculative import SpeculativeStats, generate_speculative
 from tests.conftest import tiny_raster
@@ -32,7 +33,7 @@ def exact_distribution(model, label: int, config: SamplerConfig) -> dict[tuple, 
     with torch.no_grad():
         logits = model(seqs[:, :-1], labels)
         if schedule is not None:
-            uncond = model(seqs[:, :-1], torch.full_like(labels, model.num_classes))
+            uncond = model(seqs[:, :-1], Condition.classes(labels).as_null())
             scale = torch.tensor([schedule(t / (L - 1)) for t in range(L)])
             logits = uncond + (logits - uncond) * scale[None, :, None]
         logp = process(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
@@ -56,10 +57,10 @@ def total_variation(samples: torch.Tensor, exact: dict[tuple, float]) -> float:
 @pytest.mark.parametrize(
     "config",
     [
-        SamplerConfig(speculative="sjd", window=3),
-        SamplerConfig(speculative="mc-sjd", window=3, temperature=1.5),
-        SamplerConfig(speculative="sjd", window=2, cfg_scale=2.0, top_k=2),
-        SamplerConfig(speculative="draft", window=3, temperature=1.3),
+        SamplerConfig.from_flat(dict(speculative="sjd", window=3)),
+        SamplerConfig.from_flat(dict(speculative="mc-sjd", window=3, temperature=1.5)),
+        SamplerConfig.from_flat(dict(speculative="sjd", window=2, cfg_scale=2.0, top_k=2)),
+        SamplerConfig.from_flat(dict(speculative="draft", window=3, temperature=1.3)),
     ],
 )
 def test_speculative_samples_the_exact_distribution(config):
@@ -73,9 +74,7 @@ def test_speculative_samples_the_exact_distribution(config):
     samples = generate_speculative(
         target, labels, config, seeded_generators(range(n)), config.schedule(), draft, stats
     )
-    plain = generate(
-        target, labels, SamplerConfig(**{**config.__dict__, "speculative": "none"}), seeded_generators(range(n, 2 * n))
-    )
+    plain = generate(target, labels, config.with_overrides(speculative="none"), seeded_generators(range(n, 2 * n)))
     tv_spec, tv_plain, noise = total_variation(samples, exact), total_variation(plain, exact), expected_tv(exact, n)
     assert tv_spec < 1.5 * noise and tv_plain < 1.5 * noise, (tv_spec, tv_plain, noise)
     assert stats.target_passes < n * target.seq_len  # and it did save target passes
@@ -97,7 +96,7 @@ def test_greedy_speculative_equals_greedy_raster(method):
     labels = torch.tensor([0, 1, 0, 1])
     plain = generate(target, labels, SamplerConfig(greedy=True, cfg_scale=2.0))
     stats = SpeculativeStats()
-    config = SamplerConfig(greedy=True, cfg_scale=2.0, speculative=method, window=4)
+    config = SamplerConfig.from_flat(dict(greedy=True, cfg_scale=2.0, speculative=method, window=4))
     spec = generate_speculative(target, labels, config, None, config.schedule(), draft, stats)
     assert torch.equal(spec, plain)
     assert stats.target_passes < 4 * 9
@@ -105,7 +104,7 @@ def test_greedy_speculative_equals_greedy_raster(method):
 
 def test_draft_equal_to_target_accepts_everything():
     target = peaked(vocab_size=16, grid_size=3)
-    config = SamplerConfig(speculative="draft", window=4)
+    config = SamplerConfig.from_flat(dict(speculative="draft", window=4))
     stats = SpeculativeStats()
     generate_speculative(target, torch.tensor([0, 1]), config, seeded_generators([0, 1]), None, target, stats)
     assert stats.acceptance_rate > 0.999
@@ -117,7 +116,7 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(method):
     """Samples advance at their own pace inside one batched pass, each with its own random stream."""
     target = peaked(vocab_size=16, grid_size=3, scale=2.0)
     draft = peaked(vocab_size=16, grid_size=3, scale=1.0, seed=3)
-    config = SamplerConfig(speculative=method, window=3, cfg_scale=1.5)
+    config = SamplerConfig.from_flat(dict(speculative=method, window=3, cfg_scale=1.5))
     labels = torch.tensor([0, 1, 1, 0, 1, 0])
     stats = SpeculativeStats()
     batch = generate_speculative(target, labels, config, seeded_generators(range(6)), config.schedule(), draft, stats)
@@ -132,6 +131,6 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(method):
 def test_speculative_errors():
     target = peaked()
     with pytest.raises(ValueError, match="needs a draft model"):
-        generate(target, torch.tensor([0]), SamplerConfig(speculative="draft"))
+        generate(target, torch.tensor([0]), SamplerConfig.from_flat(dict(speculative="draft")))
     with pytest.raises(ValueError, match="speculative must be"):
-        SamplerConfig(speculative="medusa")
+        SamplerConfig.from_flat(dict(speculative="medusa"))

@@ -5,20 +5,22 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from argen.models.interface import Condition
 
 
 @torch.no_grad()
 def bits_per_token(model: torch.nn.Module, tokens: Dataset, batch_size: int = 256) -> float:
-    """Mean -log2 p(token | prefix, class) over every token of `tokens` (items: (ids (L,), label)).
-    The model is a teacher-forced generator: model(model.training_inputs(ids), labels) -> (B, L, V) logits."""
+    """Mean -log2 p(token | what the order conditions it on, class) over every token of `tokens` (items: (ids (L,),
+    label)), through the order's own loss (`model.loss(...).nll_sum`)."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for ids, labels in DataLoader(tokens, batch_size=batch_size):
-        ids, labels = ids.to(device), labels.to(device)
-        logits = model(model.training_inputs(ids), labels)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="sum").item()
-        count += ids.numel()
+        out = model.loss(ids.to(device), Condition.classes(labels.to(device)))
+        if out.nll_sum is None:
+            raise ValueError(f"the {model.order.name} order defines no likelihood (bits per token)")
+        total += out.nll_sum.item()
+        count += out.num_targets
     return total / count / math.log(2)

@@ -8,18 +8,17 @@ interleaved (A, B, A, B, ...) so that machine load affects them alike, and compa
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from argen.models.interface import DecodeState
+from argen.models.interface import Condition, DecodeState, Prediction
 from argen.pipeline import ARPipeline
+from argen.sampling.config import Speculative
 from argen.sampling.decode import generate, seeded_generators
 from argen.sampling.speculative import SpeculativeStats
 
@@ -76,28 +75,18 @@ class PeakRSS:
 
 
 class CountingGenerator:
-    """Wraps a generator to count its sequential forward passes (NFE): `predict` and, where the model has them,
-    `predict_rows` (speculative) and `predict_at` (parallel) calls."""
+    """Wraps a generator to count its sequential forward passes (NFE): every `predict`, whoever calls it (the
+    plain loop, speculative verification, parallel rows)."""
 
     def __init__(self, model):
         self.model, self.calls = model, 0
-        for name in ("predict_rows", "predict_at"):
-            if hasattr(model, name):
-                setattr(self, name, self._counted(getattr(model, name)))
-
-    def _counted(self, method):
-        def call(*args):
-            self.calls += 1
-            return method(*args)
-
-        return call
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
-    def predict(self, state: DecodeState) -> torch.Tensor:
+    def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:
         self.calls += 1
-        return self.model.predict(state)
+        return self.model.predict(state, positions)
 
 
 @dataclass
@@ -119,7 +108,8 @@ class SpeedResult:
 def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -> tuple[float, int, float | None]:
     """One timed generation + decode -> (seconds, target forward passes, speculative acceptance rate or None)."""
     counter = CountingGenerator(pipe.generator)
-    config = dataclasses.replace(pipe.sampler, **sampler)
+    config = pipe.config(**sampler)
+    speculative = isinstance(config.acceleration, Speculative)
     stats = SpeculativeStats()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -130,10 +120,10 @@ def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -
             seeded_generators(range(seed, seed + len(labels))),
             draft_model=pipe.draft,
             stats=stats,
-            codebook=pipe.codebook if config.relax_k else None,
+            codebook=pipe.codebook if speculative and config.acceleration.relax_k else None,
         )
         pipe.tokenizer.decode(ids)
-    acceptance = stats.acceptance_rate if config.speculative != "none" else None
+    acceptance = stats.acceptance_rate if speculative else None
     return time.perf_counter() - t0, counter.calls, acceptance
 
 
@@ -204,11 +194,10 @@ def bench_training(pipe: ARPipeline, batch_size: int = 32, steps: int = 10, peak
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.vocab_size, (batch_size, model.seq_len), generator=g).to(pipe.device)
-    labels = torch.randint(0, model.num_classes, (batch_size,), generator=g).to(pipe.device)
+    condition = Condition.classes(torch.randint(0, model.num_classes, (batch_size,), generator=g).to(pipe.device))
 
     def step() -> None:
-        logits = model(model.training_inputs(tokens), labels)
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)).backward()
+        model.loss(tokens, condition).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -1,51 +1,177 @@
-"""The step interface every generator exposes to the sampler (see DESIGN.md "Contracts").
+"""The order contract: what every generator exposes to the sampler and to training (DESIGN.md "The order contract").
 
-The sampler never imports a concrete model: it starts a decode state, asks for the logits of the
-next set of positions, and advances the state with the ids it chose. Sampling policy (guidance,
-top-k, randomness) stays in `argen.sampling`.
+The sampler never imports a concrete model. It starts a decode state for a batch of conditions, asks the
+generator for predictions at some positions, chooses values, and commits them:
 
-Optional steps, used where a model has them: `predict_rows(state, starts, length)` (speculative decoding
-checks every sample's drafted block, each at its own position, in one pass) and
-`predict_at(state, targets, inputs)` (parallel decoding of positions out of order). Raster models have both;
-next-scale models neither.
+    state = model.start(condition)
+    while not state.done:
+        prediction = model.predict(state, positions)     # positions (B, n), or None: the order's own next ones
+        ...                                               # guidance, temperature, draws: argen.sampling
+        model.advance(state, prediction.positions, values)
+
+Positions are per sample, so raster (one position), next-scale (a whole map), masked (a confidence-chosen
+set), random-order (a permutation) and speculative verification (a drafted block at each sample's own
+position) are all "these positions, these values". What is filled is a boolean mask, never a sentinel id.
+
+Training goes through the order too: `model.loss(tokens, condition)` is the one definition of what the order
+is trained against (the loop, the likelihood metric and the speed bench all call it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 
 @dataclass
-class DecodeState:
-    """Where one batch's decoding stands. `tokens` (B, L) holds -1 where nothing was chosen yet."""
+class Condition:
+    """What each sample is conditioned on. Class ids today; text embeddings and their mask fit beside them later.
 
-    labels: torch.Tensor  # (B,) class ids; the null class for unconditional rows
-    tokens: torch.Tensor  # (B, L) int64
+    `null` marks rows that carry no condition (guidance's unconditional rows, label dropout in training); how a
+    model embeds "no condition" is its own business (a spare class row, a learned vector, an empty text), so no
+    code outside the model assumes a particular null id.
+    """
+
+    class_ids: torch.Tensor  # (B,) int64 in 0..num_classes-1 (ignored where null)
+    null: torch.Tensor | None = None  # (B,) bool; None = no row is null
+
+    @classmethod
+    def classes(cls, ids: torch.Tensor | list[int]) -> Condition:
+        return cls(torch.as_tensor(ids, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.class_ids.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.class_ids.device
+
+    @property
+    def null_mask(self) -> torch.Tensor:
+        return self.null if self.null is not None else torch.zeros_like(self.class_ids, dtype=torch.bool)
+
+    def to(self, device: torch.device | str) -> Condition:
+        return Condition(self.class_ids.to(device), None if self.null is None else self.null.to(device))
+
+    def as_null(self) -> Condition:
+        """The unconditional counterpart, row for row (what classifier-free guidance contrasts with)."""
+        return Condition(self.class_ids, torch.ones_like(self.class_ids, dtype=torch.bool))
+
+    def cat(self, other: Condition) -> Condition:
+        return Condition(torch.cat([self.class_ids, other.class_ids]), torch.cat([self.null_mask, other.null_mask]))
+
+    def rows(self, index: torch.Tensor | slice | list[int]) -> Condition:
+        return Condition(self.class_ids[index], None if self.null is None else self.null[index])
+
+    def dropped(self, p: float) -> Condition:
+        """Training-time condition dropout for classifier-free guidance: each row becomes null with probability p."""
+        if p <= 0:
+            return self
+        drop = torch.rand(self.class_ids.shape, device=self.device) < p
+        return Condition(self.class_ids, self.null_mask | drop)
+
+    def embedding_ids(self, num_classes: int) -> torch.Tensor:
+        """(B,) rows of a class-embedding table with one extra row for "no condition" (LlamaGen's and VAR's
+        layout: the null row is `num_classes`)."""
+        if ((self.class_ids < 0) | (self.class_ids >= num_classes))[~self.null_mask].any():
+            bad = self.class_ids[~self.null_mask]
+            raise ValueError(f"class ids must be in 0..{num_classes - 1}, got {sorted(set(bad.tolist()))}")
+        return torch.where(self.null_mask, torch.full_like(self.class_ids, num_classes), self.class_ids)
+
+
+def as_condition(condition: Condition | torch.Tensor | list[int]) -> Condition:
+    """Accept bare class ids where a Condition is expected (the common case in scripts and tests)."""
+    return condition if isinstance(condition, Condition) else Condition.classes(condition)
+
+
+@dataclass
+class DecodeState:
+    """Where one batch's decoding stands. `tokens` (B, L) holds a value wherever `filled` (B, L) is True."""
+
+    condition: Condition
+    tokens: torch.Tensor  # (B, L) int64; meaningless where not filled
+    filled: torch.Tensor  # (B, L) bool
     step: int = 0  # prediction steps taken so far
     num_steps: int = 0
-    cache: Any = None  # the model's KV cache
-    span: tuple[int, int] = (0, 0)  # token positions the last `predict` was for
+    cache: Any = None  # the model's KV cache, if the order has one
     extra: dict[str, Any] = field(default_factory=dict)  # order-specific bookkeeping
 
     @property
     def done(self) -> bool:
         return self.step >= self.num_steps
 
+    @property
+    def progress(self) -> float:
+        """Where decoding stands in [0, 1] (0 at the first step, 1 at the last): what guidance schedules read."""
+        return self.step / max(self.num_steps - 1, 1)
+
+
+@dataclass
+class Prediction:
+    """A step's output: for each sample, the positions (B, n) predicted and, for discrete orders, their logits."""
+
+    positions: torch.Tensor  # (B, n) int64 sequence positions
+    logits: torch.Tensor | None = None  # (B, n, V) float32, discrete tokens
+    z: torch.Tensor | None = None  # (B, n, D) a head's input, continuous tokens (MAR)
+
+
+@dataclass
+class LossOutput:
+    """What an order trains against: the mean loss and how many targets it averaged (the loop's throughput unit)."""
+
+    loss: torch.Tensor  # () scalar
+    num_targets: int
+    nll_sum: torch.Tensor | None = None  # () summed -log p in nats over every target, where the order has a likelihood
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The sampler options of an order that has none of its own."""
+
+
+@dataclass(frozen=True)
+class OrderSpec:
+    """What the sampler, the CLI and the pipeline need to know about an order, declared once on its model class
+    (`Model.order`) instead of probed with hasattr/isinstance.
+
+    policy: who chooses the positions of a step: "next" (the model's own next positions: raster, next-scale),
+        "masked" (confidence with annealed noise, MaskGIT) or "random" (a per-sample permutation, RandAR); the
+        random ones live in `argen.sampling` and draw from the per-sample generators.
+    accelerations: the acceleration strategies that fit the order ("speculative", "parallel").
+    options_class: a dataclass of the order's own sampler options, handed to `start` (pruning, mask steps).
+    reads_tokenizer: the generator builds its inputs through the tokenizer's codebook (`bind(tokenizer)`).
+    default_sampler: the documented sampler defaults of a freshly trained model of this order (guidance).
+    """
+
+    name: str
+    policy: str = "next"
+    accelerations: frozenset[str] = frozenset()
+    options_class: type = NoOptions
+    reads_tokenizer: bool = False
+    default_sampler: tuple[tuple[str, Any], ...] = ()
+
 
 @runtime_checkable
 class Generator(Protocol):
-    num_classes: int  # class ids 0..num_classes-1; num_classes itself is the null class
+    order: ClassVar[OrderSpec]
+    num_classes: int
     vocab_size: int
     seq_len: int  # tokens per image
 
-    def start(self, labels: torch.Tensor) -> DecodeState:
-        """Begin decoding for (B,) labels."""
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(h, w) of the final token map."""
 
-    def predict(self, state: DecodeState) -> torch.Tensor:
-        """(B, n, V) float logits for the n positions the order generates at this step."""
+    def start(self, condition: Condition, options: Any = None) -> DecodeState:
+        """Begin decoding for a batch of conditions; `options`: an `order.options_class` instance (None: defaults)."""
 
-    def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
-        """Commit (B, n) chosen ids for those positions."""
+    def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:
+        """Predictions for (B, n) positions; None = the positions this order generates next."""
+
+    def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Commit (B, n) values at (B, n) positions and move to the next step."""
+
+    def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
+        """The training loss on (B, L) token sequences."""

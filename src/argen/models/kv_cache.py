@@ -8,8 +8,8 @@ import torch
 class KVCache:
     """Keys and values of every layer for a batch, (B, H, max_len, hd) each.
 
-    `length` is how many positions hold valid entries; setting it back discards the rest (what a
-    rejected speculative draft needs).
+    A query attends to the entries of its row up to its own position; entries after it (a rejected speculative
+    draft's) are simply rewritten by the next pass.
     """
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, head_dim: int, max_len: int, like: torch.Tensor):
@@ -17,9 +17,9 @@ class KVCache:
         self.keys = [like.new_zeros(shape) for _ in range(num_layers)]
         self.values = [like.new_zeros(shape) for _ in range(num_layers)]
         self.max_len = max_len
-        self.length = 0
-        # Which positions hold entries, for orders that fill the cache out of order (parallel decoding).
-        self.filled = torch.zeros(max_len, dtype=torch.bool, device=like.device)
+        # Which positions of each row hold entries: orders that fill the cache out of order (parallel decoding)
+        # mask the holes with it.
+        self.written = torch.zeros(batch, max_len, dtype=torch.bool, device=like.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, hd) at positions start..start+T; return all entries up to there."""
@@ -28,18 +28,6 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def update_at(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, hd) at any T positions; return all entries up to the largest one (use `filled`
-        to mask the holes)."""
-        end = int(positions.max()) + 1
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; writing at {end - 1}")
-        self.keys[layer][:, :, positions] = k
-        self.values[layer][:, :, positions] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def update_rows(

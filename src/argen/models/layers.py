@@ -68,11 +68,3 @@ def attention(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v
-
-
-def drop_labels(labels: torch.Tensor, null_class: int, p: float) -> torch.Tensor:
-    """Classifier-free guidance training: each label becomes the null class with probability p."""
-    if p <= 0:
-        return labels
-    drop = torch.rand(labels.shape, device=labels.device) < p
-    return torch.where(drop, torch.full_like(labels, null_class), labels)

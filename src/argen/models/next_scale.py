@@ -18,10 +18,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from argen.errors import ConfigError, check_int, check_number, check_probability, check_sizes
-from argen.models.interface import DecodeState
-from argen.models.layers import attention, drop_labels
+from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
+from argen.models.layers import attention
 from argen.models.scale_cache import ScaleKVCache
 from argen.pretrained import Pretrained, register
+
+
+@dataclass(frozen=True)
+class NextScaleOptions:
+    """Next-scale sampler options, both lossy accelerations of the step itself (off by default)."""
+
+    prune: float = 0.0  # fraction of the largest map's tokens the later layers skip (FastVAR)
+    prune_scales: int = 2  # how many of the largest scales are pruned (the ratio falls linearly before)
+    kv_budget: int = 0  # KV entries a refiner layer keeps after each scale (ScaleKV); 0 = all
+    kv_drafters: int = 1  # layers with the widest attention, which keep their whole cache
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prune < 1.0:
+            raise ConfigError(f"prune must be in [0, 1), got {self.prune}")
+        if self.prune_scales < 1 or self.kv_budget < 0 or self.kv_drafters < 0:
+            raise ConfigError(
+                f"prune_scales must be >= 1 and kv_budget, kv_drafters >= 0, got {self.prune_scales}, "
+                f"{self.kv_budget}, {self.kv_drafters}"
+            )
 
 
 @dataclass
@@ -146,6 +165,12 @@ class AdaLNBeforeHead(nn.Module):
 class NextScaleTransformer(nn.Module, Pretrained):
     component_type = "next_scale_transformer"
     config_class = NextScaleConfig
+    order = OrderSpec(
+        "next-scale",
+        options_class=NextScaleOptions,
+        reads_tokenizer=True,
+        default_sampler=(("cfg_scale", 2.0), ("cfg_schedule", "var_ramp")),
+    )
 
     def __init__(self, config: NextScaleConfig):
         super().__init__()
@@ -214,22 +239,18 @@ class NextScaleTransformer(nn.Module, Pretrained):
 
     # --- forward passes ---
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Training-time label dropout for classifier-free guidance (identity in eval mode)."""
-        return drop_labels(labels, self.num_classes, self.config.class_dropout) if self.training else labels
-
     def _level_pos(self, start: int, end: int) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[:, start:end]) + self.pos_1LC[:, start:end]  # (1, T, D)
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing on all scales at once. inputs: (B, L - first, token_dim) from `teacher_inputs`,
-        labels: (B,) -> logits (B, L, V)."""
+    def forward(self, inputs: torch.Tensor, condition: Condition | torch.Tensor) -> torch.Tensor:
+        """Teacher forcing on all scales at once. inputs: (B, L - first, token_dim) from `training_inputs`,
+        condition: B classes -> logits (B, L, V)."""
         L = self.seq_len
         if inputs.dim() != 3 or inputs.shape[1] != L - self.bounds[1]:
             raise ValueError(
                 f"inputs must be (B, {L - self.bounds[1]}, {self.config.token_dim}), got {tuple(inputs.shape)}"
             )
-        cond = self.class_emb(self.drop_labels(labels))  # (B, D)
+        cond = self.class_emb(as_condition(condition).embedding_ids(self.num_classes))  # (B, D)
         start = cond[:, None] + self.pos_start  # (B, first, D)
         x = torch.cat([start, self.word_embed(inputs)], dim=1) + self._level_pos(0, L)  # (B, L, D)
         mask = self.attn_bias_for_masking[0, 0] == 0  # (L, L) block-causal
@@ -237,42 +258,60 @@ class NextScaleTransformer(nn.Module, Pretrained):
             x = block(x, cond, mask, None, i, 0)
         return self.head(self.head_nm(x, cond)).float()
 
-    # --- the step interface (argen.models.interface.Generator): one scale per step ---
+    def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
+        """Cross-entropy over every scale's tokens (B, L), each map predicted from the coarser ones (VAR §3.2)."""
+        if self.training:
+            condition = condition.dropped(self.config.class_dropout)
+        logits = self(self.training_inputs(tokens), condition)  # (B, L, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="sum")
+        return LossOutput(nll / tokens.numel(), tokens.numel(), nll.detach())
 
-    # Sampler options this order accepts in `start` (SamplerConfig.model_options).
-    start_options = ("prune", "prune_scales", "kv_budget", "kv_drafters")
+    # --- the order contract (argen.models.interface): one scale per step ---
 
-    def start(
-        self, labels: torch.Tensor, prune: float = 0.0, prune_scales: int = 2, kv_budget: int = 0, kv_drafters: int = 1
-    ) -> DecodeState:
-        """Begin decoding. `prune` > 0 leaves that fraction of tokens out of the later layers at the largest scale
-        (half of it at the one before when prune_scales = 2, ...; FastVAR); `kv_budget` > 0 caps the KV entries
-        of all but `kv_drafters` layers (ScaleKV). Both are lossy."""
-        if not 0.0 <= prune < 1.0:
-            raise ValueError(f"prune must be in [0, 1), got {prune}")
-        if not 1 <= prune_scales < len(self.scales):
-            raise ValueError(f"prune_scales must be in 1..{len(self.scales) - 1}, got {prune_scales}")
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return self.scales[-1], self.scales[-1]
+
+    def start(self, condition: Condition | torch.Tensor, options: NextScaleOptions | None = None) -> DecodeState:
+        """Begin decoding. `options.prune` > 0 leaves that fraction of tokens out of the later layers at the
+        largest scale (half of it at the one before when prune_scales = 2, ...; FastVAR); `kv_budget` > 0 caps
+        the KV entries of all but `kv_drafters` layers (ScaleKV). Both are lossy."""
+        o = options or NextScaleOptions()
+        if o.prune_scales >= len(self.scales):
+            raise ConfigError(f"prune_scales must be in 1..{len(self.scales) - 1}, got {o.prune_scales}")
         c, tok, weight = self.config, self.tokenizer, self.head.weight
-        tokens = torch.full((labels.shape[0], self.seq_len), -1, dtype=torch.long, device=weight.device)
-        f_hat = weight.new_zeros(labels.shape[0], c.token_dim, tok.side, tok.side)
+        condition = as_condition(condition).to(weight.device)
+        B = len(condition)
+        tokens = torch.zeros((B, self.seq_len), dtype=torch.long, device=weight.device)
+        filled = torch.zeros((B, self.seq_len), dtype=torch.bool, device=weight.device)
+        f_hat = weight.new_zeros(B, c.token_dim, tok.side, tok.side)
         extra = {
-            "cond": self.class_emb(labels),
+            "cond": self.class_emb(condition.embedding_ids(self.num_classes)),
             "f_hat": f_hat,
             "next_input": None,
-            "prune": self._prune_ratios(prune, prune_scales),
+            "prune": self._prune_ratios(o.prune, o.prune_scales),
             "layer_out": None,  # every block's output at the previous scale: what pruned slots are restored from
         }
-        cache = ScaleKVCache(len(self.blocks), kv_budget, kv_drafters)
-        return DecodeState(labels=labels, tokens=tokens, num_steps=len(self.scales), cache=cache, extra=extra)
+        cache = ScaleKVCache(len(self.blocks), o.kv_budget, o.kv_drafters)
+        return DecodeState(condition, tokens, filled, num_steps=len(self.scales), cache=cache, extra=extra)
 
     def _prune_ratios(self, prune: float, prune_scales: int) -> list[float]:
         """Per scale, the fraction of its tokens pruned: `prune` at the largest, falling linearly before it."""
         K = len(self.scales)
         return [prune * max(0.0, 1 - (K - 1 - k) / prune_scales) for k in range(K)]
 
-    def predict(self, state: DecodeState) -> torch.Tensor:
+    def _scale_positions(self, state: DecodeState, positions: torch.Tensor | None) -> torch.Tensor:
+        """The (B, pn*pn) positions of the current scale; a next-scale step cannot predict any others."""
         if state.done:
             raise ValueError("decoding is finished: all scales are chosen")
+        begin, end = self.bounds[state.step], self.bounds[state.step + 1]
+        own = torch.arange(begin, end, device=state.tokens.device).expand(len(state.tokens), -1)
+        if positions is not None and not torch.equal(positions, own):
+            raise ValueError(f"a next-scale step predicts the whole map {state.step} (positions {begin}..{end - 1})")
+        return own
+
+    def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:
+        positions = self._scale_positions(state, positions)
         si = state.step
         begin, end = self.bounds[si], self.bounds[si + 1]
         cond = state.extra["cond"]
@@ -293,8 +332,7 @@ class NextScaleTransformer(nn.Module, Pretrained):
             outputs.append(x)
         state.extra["layer_out"] = outputs
         state.cache.compress()
-        state.span = (begin, end)
-        return self.head(self.head_nm(x, cond)).float()  # (B, pn*pn, V)
+        return Prediction(positions, self.head(self.head_nm(x, cond)).float())  # logits (B, pn*pn, V)
 
     def _first_pruned_layer(self) -> int:
         # The first layers still mix the new map with the coarse context; FastVAR prunes only later ones.
@@ -313,10 +351,13 @@ class NextScaleTransformer(nn.Module, Pretrained):
         restored = F.interpolate(grid, size=(side, side), mode="area").flatten(2).transpose(1, 2)
         return restored.scatter(1, index, kept)
 
-    def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
+    def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
+        self._scale_positions(state, positions)
         si = state.step
         begin, end = self.bounds[si], self.bounds[si + 1]
+        ids = values
         state.tokens[:, begin:end] = ids
+        state.filled[:, begin:end] = True
         q, side = self.tokenizer.quantize, self.tokenizer.side
         state.extra["f_hat"] = state.extra["f_hat"] + q.residual_step(q.code_map(ids), si, side)
         if si + 1 < len(self.scales):

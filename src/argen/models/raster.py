@@ -10,12 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from argen.errors import ConfigError, check_int, check_number, check_probability
-from argen.models.interface import DecodeState
+from argen.models.interface import (
+    Condition,
+    DecodeState,
+    LossOutput,
+    NoOptions,
+    OrderSpec,
+    Prediction,
+    as_condition,
+)
 from argen.models.kv_cache import KVCache
-from argen.models.layers import FeedForward, RMSNorm, attention, drop_labels, swiglu_hidden_dim
+from argen.models.layers import FeedForward, RMSNorm, attention, swiglu_hidden_dim
 from argen.models.rope import apply_rope, rope_2d_table
 from argen.pretrained import Pretrained, register
 
@@ -81,18 +90,15 @@ class Attention(nn.Module):
         layer: int,
         start: int | torch.Tensor,
     ) -> torch.Tensor:
-        """`start`: the first of T consecutive positions, a (T,) tensor of arbitrary positions, or a (B, T) tensor
-        of positions per row."""
+        """`start`: the first of T consecutive positions, or a (B, T) tensor of positions per row."""
         B, T, D = x.shape
         kv_dim = self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([D, kv_dim, kv_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None and isinstance(start, torch.Tensor) and start.dim() == 2:
+        if cache is not None and isinstance(start, torch.Tensor):
             k, v = cache.update_rows(layer, k, v, start)  # (B, Hkv, max position + 1, hd)
-        elif cache is not None and isinstance(start, torch.Tensor):
-            k, v = cache.update_at(layer, k, v, start)  # (B, Hkv, max position + 1, hd)
         elif cache is not None:
             k, v = cache.update(layer, k, v, start)  # (B, Hkv, start+T, hd)
         if self.num_kv_heads != self.num_heads:
@@ -131,6 +137,9 @@ class LabelEmbedder(nn.Module):
 class RasterTransformer(nn.Module, Pretrained):
     component_type = "raster_transformer"
     config_class = RasterConfig
+    order = OrderSpec(
+        "raster", accelerations=frozenset({"speculative", "parallel"}), default_sampler=(("cfg_scale", 2.0),)
+    )
 
     def __init__(self, config: RasterConfig):
         super().__init__()
@@ -154,18 +163,28 @@ class RasterTransformer(nn.Module, Pretrained):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Training-time label dropout for classifier-free guidance (identity in eval mode)."""
-        return drop_labels(labels, self.num_classes, self.config.class_dropout) if self.training else labels
-
     def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        """Embedded inputs (B, T, D) at positions start..start+T -> logits (B, T, V) in float32."""
+        """Embedded inputs (B, T, D) at positions start..start+T, every earlier position cached -> logits (B, T, V)
+        in float32."""
         T = x.shape[1]
         rope = self.rope[start : start + T]
         pos_q = torch.arange(start, start + T, device=x.device)
         pos_k = torch.arange(start + T, device=x.device)
         mask = pos_k[None, :] <= pos_q[:, None]  # (T, start+T) causal
+        if cache is not None:
+            cache.written[:, start : start + T] = True
         return self._layers(x, rope, mask, cache, start)
+
+    def _run_rows(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedded inputs (B, T, D) at per-row positions (B, T) -> logits (B, T, V). Each query sees the cache
+        entries of its row written so far, up to its own position: holes (positions decoded out of order) and
+        stale entries after it are masked."""
+        cache.written.scatter_(1, positions, True)
+        S = int(positions.max()) + 1
+        pos_k = torch.arange(S, device=x.device)
+        causal = pos_k[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        mask = (causal & cache.written[:, None, :S])[:, None]  # (B, 1, T, S)
+        return self._layers(x, self.rope[positions], mask, cache, positions)
 
     def _layers(self, x, rope, mask, cache: KVCache | None, start: int | torch.Tensor) -> torch.Tensor:
         """The layer stack and head: embedded inputs (B, T, D) -> logits (B, T, V) in float32."""
@@ -174,90 +193,71 @@ class RasterTransformer(nn.Module, Pretrained):
             h = layer(h, rope, mask, cache, i, start)
         return self.output(self.norm(h)).float()
 
-    def _run_at(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Embedded inputs (B, T, D) at arbitrary positions (T,) -> logits (B, T, V). Each query sees the filled
-        cache positions up to its own (the others are not known yet)."""
-        cache.filled[positions] = True
-        pos_k = torch.arange(int(positions.max()) + 1, device=x.device)
-        mask = cache.filled[: len(pos_k)][None, :] & (pos_k[None, :] <= positions[:, None])  # (T, S)
-        return self._layers(x, self.rope[positions], mask, cache, positions)
-
-    def _run_rows(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Embedded inputs (B, T, D) at per-row positions (B, T) -> logits (B, T, V). Each query sees the cache
-        positions up to its own, which the caller keeps valid for its row."""
-        pos_k = torch.arange(int(positions.max()) + 1, device=x.device)
-        mask = (pos_k[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
-        return self._layers(x, self.rope[positions], mask, cache, positions)
-
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing. ids: (B, T) image tokens, T <= seq_len - 1; labels: (B,). -> (B, T+1, V)."""
+    def forward(self, ids: torch.Tensor, condition: Condition | torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. ids: (B, T) image tokens, T <= seq_len - 1; condition: B classes. -> (B, T+1, V):
+        row t predicts image token t."""
         if ids.dim() != 2 or ids.shape[1] > self.seq_len - 1:
             raise ValueError(f"ids must be (B, T) with T <= {self.seq_len - 1}, got {tuple(ids.shape)}")
-        cls = self.cls_embedding(self.drop_labels(labels))[:, None]  # (B, 1, D)
+        cls = self.cls_embedding(as_condition(condition).embedding_ids(self.num_classes))[:, None]  # (B, 1, D)
         x = torch.cat([cls, self.tok_embeddings(ids)], dim=1)  # (B, T+1, D)
         return self._run(x, 0, None)
 
-    def training_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forcing input for full sequences (B, seq_len): every token but the last."""
-        return tokens[:, :-1]
+    def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
+        """Next-token cross-entropy over every position (B, L); the condition is dropped at the configured rate
+        in training, for classifier-free guidance."""
+        if self.training:
+            condition = condition.dropped(self.config.class_dropout)
+        logits = self(tokens[:, :-1], condition)  # (B, L, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="sum")
+        return LossOutput(nll / tokens.numel(), tokens.numel(), nll.detach())
 
-    # --- the step interface (argen.models.interface.Generator) ---
+    # --- the order contract (argen.models.interface) ---
 
-    def start(self, labels: torch.Tensor) -> DecodeState:
-        B = labels.shape[0]
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return self.config.grid_size, self.config.grid_size
+
+    def start(self, condition: Condition | torch.Tensor, options: NoOptions | None = None) -> DecodeState:
+        condition = as_condition(condition)
+        B = len(condition)
         head_dim = self.config.dim // self.config.num_heads
         num_kv = self.config.num_kv_heads or self.config.num_heads
         weight = self.tok_embeddings.weight
-        cache = KVCache(len(self.layers), B, num_kv, head_dim, self.seq_len + 1, like=weight)
-        tokens = torch.full((B, self.seq_len), -1, dtype=torch.long, device=weight.device)
-        return DecodeState(labels=labels, tokens=tokens, num_steps=self.seq_len, cache=cache)
+        cache = KVCache(len(self.layers), B, num_kv, head_dim, self.seq_len, like=weight)
+        tokens = torch.zeros((B, self.seq_len), dtype=torch.long, device=weight.device)
+        filled = torch.zeros((B, self.seq_len), dtype=torch.bool, device=weight.device)
+        extra = {"cls": self.cls_embedding(condition.to(weight.device).embedding_ids(self.num_classes))}
+        return DecodeState(condition, tokens, filled, num_steps=self.seq_len, cache=cache, extra=extra)
 
-    def predict(self, state: DecodeState) -> torch.Tensor:
-        if state.done:
-            raise ValueError("decoding is finished: all tokens are chosen")
-        if state.step == 0:
-            x = self.cls_embedding(state.labels)[:, None]  # prefill: the class token at position 0
+    def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:
+        """Logits for (B, n) positions, by default the next one. Position p reads the class token (p = 0) or the
+        token at p - 1; where p - 1 is not filled yet (parallel decoding starts a row early) it reads the nearest
+        filled token before p. One forward pass however far apart the rows' positions are."""
+        if positions is None:
+            if state.done:
+                raise ValueError("decoding is finished: all tokens are chosen")
+            positions = torch.full((len(state.tokens), 1), state.step, device=state.tokens.device)
+        if int(positions.min()) < 0 or int(positions.max()) >= self.seq_len:
+            raise ValueError(f"positions {int(positions.min())}..{int(positions.max())} outside 0..{self.seq_len - 1}")
+        B = state.tokens.shape[0]
+        index = torch.arange(self.seq_len, device=positions.device).expand(B, -1)
+        last_filled = torch.where(state.filled, index, -1).cummax(dim=1).values  # (B, L) last filled index <= i
+        before = last_filled.gather(1, (positions - 1).clamp(min=0))  # (B, n)
+        x = self.tok_embeddings(state.tokens.gather(1, before.clamp(min=0)))  # (B, n, D)
+        x = torch.where((positions == 0)[..., None], state.extra["cls"][:, None].expand_as(x), x)
+        first = positions[:1, :1]
+        contiguous = torch.arange(positions.shape[1], device=positions.device) + first
+        if bool((positions == contiguous).all()) and bool(state.cache.written[:, : int(first)].all()):
+            # every row at the same consecutive positions after a complete prefix: plain slices
+            logits = self._run(x, int(first), state.cache)
         else:
-            x = self.tok_embeddings(state.tokens[:, state.step - 1 : state.step])
-        logits = self._run(x, state.step, state.cache)
-        state.cache.length = state.step + 1
-        state.span = (state.step, state.step + 1)
-        return logits  # (B, 1, V)
+            logits = self._run_rows(x, positions, state.cache)
+        return Prediction(positions, logits)  # logits (B, n, V)
 
-    def advance(self, state: DecodeState, ids: torch.Tensor) -> None:
-        state.tokens[:, state.step : state.step + 1] = ids
+    def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
+        state.tokens.scatter_(1, positions, values)
+        state.filled.scatter_(1, positions, True)
         state.step += 1
-
-    # --- speculative steps: rows check drafted blocks at their own positions in one pass ---
-
-    def predict_rows(self, state: DecodeState, starts: torch.Tensor, length: int) -> torch.Tensor:
-        """Logits (B, length, V) for positions starts[b]..starts[b]+length-1 of every row b, each fed with the row's
-        `state.tokens` before it (the class token at position 0): one forward pass however far apart the rows
-        are. The caller writes drafted tokens into `state.tokens` first and keeps each row's cache valid below
-        starts[b] (entries at and after it are rewritten)."""
-        if int(starts.min()) < 0 or int(starts.max()) + length > self.seq_len:
-            raise ValueError(
-                f"positions {int(starts.min())}..{int(starts.max()) + length - 1} outside 0..{self.seq_len - 1}"
-            )
-        positions = starts[:, None] + torch.arange(length, device=starts.device)  # (B, T)
-        previous = state.tokens.gather(1, (positions - 1).clamp(min=0)).clamp(min=0)  # unknown (-1): any id
-        x = self.tok_embeddings(previous)
-        cls = self.cls_embedding(state.labels)[:, None].expand_as(x)
-        x = torch.where((positions == 0)[..., None], cls, x)
-        if bool((starts == starts[0]).all()):  # rows in step (one sample and its guidance row): plain slices
-            return self._run(x, int(starts[0]), state.cache)
-        return self._run_rows(x, positions, state.cache)
-
-    # --- parallel decoding: positions out of order ---
-
-    def predict_at(self, state: DecodeState, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Parallel decoding: logits (B, n, V) for the tokens at sequence indices `targets` (n,), each fed with the
-        token `inputs` (B, n) standing before it (ignored for target 0, which reads the class token)."""
-        embedded = self.tok_embeddings(inputs.clamp(min=0))  # (B, n, D)
-        cls = self.cls_embedding(state.labels)[:, None].expand_as(embedded)
-        x = torch.where((targets == 0)[None, :, None], cls, embedded)
-        state.span = (int(targets.min()), int(targets.max()) + 1)
-        return self._run_at(x, targets, state.cache)
 
 
 # Presets are data. "mnist-small" is the shipped default; the GPT-* rows are LlamaGen's c2i sizes at 256x256.

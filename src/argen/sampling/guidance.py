@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from argen.models.interface import Condition
+
 Schedule = Callable[[float], float]
 
 
@@ -24,8 +26,9 @@ def linear(scale: float) -> Schedule:
 
 
 def var_ramp(scale: float) -> Schedule:
-    """VAR's ramp: (1 + w) cond - w uncond with w = scale * t, i.e. s = 1 + scale * t."""
-    return lambda t: 1.0 + scale * t
+    """VAR's ramp, (1 + w t) cond - w t uncond, in argen's one convention (scale 1 = no guidance): s = 1 + w t
+    with w = scale - 1, so VAR's `cfg=4` is `cfg_scale=5` here. The same curve as `linear`."""
+    return linear(scale)
 
 
 def interval(scale: float, cfg_interval: int, num_steps: int) -> Schedule:
@@ -37,9 +40,9 @@ def interval(scale: float, cfg_interval: int, num_steps: int) -> Schedule:
 SCHEDULES: dict[str, Callable[[float], Schedule]] = {"constant": constant, "linear": linear, "var_ramp": var_ramp}
 
 
-def with_null_rows(labels: torch.Tensor, null_class: int) -> torch.Tensor:
-    """(B,) labels -> (2B,): the conditional rows, then one unconditional (null-class) row per sample."""
-    return torch.cat([labels, torch.full_like(labels, null_class)])
+def with_null_rows(condition: Condition) -> Condition:
+    """B conditions -> 2B: the conditional rows, then one unconditional row per sample."""
+    return condition.cat(condition.as_null())
 
 
 def position_scales(schedule: Schedule, positions, num_steps: int) -> torch.Tensor:

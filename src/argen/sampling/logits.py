@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from argen.errors import NonFiniteError
+
 
 def check_finite(logits: torch.Tensor, where: str = "logits") -> None:
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).sum().item()
-        raise ValueError(
+        raise NonFiniteError(
             f"{where} contain {bad} non-finite values (NaN/inf): the model or its weights are broken "
             "(check the checkpoint, the dtype, and the guidance scale)"
         )

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from argen.models.interface import Generator
+from argen.errors import ConfigError
+from argen.models.interface import Condition, DecodeState, Generator, as_condition
 from argen.sampling import guidance
+from argen.sampling.config import SamplerConfig, Speculative
 from argen.sampling.logits import check_finite, process
 from argen.sampling.relaxed import code_neighbours, relaxed_mass
 
@@ -59,7 +61,13 @@ def _probs(logits: torch.Tensor, positions: range, num_steps: int, schedule, con
 
 
 def _accept(
-    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, g, config, stats: SpeculativeStats, neighbours
+    drafts: torch.Tensor,
+    q: torch.Tensor,
+    p: torch.Tensor,
+    g,
+    config: SamplerConfig,
+    stats: SpeculativeStats,
+    neighbours,
 ) -> torch.Tensor:
     """Speculative acceptance of drafts (k,) drawn from q (k, V) against the target p (k+1, V); relaxed over
     each draft's `neighbours` (LANTERN) when given. Returns the new tokens (between 1 and k+1 of them)."""
@@ -72,7 +80,7 @@ def _accept(
         if neighbours is None:
             p_d, q_d = p[rows, drafts], q[rows, drafts]
         else:
-            p_d, q_d = relaxed_mass(drafts, p[:k], q, neighbours, config.relax_delta)
+            p_d, q_d = relaxed_mass(drafts, p[:k], q, neighbours, config.acceleration.relax_delta)
         keep = u * q_d.double() < p_d.double()  # kept with probability min(1, p/q)
     rejected = (~keep).nonzero()
     m = int(rejected[0]) if len(rejected) else k  # drafts kept before the first rejection
@@ -122,7 +130,7 @@ def _jacobi_drafts(s: _Progress, k: int, V: int) -> None:
 def _next_jacobi_drafts(s: _Progress, p: torch.Tensor, m: int, k: int, config) -> None:
     """Jacobi: the target's predictions p (k+1, V) for the positions after the m new tokens become the drafts."""
     fresh = _sample(p[m:], s.g, config.greedy) if m <= k else s.drafts[:0]
-    if config.speculative == "mc-sjd" and m < k and not config.greedy:
+    if config.acceleration.method == "mc-sjd" and m < k and not config.greedy:
         # Maximal coupling: keep the old draft of a position whenever the new distribution allows it, so drafts
         # settle instead of being redrawn every pass (each is still distributed as p).
         fresh[: k - m] = _couple(s.drafts[m:], s.q[m:], p[m:k], s.g)
@@ -138,14 +146,14 @@ def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, s
         active = [s.n + j if j < k else None for s, k in zip(progress, ks, strict=True)]
         # a pass feeds every position from the first stale cache entry on (two after a fully accepted block)
         span = max((p - s.draft_valid + 1 for s, p in zip(progress, active, strict=True) if p is not None))
-        starts = torch.empty(len(dstate.labels), dtype=torch.long, device=device)
+        starts = torch.empty(len(dstate.tokens), dtype=torch.long, device=device)
         at = []  # where each sample's position sits in its block
         for s, p in zip(progress, active, strict=True):
             end = p if p is not None else max(s.draft_valid - 1, 0)  # idle rows rewrite a valid entry
             start = max(end - span + 1, 0)
             starts[s.rows] = start
             at.append(end - start)
-        logits = draft_model.predict_rows(dstate, starts, span)
+        logits = draft_model.predict(dstate, _block(starts, span)).logits
         stats.draft_passes += 1
         for i, (s, p) in enumerate(zip(progress, active, strict=True)):
             if p is None:
@@ -153,6 +161,7 @@ def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, s
             dist = _probs(logits[s.rows, at[i] : at[i] + 1], range(p, p + 1), L, schedule, config)
             token = _sample(dist, s.g, config.greedy)
             dstate.tokens[s.rows, p] = token
+            dstate.filled[s.rows, p] = True
             proposals[i].append(token)
             dists[i].append(dist)
             s.draft_valid = p + 1
@@ -161,44 +170,55 @@ def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, s
         s.q = torch.cat(q) if k else s.q[:0]
 
 
+def _block(starts: torch.Tensor, length: int) -> torch.Tensor:
+    """(R,) first positions -> (R, length) consecutive positions of each row's block."""
+    return starts[:, None] + torch.arange(length, device=starts.device)
+
+
+def _write(state: DecodeState, rows: list[int], start: int, values: torch.Tensor) -> None:
+    """Put (n,) values (drafts or accepted tokens) at start..start+n of the sample's rows; what comes after is
+    not filled (a draft not accepted must not be read as a chosen token)."""
+    state.tokens[rows, start : start + len(values)] = values
+    state.filled[rows, start : start + len(values)] = True
+    state.filled[rows, start + len(values) :] = False
+
+
 @torch.no_grad()
 def generate_speculative(
     model: Generator,
-    labels: torch.Tensor,
-    config,
+    condition: Condition,
+    config: SamplerConfig,
     generators: list | None,
     schedule: guidance.Schedule | None,
     draft_model: Generator | None = None,
     stats: SpeculativeStats | None = None,
     codebook: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """labels (B,) -> ids (B, seq_len), distributed exactly as the plain sampler's (greedy: identical ids),
-    unless `config.relax_k` relaxes the acceptance over the nearest codes of `codebook` (V, d) (LANTERN)."""
-    if not hasattr(model, "predict_rows"):
-        raise ValueError(
-            f"{type(model).__name__} cannot verify drafted blocks: speculative decoding needs a raster-order generator"
-        )
-    if config.speculative == "draft":
+    """B conditions -> ids (B, seq_len), distributed exactly as the plain sampler's (greedy: identical ids),
+    unless `relax_k` relaxes the acceptance over the nearest codes of `codebook` (V, d) (LANTERN)."""
+    condition = as_condition(condition)
+    spec: Speculative = config.acceleration
+    if spec.method == "draft":
         if draft_model is None:
-            raise ValueError("speculative='draft' needs a draft model (ARPipeline(..., draft=...) or draft_model=)")
+            raise ConfigError("speculative='draft' needs a draft model (ARPipeline(..., draft=...) or draft_model=)")
         if (draft_model.vocab_size, draft_model.seq_len) != (model.vocab_size, model.seq_len):
-            raise ValueError("the draft model must share the target's vocabulary and sequence length")
+            raise ConfigError("the draft model must share the target's vocabulary and sequence length")
     else:
         draft_model = None
     neighbours = None
-    if config.relax_k:
+    if spec.relax_k:
         if codebook is None:
-            raise ValueError("relaxed acceptance (relax_k) needs the tokenizer's codebook (codebook=)")
+            raise ConfigError("relaxed acceptance (relax_k) needs the tokenizer's codebook (codebook=)")
         if len(codebook) != model.vocab_size:
-            raise ValueError(f"the codebook has {len(codebook)} codes, the generator {model.vocab_size}")
-        neighbours = code_neighbours(codebook, config.relax_k)
+            raise ConfigError(f"the codebook has {len(codebook)} codes, the generator {model.vocab_size}")
+        neighbours = code_neighbours(codebook, spec.relax_k)
     stats = stats if stats is not None else SpeculativeStats()
-    B, L, V = labels.shape[0], model.seq_len, model.vocab_size
+    B, L, V = len(condition), model.seq_len, model.vocab_size
     guided = schedule is not None
-    rows = guidance.with_null_rows(labels, model.num_classes) if guided else labels
-    device = rows.device
-    window = min(config.window, L - 1)
+    rows = guidance.with_null_rows(condition) if guided else condition
+    window = min(spec.window, L - 1)
     state = model.start(rows)
+    device = state.tokens.device
     dstate = draft_model.start(rows) if draft_model is not None else None
     # state.tokens: each row's chosen tokens, followed during a pass by its drafts
     empty = torch.empty(0, dtype=torch.long, device=device)
@@ -218,12 +238,14 @@ def generate_speculative(
                 _jacobi_drafts(s, k, V)
         else:
             dstate.tokens.copy_(state.tokens)
+            dstate.filled.copy_(state.filled)
             _propose(draft_model, dstate, progress, ks, L, schedule, config, stats)
         starts = torch.empty(len(rows), dtype=torch.long, device=device)
-        for s, k in zip(progress, ks, strict=True):
-            state.tokens[s.rows, s.n : s.n + k] = s.drafts
+        for s in progress:
+            if s.n < L:
+                _write(state, s.rows, s.n, s.drafts)
             starts[s.rows] = min(s.n, L - 1 - window)  # a block always spans window + 1 positions
-        logits = model.predict_rows(state, starts, window + 1)  # (R, window + 1, V)
+        logits = model.predict(state, _block(starts, window + 1)).logits  # (R, window + 1, V)
         stats.target_passes += 1
         for s, k in zip(progress, ks, strict=True):
             if s.n >= L:
@@ -232,7 +254,7 @@ def generate_speculative(
             p = _probs(logits[s.rows, at : at + k + 1], range(s.n, s.n + k + 1), L, schedule, config)  # (k+1, V)
             new = _accept(s.drafts, s.q, p, s.g, config, stats, neighbours)
             m = len(new)
-            state.tokens[s.rows, s.n : s.n + m] = new
+            _write(state, s.rows, s.n, new)
             if draft_model is None:
                 _next_jacobi_drafts(s, p, m, k, config)
             else:

@@ -237,6 +237,18 @@ class MultiScaleVQ(nn.Module, Pretrained):
         """The image the first `num_scales` token maps alone give (progressive previews). ids: (B, L)."""
         return self.decode_latent(self.quantize.ids_to_fhat(self.split(ids), self.side, upto=num_scales - 1))
 
+    def decode_partial(self, ids: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """A preview of a partly generated sequence (B, L) with its filled mask (B, L): the image of the leading
+        token maps that are complete (coarse to fine), as a next-scale order fills them."""
+        complete, begin = 0, 0
+        for pn in self.scales:
+            if not bool(filled[:, begin : begin + pn * pn].all()):
+                break
+            complete, begin = complete + 1, begin + pn * pn
+        if complete == 0:
+            return ids.new_zeros(len(ids), self.config.image_channels, self.side, self.side).float().sub(1)
+        return self.decode_prefix(torch.where(filled, ids, 0), complete)
+
     def latent(self, images: torch.Tensor) -> torch.Tensor:
         c = self.config
         if images.dim() != 4 or images.shape[1] != c.image_channels or images.shape[-1] != c.image_size:

@@ -197,6 +197,13 @@ class VQTokenizer(nn.Module, Pretrained):
         zq = self.quantize.codebook()[ids].view(B, g, g, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
         return self.decode_latent(zq)
 
+    def decode_partial(self, ids: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """A preview of a partly generated sequence (B, h*w) with its filled mask: positions not chosen yet get a
+        zero latent (no code), so the canvas shows what is known where it is known."""
+        B, g = ids.shape[0], self.grid_size
+        codes = self.quantize.codebook()[torch.where(filled, ids, 0)] * filled[..., None]
+        return self.decode_latent(codes.view(B, g, g, -1).permute(0, 3, 1, 2))
+
     def decode_latent(self, zq: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(zq))
 

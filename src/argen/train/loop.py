@@ -104,6 +104,7 @@ class Task(Protocol):
     unit: str  # what throughput counts: "tokens" or "images"
 
     def loss(self, module: nn.Module, batch: Any) -> tuple[torch.Tensor, int]: ...
+    def train_module(self, model: nn.Module) -> nn.Module: ...  # what `loss` calls; DDP wraps it
     def after_step(self, step: int, batch: Any, info: DistInfo) -> None: ...
     def preview(self) -> Any: ...  # a PIL image or None
     def state_dict(self) -> dict[str, Any]: ...
@@ -282,7 +283,8 @@ def _train(
     start, skipped = _resume(run_dir, model, optimizer, ema, task, config) if resume else (0, 0)
     if info.is_main:
         _truncate_log(run_dir / "log.jsonl", start)
-    module = DistributedDataParallel(model) if info.world_size > 1 else model
+    module = task.train_module(model)  # what the task's loss calls: the order's loss for generators
+    module = DistributedDataParallel(module) if info.world_size > 1 else module
 
     sampler = StepBatches(
         len(dataset), config.batch_size, config.seed, start, config.steps, info.rank, info.world_size

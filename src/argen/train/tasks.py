@@ -12,8 +12,9 @@ from PIL import Image
 from torch import nn
 
 from argen.data.images import grid
-from argen.models.interface import Generator
-from argen.sampling.decode import SamplerConfig, generate, seeded_generators
+from argen.models.interface import Condition, Generator, LossOutput
+from argen.sampling.config import SamplerConfig
+from argen.sampling.decode import generate, seeded_generators
 from argen.tokenizers.vq import VQTokenizer
 from argen.train.distributed import DistInfo
 
@@ -32,6 +33,9 @@ class TokenizerTask:
     def loss(self, module: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         images = batch[0]
         return module(images).loss, images.shape[0]
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        return model
 
     @torch.no_grad()
     def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
@@ -60,6 +64,18 @@ class TokenizerTask:
         self.restarted = state["restarted"]
 
 
+class OrderLoss(nn.Module):
+    """The order's training loss as a module's forward, so that DDP/FSDP wrappers (which synchronise gradients in
+    their forward) wrap the loss the order defines rather than the bare network."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
+        return self.model.loss(tokens, condition)
+
+
 class GeneratorTask:
     """Teacher-forced cross-entropy for any generation order; previews sample one row per class and decode it."""
 
@@ -75,13 +91,15 @@ class GeneratorTask:
         self.model = model
         self.decode = decode
         self.preview_classes = preview_classes
-        self.preview_config = preview_config or SamplerConfig(cfg_scale=2.0)
+        self.preview_config = preview_config or SamplerConfig.from_flat(dict(model.order.default_sampler))
 
     def loss(self, module: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         tokens, labels = batch
-        # The order decides what the network sees (raster: the previous tokens; next-scale: coarser maps).
-        logits = module(self.model.training_inputs(tokens), labels)  # (B, L, V): row t predicts token t
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)), tokens.numel()
+        out = module(tokens, Condition.classes(labels))  # the order owns what it trains against
+        return out.loss, out.num_targets
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        return OrderLoss(model)
 
     def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
         pass
@@ -92,7 +110,9 @@ class GeneratorTask:
         model: Generator = self.model
         n = min(self.preview_classes, model.num_classes)
         labels = torch.arange(n).repeat_interleave(4).to(next(self.model.parameters()).device)
-        ids = generate(model, labels, self.preview_config, seeded_generators(list(range(len(labels)))))
+        ids = generate(
+            model, Condition.classes(labels), self.preview_config, seeded_generators(list(range(len(labels))))
+        )
         return grid(self.decode(ids).clamp(-1, 1), rows=n)
 
     def state_dict(self) -> dict[str, Any]:
@@ -119,6 +139,9 @@ class ClassifierTask:
             dx, dy = (int(v) for v in torch.randint(0, 2 * s + 1, (2,)))
             images = padded[..., dy : dy + images.shape[-2], dx : dx + images.shape[-1]]
         return F.cross_entropy(module(images), labels), images.shape[0]
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        return model
 
     def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
         pass

@@ -1,0 +1,74 @@
+"""Position policies: who chooses which positions a step predicts and which of them it commits.
+
+Raster and next-scale take the positions their model generates next ("next"). Orders whose positions are
+chosen by a random or data-dependent rule (MaskGIT's confidence, RandAR's permutation) have a policy here in
+`sampling/`, because the rule draws from the per-sample generators: a seed then gives the same image alone
+or in any batch. An order names its policy in `model.order.policy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from argen.models.interface import DecodeState, Generator
+
+
+@dataclass
+class KnownTokens:
+    """Tokens to keep instead of sampling (zero-shot editing, VAR §4.4): where `known` (B, L) is True the value in
+    `tokens` (B, L) is committed whatever the model predicts, so the rest is generated around it."""
+
+    tokens: torch.Tensor  # (B, L) ids
+    known: torch.Tensor  # (B, L) bool
+
+    def apply(self, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, n) chosen values at (B, n) positions -> the known value wherever the position is known."""
+        return torch.where(self.known.gather(1, positions), self.tokens.gather(1, positions), values)
+
+    def rows(self, index: slice) -> KnownTokens:
+        return KnownTokens(self.tokens[index], self.known[index])
+
+
+class PositionPolicy:
+    """The policy of orders that generate their own next positions: ask the model, commit everything."""
+
+    def __init__(
+        self,
+        model: Generator,
+        options: Any,
+        generators: list[torch.Generator] | None,
+        known: KnownTokens | None,
+    ):
+        self.model, self.options, self.generators, self.known = model, options, generators, known
+
+    def begin(self, state: DecodeState) -> None:
+        """Called once after `start`, before the first step."""
+
+    def positions(self, state: DecodeState) -> torch.Tensor | None:
+        """(B, n) positions the next step predicts for the B samples, or None for the model's own."""
+        return None
+
+    def select(
+        self, state: DecodeState, positions: torch.Tensor, logits: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of the (B, n) predicted positions, their processed logits (B, n, V) and drawn values (B, n): which
+        positions and values to commit."""
+        return positions, values
+
+
+def policy_class(name: str) -> type[PositionPolicy]:
+    """The policy an order names; the random ones live beside their sampling rule."""
+    if name == "next":
+        return PositionPolicy
+    if name == "masked":
+        from argen.sampling.masked import MaskedPolicy
+
+        return MaskedPolicy
+    if name == "random":
+        from argen.sampling.random_order import RandomOrderPolicy
+
+        return RandomOrderPolicy
+    raise ValueError(f"unknown position policy {name!r}")
