@@ -1,10 +1,17 @@
+import errno
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from argen.errors import CheckpointError, ConfigError, NonFiniteCheckpointError, NonFiniteError, StorageError
 from argen.models.raster import RasterConfig, RasterTransformer
-from argen.pretrained import config_from_dict, load_pretrained, load_state_dict_strict
+from argen.pretrained import config_from_dict, load_pretrained, load_state_dict_strict, non_finite
+from argen.storage import save_image, save_npz
 from tests.conftest import tiny_raster, tiny_vq
 
 
@@ -61,3 +68,73 @@ def test_config_errors(tmp_path):
         load_pretrained(tmp_path / "x")
     with pytest.raises(FileNotFoundError):
         load_pretrained(tmp_path / "missing")
+
+
+def test_non_finite_weights_are_neither_saved_nor_loaded(tmp_path):
+    model = tiny_raster()
+    name = next(model.named_parameters())[0]
+    with torch.no_grad():
+        next(model.parameters())[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=f"refusing to write non-finite weights .*'{name}'"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    tiny_raster().save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["norm.weight"][1] = float("nan")
+    save_file(tensors, path)
+    with pytest.raises(NonFiniteCheckpointError, match="holds non-finite weights: 'norm.weight' \\(1 of 32"):
+        load_pretrained(tmp_path / "m")
+
+
+def test_a_minus_infinity_attention_mask_buffer_is_not_non_finite():
+    mask = {"attn_bias": torch.tensor([0.0, float("-inf")]), "w": torch.ones(2)}
+    assert non_finite(mask, parameters=["w"]) == []
+    assert non_finite({**mask, "attn_bias": torch.tensor([float("nan")])}, parameters=["w"]) == ["attn_bias"]
+    assert non_finite({**mask, "w": torch.tensor([float("-inf")])}, parameters=["w"]) == ["w"]
+
+
+def test_invalid_config_inside_a_checkpoint_is_a_checkpoint_error(tmp_path):
+    tiny_raster().save_pretrained(tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["config"]["dimm"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: unknown RasterConfig field"):
+        load_pretrained(tmp_path / "m")
+    config_path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not an argen config"):
+        load_pretrained(tmp_path / "m")
+
+
+def test_a_full_disk_leaves_the_previous_folder_intact(tmp_path, monkeypatch):
+    model = tiny_raster()
+    model.save_pretrained(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("argen.pretrained.save_file", full)
+    with pytest.raises(StorageError, match=r"^no space left on device while writing \S+/m/model.safetensors$"):
+        model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_image_and_npz_writes_are_atomic(tmp_path, monkeypatch):
+    image = Image.new("L", (4, 4))
+    save_image(image, tmp_path / "a.png")
+    save_npz(tmp_path / "a.npz", images=np.zeros((1, 2, 2, 1), np.uint8))
+    assert Image.open(tmp_path / "a.png").size == (4, 4) and np.load(tmp_path / "a.npz")["images"].shape[0] == 1
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"")  # what a full disk leaves: an empty file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(StorageError, match="no space left on device while writing"):
+        save_image(image, tmp_path / "b.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.png"]
+    with pytest.raises(ConfigError, match="unknown extension '.txt'"):
+        save_image(image, tmp_path / "c.txt")
