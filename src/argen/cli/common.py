@@ -161,6 +161,15 @@ def sampler_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def check_for_model(pipe, fields: dict, option: str = "--set") -> None:
+    """Sampler fields against the loaded model's order (its own options, the accelerations it supports), so a
+    typo fails before any sampling."""
+    try:
+        pipe.config(**fields)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{option}: {e}") from e
+
+
 def shipped_models() -> dict[str, str]:
     """Shipped pipeline names (aliases included) -> the folder each names."""
     from argen.pipeline import SHIPPED

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.cli.common import check_image_count, classifier_path, sampler_overrides
+from argen.cli.common import check_for_model, check_image_count, classifier_path, sampler_overrides
 from argen.errors import ConfigError
 from argen.storage import save_image, save_npz
 
@@ -22,6 +22,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ConfigError("--progressive writes an image strip: give --out an image name such as scales.png")
     overrides = sampler_overrides(args)
     pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    check_for_model(pipe, overrides)
     classes = args.labels.split(",") if args.labels else list(range(pipe.generator.num_classes))
     total = check_image_count(len(classes), args.n)
     labels = pipe.label_ids([c.strip() if isinstance(c, str) else c for c in classes]).repeat_interleave(args.n)
@@ -64,6 +65,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     overrides = sampler_overrides(args)
     check_image_count(1, args.n, what="variants")
     pipe = ARPipeline.from_pretrained(args.model)
+    check_for_model(pipe, overrides)
     size, channels = pipe.tokenizer.config.image_size, pipe.tokenizer.config.image_channels
     if args.digit is not None:
         test = load_dataset("mnist:test", size, channels)

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.cli.common import check_image_count, classifier_path, parse_setting, print_table, sampler_overrides
+from argen.cli.common import (
+    check_for_model,
+    check_image_count,
+    classifier_path,
+    parse_setting,
+    print_table,
+    sampler_overrides,
+)
 from argen.errors import ConfigError
 
 
@@ -24,6 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_image_count(len(args.seeds), args.n, what="per seed")
     sampler = sampler_overrides(args)
     pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    check_for_model(pipe, sampler)
     tc = pipe.tokenizer.config
     reference, rest = reference_sets(args.data, args.n, tc.image_size, tc.image_channels)
     classifier = ClassifierFeatures(load_pretrained(classifier_path(args.classifier))) if args.classifier else None
@@ -85,8 +93,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from argen.pretrained import atomic_write
 
     torch.set_num_threads(args.threads)
-    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
     settings = dict(parse_setting(s) for s in (args.setting or ["default"]))
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    for name, fields in settings.items():
+        check_for_model(pipe, fields, f"--setting {name}")
     peak = matmul_peak_flops()
     print(
         f"model {args.model}: {pipe.generator.seq_len} tokens/image; {args.threads} threads; "

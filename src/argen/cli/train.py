@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.cli.common import nonnegative_int, parse_overrides, positive_int, run_folder, shipped_sampler
+from argen.cli.common import nonnegative_int, parse_overrides, positive_int, run_folder
 from argen.errors import ConfigError
 from argen.pretrained import config_from_dict
 
@@ -172,8 +172,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = [f"vocab_size={shards.vocab_size}"]
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")
-    next_scale = isinstance(presets[args.preset], NextScaleConfig)
-    if next_scale:
+    if isinstance(presets[args.preset], NextScaleConfig):
         if tokenizer is None:
             raise ConfigError("a next-scale generator trains through its tokenizer: pass --tokenizer")
         overrides += [f"scales={list(tokenizer.scales)}", f"token_dim={tokenizer.config.z_channels}"]
@@ -191,16 +190,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.output:
         print(f"generator saved to {result.output} (loss {result.final_loss:.4f}, {result.seconds:.0f} s)")
         if tokenizer is not None:
+            # No sampler given: the pipeline takes the order's documented defaults (OrderSpec.default_sampler),
+            # the guidance the shipped model of that order uses, not "guidance off".
             pipe = ARPipeline(tokenizer, load_pretrained(result.output), shards.class_names or None)
-            # The order's documented guidance: the shipped model of the same order's (its pipeline.json).
-            order = "next-scale" if next_scale else "raster"
-            shipped = shipped_sampler(order)
-            guidance = {k: shipped[k] for k in ("cfg_scale", "cfg_schedule") if k in shipped}
-            pipe.sampler = dataclasses.replace(pipe.sampler, **guidance)
             print(
-                f"pipeline saved to {pipe.save_pretrained(Path(args.out) / 'pipeline')} with the shipped {order} "
-                f"model's guidance: cfg {pipe.sampler.cfg_scale} ({pipe.sampler.cfg_schedule} schedule); "
-                "argen sample --cfg overrides it"
+                f"pipeline saved to {pipe.save_pretrained(Path(args.out) / 'pipeline')} with the "
+                f"{pipe.generator.order.name} order's default guidance: cfg {pipe.sampler.cfg_scale} "
+                f"({pipe.sampler.cfg_schedule} schedule); argen sample --cfg overrides it"
             )
 
 
