@@ -11,7 +11,6 @@ against the plain sampler of the same model.
 """
 
 import argparse
-import dataclasses
 import json
 
 import torch
@@ -21,6 +20,7 @@ from argen.eval.evaluate import evaluate, reference_sets
 from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
 from argen.eval.report import Point, scatter_svg
 from argen.eval.speed import bench_sampling, matmul_peak_flops
+from argen.models.interface import NoOptions
 from argen.pipeline import ARPipeline
 from argen.pretrained import load_pretrained
 
@@ -58,12 +58,13 @@ def _short(name: str) -> str:
 def kv_peak(pipe: ARPipeline, sampler: dict, batch: int = 8) -> int | None:
     """Most KV entries (all layers, per row) the next-scale cache holds while decoding (argmax tokens)."""
     model = pipe.generator
-    if not hasattr(model, "start_options"):
+    if model.order.options_class is NoOptions:
         return None
-    config = dataclasses.replace(pipe.sampler, **sampler)
-    state = model.start(torch.arange(batch) % model.num_classes, **config.model_options())
+    config = pipe.config(**sampler)
+    state = model.start(torch.arange(batch) % model.num_classes, config.options_for(model.order.options_class))
     while not state.done:
-        model.advance(state, model.predict(state).argmax(-1))
+        prediction = model.predict(state)
+        model.advance(state, prediction.positions, prediction.logits.argmax(-1))
     return state.cache.peak
 
 

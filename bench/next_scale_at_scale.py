@@ -14,8 +14,11 @@ import time
 
 import torch
 
+from argen.models.interface import Condition
 from argen.models.next_scale import NEXT_SCALE_PRESETS, NextScaleTransformer
-from argen.sampling.decode import SamplerConfig, generate, seeded_generators
+from argen.sampling.config import SamplerConfig
+from argen.sampling.decode import generate, seeded_generators
+from argen.sampling.guidance import with_null_rows
 from argen.tokenizers.multiscale import MULTISCALE_PRESETS, MultiScaleVQ
 
 SETTINGS = {
@@ -30,10 +33,11 @@ SETTINGS = {
 @torch.no_grad()
 def kv_megabytes(model: NextScaleTransformer, labels: torch.Tensor, config: SamplerConfig) -> float:
     """Peak KV memory of a guided decode (conditional + unconditional rows), float32."""
-    rows = torch.cat([labels, torch.full_like(labels, model.num_classes)])
-    state = model.start(rows, **config.model_options())
+    rows = with_null_rows(Condition.classes(labels))
+    state = model.start(rows, config.options_for(model.order.options_class))
     while not state.done:
-        model.advance(state, model.predict(state).argmax(-1))
+        prediction = model.predict(state)
+        model.advance(state, prediction.positions, prediction.logits.argmax(-1))
     return state.cache.peak * 2 * model.config.dim * 4 * len(rows) / 2**20
 
 
@@ -51,7 +55,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     labels = torch.arange(args.batch) % model.num_classes
     configs = {
-        name: SamplerConfig(cfg_scale=4.0, cfg_schedule="var_ramp", top_k=900, **s) for name, s in SETTINGS.items()
+        name: SamplerConfig.from_flat(dict(cfg_scale=5.0, cfg_schedule="var_ramp", top_k=900, **s))
+        for name, s in SETTINGS.items()
     }
     times = {name: [] for name in configs}
     for config in configs.values():  # warm-up

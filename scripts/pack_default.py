@@ -5,7 +5,6 @@ python scripts/pack_default.py --pipeline RUN/gen/pipeline --name raster-mnist -
 """
 
 import argparse
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def main() -> None:
     p.add_argument("--draft", default=None, help="a small generator folder: the drafter of speculative='draft'")
     args = p.parse_args()
     pipe = ARPipeline.from_pretrained(Path(args.pipeline))
-    pipe.sampler = dataclasses.replace(pipe.sampler, cfg_scale=args.cfg)
+    pipe.sampler = pipe.sampler.with_overrides(cfg_scale=args.cfg)
     if args.draft:
         pipe.draft = load_pretrained(args.draft)
     shutil.rmtree(ASSETS / args.name, ignore_errors=True)

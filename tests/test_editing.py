@@ -52,5 +52,8 @@ def test_raster_outpainting_below_a_kept_top_region():
     source = pipe.tokenizer.encode(digits)
     assert torch.equal(out.tokens[:, :21], source[:, :21])  # 3 rows of 7 tokens kept
     assert not torch.equal(out.tokens[:, 21:], source[:, 21:])
-    with pytest.raises(ValueError, match="progressive previews need"):
-        next(pipe.progressive([1]))
+    # raster previews are partial canvases: one per token, the last one the final image
+    frames = list(pipe.progressive([1], seed=3))
+    assert len(frames) == pipe.generator.seq_len
+    torch.testing.assert_close(frames[-1], pipe([1], seed=3, output_type="pt").images, atol=1e-5, rtol=0)
+    assert (frames[0] - frames[-1]).abs().mean() > 0.05

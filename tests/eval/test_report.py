@@ -54,7 +54,8 @@ def test_report_page_escapes_class_names_model_and_setting_names(tmp_path, monke
 
     @dataclass
     class Sampler:
-        speculative: str = "<i>draft</i>"
+        def flat(self) -> dict:
+            return {"speculative": "<i>draft</i>"}
 
     pipe = SimpleNamespace(
         tokenizer=SimpleNamespace(config=SimpleNamespace(image_size=8, image_channels=1)),

@@ -8,7 +8,6 @@ under the offline classifier; test-set NLL in bits per token of the generator on
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
@@ -51,7 +50,7 @@ class EvalReport:
     recall: MeanStd
     class_accuracy: MeanStd | None
     classifier_score: MeanStd | None
-    bits_per_token: float
+    bits_per_token: float | None  # None: the order defines no likelihood
     feature_extractor: str
     extra: dict = field(default_factory=dict)
 
@@ -66,7 +65,8 @@ class EvalReport:
         if self.class_accuracy is not None:
             rows.append(("class accuracy", str(self.class_accuracy)))
             rows.append(("classifier score exp(E KL)", str(self.classifier_score)))
-        rows.append(("test NLL (bits/token)", f"{self.bits_per_token:.4f}"))
+        nll = "not defined for this order" if self.bits_per_token is None else f"{self.bits_per_token:.4f}"
+        rows.append(("test NLL (bits/token)", nll))
         return rows
 
 
@@ -144,7 +144,7 @@ def evaluate(
             [pipe.tokenizer.encode(reference.images[i : i + 250].to(pipe.device)).cpu() for i in range(0, n, 250)]
         )
     bits = bits_per_token(pipe.generator, TensorDataset(ids, reference.labels))
-    effective = dataclasses.asdict(dataclasses.replace(pipe.sampler, **sampler))
+    effective = pipe.config(**sampler).flat()
     return EvalReport(
         num_samples=n,
         seeds=list(seeds),

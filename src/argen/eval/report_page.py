@@ -3,7 +3,6 @@ sampler settings and lay the results out with `argen.eval.report`."""
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import logging
 from pathlib import Path
@@ -115,7 +114,7 @@ def build_report(
     samples = pipe(labels, seed=0, output_type="pt").images
     picture = grid(samples, rows=pipe.generator.num_classes)
     sections = [
-        samples_section(model, dataclasses.asdict(pipe.sampler), pipe.class_names, len(labels), picture),
+        samples_section(model, pipe.sampler.flat(), pipe.class_names, len(labels), picture),
         metrics_section(n, seeds, default.feature_extractor, default.rows()),
         speed_section(speed_batch, points, rows),
     ]
