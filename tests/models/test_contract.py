@@ -44,10 +44,17 @@ def next_scale():
     return _peaked(model, 2.0).bind(tokenizer), tokenizer
 
 
+def masked():
+    from tests.models.test_masked import tiny_masked
+
+    return _peaked(tiny_masked(), 4.0), None
+
+
 # One line per order: (name, factory, the order defines step-by-step == teacher-forced)
 ORDERS = [
     pytest.param(raster, True, id="raster"),
     pytest.param(next_scale, True, id="next-scale"),
+    pytest.param(masked, False, id="masked"),
 ]
 
 

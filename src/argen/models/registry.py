@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from argen.errors import ConfigError
+from argen.models.masked import MASKED_PRESETS, MaskedTransformer
 from argen.models.next_scale import NEXT_SCALE_PRESETS, NextScaleTransformer
 from argen.models.raster import RASTER_PRESETS, RasterTransformer
 
@@ -20,6 +21,7 @@ from argen.models.raster import RASTER_PRESETS, RasterTransformer
 ORDERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "raster": (RasterTransformer, RASTER_PRESETS),
     "next-scale": (NextScaleTransformer, NEXT_SCALE_PRESETS),
+    "masked": (MaskedTransformer, MASKED_PRESETS),
 }
 
 

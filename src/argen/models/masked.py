@@ -1,0 +1,215 @@
+"""Masked generative order: MaskGIT's bidirectional transformer ("MaskGIT: Masked Generative Image Transformer",
+Chang et al. 2022; Muse, Chang et al. 2023, for the guidance).
+
+Sequence = [class token, L image tokens]; a token not filled yet reads the [MASK] embedding (id = vocab_size) and
+every token attends to every other (no causal mask). Training hides a cosine-schedule fraction of each image and
+predicts it (MaskGIT §3.1); decoding predicts the whole canvas at every step and keeps the most confident
+predictions, which is the sampler's business (`argen.sampling.masked`, MaskGIT §3.2): the model only fills the
+positions it is told.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from argen.errors import ConfigError, check_int, check_number, check_probability
+from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
+from argen.models.layers import RMSNorm
+from argen.models.raster import TransformerBlock
+from argen.models.rope import rope_2d_table
+from argen.pretrained import Pretrained, register
+
+# MaskGIT §3.3: the fraction of tokens still masked as a function of progress t in [0, 1]; 1 at t = 0
+# (all masked), 0 at t = 1. Concave schedules (cosine, square) do best; cosine is the paper's choice.
+MASK_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "cosine": lambda t: math.cos(math.pi / 2 * t),
+    "linear": lambda t: 1.0 - t,
+    "square": lambda t: 1.0 - t * t,
+}
+
+
+@dataclass(frozen=True)
+class MaskedOptions:
+    """Sampler options of the masked order (MaskGIT §3.2)."""
+
+    steps: int = 10  # decoding iterations T; MaskGIT uses 8-12
+    choice_temperature: float = 4.5  # scale of the Gumbel noise on the confidences, annealed to 0 at the last step
+    mask_schedule: str = "cosine"  # a key of MASK_SCHEDULES: how many tokens stay masked after each step
+
+    def __post_init__(self) -> None:
+        check_int(self, "steps")
+        check_number(self, "choice_temperature", at_least=0.0)
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ConfigError(
+                f"MaskedOptions.mask_schedule {self.mask_schedule!r} unknown; choose from {sorted(MASK_SCHEDULES)}"
+            )
+
+    def mask_ratio(self, t: float) -> float:
+        """The fraction of the initially masked tokens still masked at progress t in [0, 1]."""
+        return MASK_SCHEDULES[self.mask_schedule](t)
+
+
+@dataclass
+class MaskedConfig:
+    vocab_size: int = 1024
+    num_classes: int = 1000
+    grid_size: int = 16  # tokens per side; seq_len = grid_size**2
+    dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None  # grouped-query attention when < num_heads
+    multiple_of: int = 256  # SwiGLU hidden width: 2/3 of 4 * dim (times ffn_dim_multiplier), rounded up to this
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    class_dropout: float = 0.1  # label -> null condition in training, for classifier-free guidance
+    resid_dropout: float = 0.0
+    ffn_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int(self, "vocab_size", minimum=2)
+        for name in ("num_classes", "grid_size", "dim", "num_layers", "num_heads", "multiple_of"):
+            check_int(self, name)
+        check_int(self, "num_kv_heads", optional=True)
+        check_number(self, "ffn_dim_multiplier", above=0, optional=True)
+        check_number(self, "rope_base", above=0)
+        check_number(self, "norm_eps", above=0)
+        for name in ("class_dropout", "resid_dropout", "ffn_dropout"):
+            check_probability(self, name)
+        head_dim, kv_heads = self.dim // self.num_heads, self.num_kv_heads or self.num_heads
+        if self.dim % self.num_heads or head_dim % 4 or self.num_heads % kv_heads:
+            raise ConfigError(
+                f"MaskedConfig: dim={self.dim} must split into num_heads={self.num_heads} heads of a width that is a "
+                f"multiple of 4 (2D rotary embedding), and num_heads into num_kv_heads={self.num_kv_heads} groups"
+            )
+
+
+@register
+class MaskedTransformer(nn.Module, Pretrained):
+    component_type = "masked_transformer"
+    config_class = MaskedConfig
+    # Muse §2.7 raises the guidance scale over the decoding steps: the first, few tokens set the layout freely.
+    order = OrderSpec(
+        "masked",
+        policy="masked",
+        options_class=MaskedOptions,
+        default_sampler=(("cfg_scale", 3.0), ("cfg_schedule", "linear")),
+    )
+
+    def __init__(self, config: MaskedConfig):
+        super().__init__()
+        self.config = c = config
+        self.num_classes, self.vocab_size, self.seq_len = c.num_classes, c.vocab_size, c.grid_size**2
+        self.mask_id = c.vocab_size  # MaskGIT §3.1: one extra embedding row, [MASK]
+        self.tok_embeddings = nn.Embedding(c.vocab_size + 1, c.dim)
+        self.cls_embedding = nn.Embedding(c.num_classes + 1, c.dim)  # the last row is the null condition
+        # MaskGIT's learned absolute positions: every [MASK] input is the same vector, so without them a hidden
+        # slot knows where it is only through the rotary phases of its attention scores.
+        self.pos_embedding = nn.Parameter(torch.empty(1 + self.seq_len, c.dim))
+        # LlamaGen's pre-norm block (shared with the raster order, which reads the same config fields); without a
+        # mask it attends both ways, as MaskGIT's bidirectional transformer does.
+        self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        table = rope_2d_table(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
+        self.register_buffer("rope", table, persistent=False)  # derived from the config, not in a checkpoint
+        nn.init.normal_(self.pos_embedding, std=0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, masked: torch.Tensor, condition: Condition | torch.Tensor) -> torch.Tensor:
+        """tokens: (B, L) ids, masked: (B, L) bool (True = hidden, read as [MASK]), condition: B classes ->
+        logits (B, L, V) in float32 for every image position."""
+        if tokens.shape != masked.shape or tokens.shape[1:] != (self.seq_len,):
+            raise ValueError(
+                f"tokens and mask must be (B, {self.seq_len}), got {tuple(tokens.shape)} and {tuple(masked.shape)}"
+            )
+        cls = self.cls_embedding(as_condition(condition).embedding_ids(self.num_classes))
+        return self._run(cls, tokens, masked)
+
+    def _run(self, cls: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Class embeddings (B, D), ids (B, L), mask (B, L) -> logits (B, L, V) in float32."""
+        ids = torch.where(masked, self.mask_id, tokens)
+        h = torch.cat([cls[:, None], self.tok_embeddings(ids)], dim=1) + self.pos_embedding  # (B, 1 + L, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope, None, None, i, 0)  # no mask, no cache: full bidirectional attention
+        return self.output(self.norm(h[:, 1:])).float()  # (B, L, V); the class slot predicts nothing
+
+    def training_mask(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
+        """(B, L) bool, True where a training target is hidden. MaskGIT §3.1: per sample r ~ U(0, 1), then
+        ceil(cos(pi/2 r) L) positions (at least one) chosen uniformly at random. Draws from the global RNG."""
+        L = self.seq_len
+        ratio = torch.cos(math.pi / 2 * torch.rand(batch_size, device=device))  # (B,) in (0, 1]
+        count = (ratio * L).ceil().clamp(1, L)  # (B,)
+        rank = torch.rand(batch_size, L, device=device).argsort(dim=1).argsort(dim=1)  # a random permutation
+        return rank < count[:, None]
+
+    def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
+        """Cross-entropy on the hidden positions of (B, L) tokens only (MaskGIT eq. 1); the condition is dropped
+        at the configured rate in training, for classifier-free guidance. The order has no exact likelihood (a
+        random subset is predicted from another), so `nll_sum` is None."""
+        if self.training:
+            condition = condition.dropped(self.config.class_dropout)
+        masked = self.training_mask(tokens.shape[0], tokens.device)
+        logits = self(tokens, masked, condition)  # (B, L, V)
+        num_targets = int(masked.sum())
+        loss = F.cross_entropy(logits[masked], tokens[masked], reduction="sum") / num_targets
+        return LossOutput(loss, num_targets, None)
+
+    # --- the order contract (argen.models.interface): the whole canvas every step ---
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return self.config.grid_size, self.config.grid_size
+
+    def start(self, condition: Condition | torch.Tensor, options: MaskedOptions | None = None) -> DecodeState:
+        """An empty canvas: every position masked; `options.steps` predictions fill it."""
+        options = options or MaskedOptions()
+        weight = self.tok_embeddings.weight
+        condition = as_condition(condition).to(weight.device)
+        B = len(condition)
+        tokens = torch.zeros((B, self.seq_len), dtype=torch.long, device=weight.device)
+        filled = torch.zeros((B, self.seq_len), dtype=torch.bool, device=weight.device)
+        extra = {"cls": self.cls_embedding(condition.embedding_ids(self.num_classes))}  # (B, D)
+        return DecodeState(condition, tokens, filled, num_steps=options.steps, extra=extra)
+
+    def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:
+        """One forward pass over the canvas (unfilled positions read [MASK]) -> logits at (B, n) positions,
+        by default all L of them."""
+        B = state.tokens.shape[0]
+        logits = self._run(state.extra["cls"], state.tokens, ~state.filled)  # (B, L, V)
+        if positions is None:
+            positions = torch.arange(self.seq_len, device=logits.device).expand(B, -1)
+            return Prediction(positions, logits)
+        if int(positions.min()) < 0 or int(positions.max()) >= self.seq_len:
+            raise ValueError(f"positions {int(positions.min())}..{int(positions.max())} outside 0..{self.seq_len - 1}")
+        index = positions[..., None].expand(-1, -1, logits.shape[-1])
+        return Prediction(positions, logits.gather(1, index))  # (B, n, V)
+
+    def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Commit (B, n) values; a position may repeat with its value (the policy pads ragged counts that way)."""
+        state.tokens.scatter_(1, positions, values)
+        state.filled.scatter_(1, positions, True)
+        state.step += 1
+
+
+# Presets are data. "mnist-masked" matches the raster order's "mnist-small" (~2 M parameters) on the same tokens.
+MASKED_PRESETS: dict[str, MaskedConfig] = {
+    "mnist-masked": MaskedConfig(
+        vocab_size=512,
+        num_classes=10,
+        grid_size=7,
+        dim=192,
+        num_layers=4,
+        num_heads=6,
+        multiple_of=32,
+        class_dropout=0.1,
+    ),
+}
