@@ -43,6 +43,7 @@ _COMPONENT_MODULES = (
     "argen.tokenizers.multiscale",
     "argen.models.raster",
     "argen.models.next_scale",
+    "argen.models.random_order",
     "argen.models.masked",
     "argen.eval.classifier",
 )

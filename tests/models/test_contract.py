@@ -50,10 +50,17 @@ def masked():
     return _peaked(tiny_masked(), 4.0), None
 
 
+def random_order():
+    from tests.models.test_random_order import tiny_random_order
+
+    return _peaked(tiny_random_order(vocab_size=16), 4.0), None
+
+
 # One line per order: (name, factory, the order defines step-by-step == teacher-forced)
 ORDERS = [
     pytest.param(raster, True, id="raster"),
     pytest.param(next_scale, True, id="next-scale"),
+    pytest.param(random_order, False, id="random-order"),
     pytest.param(masked, False, id="masked"),
 ]
 

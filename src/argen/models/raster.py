@@ -30,7 +30,10 @@ from argen.pretrained import Pretrained, register
 
 
 @dataclass
-class RasterConfig:
+class DecoderConfig:
+    """The fields of the Llama-style layer stack below (`TransformerBlock`), shared by the orders built on it
+    (raster here, random-order in `random_order.py`); each order's config extends it."""
+
     vocab_size: int = 16384
     num_classes: int = 1000
     grid_size: int = 16  # tokens per side; seq_len = grid_size**2
@@ -43,11 +46,11 @@ class RasterConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     class_dropout: float = 0.1  # label -> null class in training, for classifier-free guidance
-    token_dropout: float = 0.0
     resid_dropout: float = 0.0
     ffn_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        config = type(self).__name__
         check_int(self, "vocab_size", minimum=2)
         for name in ("num_classes", "grid_size", "dim", "num_layers", "num_heads", "multiple_of"):
             check_int(self, name)
@@ -55,23 +58,32 @@ class RasterConfig:
         check_number(self, "ffn_dim_multiplier", above=0, optional=True)
         check_number(self, "rope_base", above=0)
         check_number(self, "norm_eps", above=0)
-        for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout"):
+        for name in ("class_dropout", "resid_dropout", "ffn_dropout"):
             check_probability(self, name)
         if self.dim % self.num_heads:
-            raise ConfigError(f"RasterConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
+            raise ConfigError(f"{config}: dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if (self.dim // self.num_heads) % 4:
             raise ConfigError(
-                f"RasterConfig: head width dim / num_heads = {self.dim // self.num_heads} must be a multiple of 4 "
+                f"{config}: head width dim / num_heads = {self.dim // self.num_heads} must be a multiple of 4 "
                 "(2D rotary embedding)"
             )
         if self.num_heads % (self.num_kv_heads or self.num_heads):
             raise ConfigError(
-                f"RasterConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+                f"{config}: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
 
 
+@dataclass
+class RasterConfig(DecoderConfig):
+    token_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_probability(self, "token_dropout")
+
+
 class Attention(nn.Module):
-    def __init__(self, c: RasterConfig):
+    def __init__(self, c: DecoderConfig):
         super().__init__()
         self.num_heads = c.num_heads
         self.num_kv_heads = c.num_kv_heads or c.num_heads
@@ -109,7 +121,7 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, c: RasterConfig):
+    def __init__(self, c: DecoderConfig):
         super().__init__()
         self.attention = Attention(c)
         hidden = swiglu_hidden_dim(c.dim, c.multiple_of, c.ffn_dim_multiplier)

@@ -15,12 +15,14 @@ from torch import nn
 from argen.errors import ConfigError
 from argen.models.masked import MASKED_PRESETS, MaskedTransformer
 from argen.models.next_scale import NEXT_SCALE_PRESETS, NextScaleTransformer
+from argen.models.random_order import RANDOM_ORDER_PRESETS, RandomOrderTransformer
 from argen.models.raster import RASTER_PRESETS, RasterTransformer
 
 # name -> (model class, presets: preset name -> config)
 ORDERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "raster": (RasterTransformer, RASTER_PRESETS),
     "next-scale": (NextScaleTransformer, NEXT_SCALE_PRESETS),
+    "random-order": (RandomOrderTransformer, RANDOM_ORDER_PRESETS),
     "masked": (MaskedTransformer, MASKED_PRESETS),
 }
 
