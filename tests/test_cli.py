@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from argen.cli import build_parser, main
@@ -54,6 +55,7 @@ SURFACE = {
         "--inception-weights",
         "--classifier",
         "--batch-size",
+        "--unguided",
         "--json",
         "--npz",
         "--device",
@@ -236,6 +238,7 @@ def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys)
                 "100",
                 "--seeds",
                 "0",
+                "--unguided",
                 "--json",
                 str(tmp_path / "e.json"),
                 "--npz",
@@ -246,8 +249,12 @@ def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys)
     )
     out = capsys.readouterr().out
     assert "FD real-vs-real floor" in out and "class accuracy" in out and "N = 100" in out
-    report = json.loads((tmp_path / "e.json").read_text())
+    assert "x floor)" in out and "quality bar" in out and "guided" in out and "unguided" in out
+    reports = json.loads((tmp_path / "e.json").read_text())
+    report, unguided = reports["guided"], reports["unguided"]
     assert report["num_samples"] == 100 and report["class_accuracy"]["mean"] > 0.7
+    assert report["fd_multiple"] == pytest.approx(report["fd"]["mean"] / report["fd_real_floor"])
+    assert unguided["sampler"]["cfg_scale"] == 1.0 and unguided["fd"]["mean"] != report["fd"]["mean"]
     adm = np.load(tmp_path / "adm.npz")
     assert adm["arr_0"].shape == (100, 28, 28, 3) and adm["arr_0"].dtype == np.uint8
 

@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--classifier", default="default", help="'default' or a classifier folder")
     p.add_argument("--batch-size", type=positive_int, default=100, help="images generated at once")
+    p.add_argument(
+        "--unguided",
+        action="store_true",
+        help="also evaluate without guidance (cfg 1) and show both columns",
+    )
     p.add_argument("--json", type=output_file, default=None, help="also write the report as JSON (default: no)")
     p.add_argument(
         "--npz",

@@ -46,14 +46,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ConfigError("--features classifier needs --classifier")
         extractor = classifier
     report = evaluate(pipe, reference, rest, extractor, args.seeds, classifier, batch_size=args.batch_size, **sampler)
+    reports = {"guided" if report.sampler["cfg_scale"] != 1.0 else "unguided": report}
+    if args.unguided and report.sampler["cfg_scale"] != 1.0:
+        unguided = {**sampler, "cfg_scale": 1.0}
+        reports["unguided"] = evaluate(
+            pipe, reference, rest, extractor, args.seeds, classifier, batch_size=args.batch_size, **unguided
+        )
     print(f"model {args.model}, sampler {report.sampler}")
     print(
         f"N = {report.num_samples} generated (class-balanced) vs {report.num_samples} held-out real images, "
         f"seeds {report.seeds} (mean ± std over seeds)"
     )
-    print_table(["metric", "value"], [list(r) for r in report.rows()])
+    table = [r.rows() for r in reports.values()]
+    print_table(
+        ["metric", *reports], [[name, *(rows[i][1] for rows in table)] for i, (name, _) in enumerate(table[0])]
+    )
+    if report.below_bar():
+        print(f"warning: {args.model} is below the quality bar: {'; '.join(report.below_bar())}", file=sys.stderr)
     if args.json:
-        atomic_write(Path(args.json), lambda t: Path(t).write_text(json.dumps(dataclasses.asdict(report), indent=2)))
+        data = {name: dataclasses.asdict(r) | {"fd_multiple": r.fd_multiple} for name, r in reports.items()}
+        atomic_write(Path(args.json), lambda t: Path(t).write_text(json.dumps(data, indent=2)))
     if args.npz:
         images, labels = sample_uint8(pipe, args.n, args.seeds[0], args.batch_size, **sampler)
         if images.shape[-1] == 1:

@@ -38,6 +38,11 @@ class MeanStd:
         return f"{self.mean:.4g} ± {self.std:.2g}"
 
 
+# The bar every shipped model meets (docs/quality.md): at N = 1000, mean over seeds.
+BAR_ACCURACY = 0.97
+BAR_FD_MULTIPLE = 1.5
+
+
 @dataclass
 class EvalReport:
     num_samples: int
@@ -54,9 +59,25 @@ class EvalReport:
     feature_extractor: str
     extra: dict = field(default_factory=dict)
 
+    @property
+    def fd_multiple(self) -> float:
+        """FD as a multiple of the real-vs-real floor at the same N: 1.0 is as close as real images get."""
+        return self.fd.mean / self.fd_real_floor
+
+    def below_bar(self) -> list[str]:
+        """Why the model misses the quality bar (accuracy and FD multiple); empty when it meets it."""
+        misses = []
+        if self.class_accuracy is not None and self.class_accuracy.mean < BAR_ACCURACY:
+            misses.append(f"class accuracy {self.class_accuracy.mean:.1%} < {BAR_ACCURACY:.0%}")
+        if self.fd_multiple > BAR_FD_MULTIPLE:
+            misses.append(f"FD {self.fd_multiple:.2f}x the real floor > {BAR_FD_MULTIPLE}x")
+        return misses
+
     def rows(self) -> list[tuple[str, str]]:
+        misses = self.below_bar()
+        bar = "met" if not misses else "BELOW: " + "; ".join(misses)
         rows = [
-            (f"FD (N={self.num_samples}, {self.feature_extractor})", str(self.fd)),
+            (f"FD (N={self.num_samples}, {self.feature_extractor})", f"{self.fd} ({self.fd_multiple:.2f}x floor)"),
             ("FD real-vs-real floor (same N)", f"{self.fd_real_floor:.4g}"),
             ("KID", str(self.kid)),
             ("precision (k=3)", str(self.precision)),
@@ -67,6 +88,7 @@ class EvalReport:
             rows.append(("classifier score exp(E KL)", str(self.classifier_score)))
         nll = "not defined for this order" if self.bits_per_token is None else f"{self.bits_per_token:.4f}"
         rows.append(("test NLL (bits/token)", nll))
+        rows.append((f"quality bar (accuracy >= {BAR_ACCURACY:.0%}, FD <= {BAR_FD_MULTIPLE}x floor)", bar))
         return rows
 
 
