@@ -31,7 +31,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.progressive:
         frames = list(pipe.progressive(labels, seed=args.seed, **overrides))  # each (N, C, H, W)
         strip = torch.stack(frames, dim=1).flatten(0, 1)  # (N * steps, C, H, W): a row per image
-        grid(strip, rows=len(labels)).save(args.out)
+        save_image(grid(strip, rows=len(labels)), args.out)
         print(f"wrote {len(frames)} previews (coarse to fine) of {len(labels)} images to {args.out}")
         return
     t0 = time.perf_counter()
@@ -97,5 +97,5 @@ def cmd_edit(args: argparse.Namespace) -> None:
         **overrides,
     )
     masked = torch.where(keep[0], image, torch.full_like(image, -0.3))  # the hole shown in grey
-    grid(torch.cat([image[None], masked[None], out.images]), rows=1).save(args.out)
+    save_image(grid(torch.cat([image[None], masked[None], out.images]), rows=1), args.out)
     print(f"wrote source, kept region and {args.n} edits (class {label}) to {args.out}")

@@ -20,6 +20,7 @@ from argen.cli.common import (
     sampler_overrides,
 )
 from argen.errors import ConfigError
+from argen.storage import save_npz
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -70,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         images, labels = sample_uint8(pipe, args.n, args.seeds[0], args.batch_size, **sampler)
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)  # the ADM evaluator expects RGB
-        np.savez(args.npz, arr_0=images, labels=labels.numpy().astype(np.int64))
+        save_npz(args.npz, arr_0=images, labels=labels.numpy().astype(np.int64))
         print(f"wrote {len(images)} samples to {args.npz} (arr_0: uint8 NHWC, the ADM evaluator layout)")
 
 
