@@ -90,36 +90,28 @@ def tokenizer_presets() -> dict:
 
 
 def generator_presets() -> dict:
-    from argen.models.next_scale import NEXT_SCALE_PRESETS
-    from argen.models.raster import RASTER_PRESETS
+    """Every order's presets, from the one registry of orders: preset name -> config."""
+    from argen.models.registry import presets
 
-    return {**RASTER_PRESETS, **NEXT_SCALE_PRESETS}
+    return {name: config for name, (_, config) in presets().items()}
 
 
 def generator_preset_help() -> str:
-    from argen.models.next_scale import NEXT_SCALE_PRESETS
-    from argen.models.raster import RASTER_PRESETS
+    from argen.models.registry import ORDERS
 
-    return (
-        f"generator order and size: raster ({', '.join(RASTER_PRESETS)}) or next-scale "
-        f"({', '.join(NEXT_SCALE_PRESETS)}; needs --tokenizer); change single fields with --set"
-    )
+    orders = [
+        f"{order} ({', '.join(table)}{'; needs --tokenizer' if cls.order.reads_tokenizer else ''})"
+        for order, (cls, table) in ORDERS.items()
+    ]
+    return f"generator order and size: {', '.join(orders)}; change single fields with --set"
 
 
-def _build(config):
-    """A config dataclass -> the component it configures."""
-    from argen.models.next_scale import NextScaleConfig, NextScaleTransformer
-    from argen.models.raster import RasterConfig, RasterTransformer
+def _build_tokenizer(config):
+    """A tokenizer config dataclass -> the tokenizer it configures."""
     from argen.tokenizers.multiscale import MultiScaleVQ, MultiScaleVQConfig
     from argen.tokenizers.vq import VQConfig, VQTokenizer
 
-    classes = {
-        VQConfig: VQTokenizer,
-        MultiScaleVQConfig: MultiScaleVQ,
-        RasterConfig: RasterTransformer,
-        NextScaleConfig: NextScaleTransformer,
-    }
-    return classes[type(config)](config)
+    return {VQConfig: VQTokenizer, MultiScaleVQConfig: MultiScaleVQ}[type(config)](config)
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
@@ -130,7 +122,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     config = _model_config(tokenizer_presets(), args.preset, [], args.overrides)
     dataset = load_dataset(args.data, config.image_size, config.image_channels)
     torch.manual_seed(args.seed)
-    model = _build(config)
+    model = _build_tokenizer(config)
     preview = torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(16, len(dataset)))])
     result = train(
         TokenizerTask(model, preview, args.restart_every),
@@ -158,30 +150,31 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from argen.data.shards import TokenShards
-    from argen.models.next_scale import NextScaleConfig
+    from argen.models.registry import model_class, presets
     from argen.pipeline import ARPipeline
     from argen.pretrained import load_pretrained
     from argen.train.loop import train
     from argen.train.tasks import GeneratorTask
 
     shards = TokenShards(args.tokens)
-    presets = generator_presets()
-    if args.preset not in presets:
-        raise ConfigError(f"--preset {args.preset!r} is unknown; choose from {sorted(presets)}")
+    if args.preset not in presets():
+        raise ConfigError(f"--preset {args.preset!r} is unknown; choose from {sorted(presets())}")
+    order = presets()[args.preset][0]
+    model_cls = model_class(order)
     tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
     overrides = [f"vocab_size={shards.vocab_size}"]
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")
-    if isinstance(presets[args.preset], NextScaleConfig):
+    if model_cls.order.reads_tokenizer:  # the multi-scale tokenizer fixes the maps (next-scale)
         if tokenizer is None:
-            raise ConfigError("a next-scale generator trains through its tokenizer: pass --tokenizer")
+            raise ConfigError(f"a {order} generator trains through its tokenizer: pass --tokenizer")
         overrides += [f"scales={list(tokenizer.scales)}", f"token_dim={tokenizer.config.z_channels}"]
     else:
         overrides.append(f"grid_size={int(round(shards.seq_len**0.5))}")
-    config = _model_config(presets, args.preset, overrides, args.overrides)
+    config = _model_config(generator_presets(), args.preset, overrides, args.overrides)
     torch.manual_seed(args.seed)
-    model = _build(config)
-    if hasattr(model, "bind"):
+    model = model_cls(config)
+    if model_cls.order.reads_tokenizer:
         model.bind(tokenizer)
     task = GeneratorTask(model, decode=tokenizer.decode if tokenizer is not None else None)
     result = train(
