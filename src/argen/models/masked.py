@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from argen.errors import ConfigError, check_int, check_number, check_probability
+from argen.errors import ConfigError, check_int, check_number
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
 from argen.models.layers import RMSNorm
-from argen.models.raster import TransformerBlock
+from argen.models.raster import DecoderConfig, TransformerBlock
 from argen.models.rope import rope_2d_table
 from argen.pretrained import Pretrained, register
 
@@ -56,38 +56,9 @@ class MaskedOptions:
 
 
 @dataclass
-class MaskedConfig:
-    vocab_size: int = 1024
-    num_classes: int = 1000
-    grid_size: int = 16  # tokens per side; seq_len = grid_size**2
-    dim: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    num_kv_heads: int | None = None  # grouped-query attention when < num_heads
-    multiple_of: int = 256  # SwiGLU hidden width: 2/3 of 4 * dim (times ffn_dim_multiplier), rounded up to this
-    ffn_dim_multiplier: float | None = None
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    class_dropout: float = 0.1  # label -> null condition in training, for classifier-free guidance
-    resid_dropout: float = 0.0
-    ffn_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_int(self, "vocab_size", minimum=2)
-        for name in ("num_classes", "grid_size", "dim", "num_layers", "num_heads", "multiple_of"):
-            check_int(self, name)
-        check_int(self, "num_kv_heads", optional=True)
-        check_number(self, "ffn_dim_multiplier", above=0, optional=True)
-        check_number(self, "rope_base", above=0)
-        check_number(self, "norm_eps", above=0)
-        for name in ("class_dropout", "resid_dropout", "ffn_dropout"):
-            check_probability(self, name)
-        head_dim, kv_heads = self.dim // self.num_heads, self.num_kv_heads or self.num_heads
-        if self.dim % self.num_heads or head_dim % 4 or self.num_heads % kv_heads:
-            raise ConfigError(
-                f"MaskedConfig: dim={self.dim} must split into num_heads={self.num_heads} heads of a width that is a "
-                f"multiple of 4 (2D rotary embedding), and num_heads into num_kv_heads={self.num_kv_heads} groups"
-            )
+class MaskedConfig(DecoderConfig):
+    """The raster order's layer-stack fields (`DecoderConfig`, validated there); the masked order adds none: its
+    [MASK] row and learned positions follow from vocab_size and grid_size."""
 
 
 @register
@@ -112,8 +83,8 @@ class MaskedTransformer(nn.Module, Pretrained):
         # MaskGIT's learned absolute positions: every [MASK] input is the same vector, so without them a hidden
         # slot knows where it is only through the rotary phases of its attention scores.
         self.pos_embedding = nn.Parameter(torch.empty(1 + self.seq_len, c.dim))
-        # LlamaGen's pre-norm block (shared with the raster order, which reads the same config fields); without a
-        # mask it attends both ways, as MaskGIT's bidirectional transformer does.
+        # LlamaGen's pre-norm block, shared with the raster order; without a mask it attends both ways, as
+        # MaskGIT's bidirectional transformer does.
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)

@@ -32,7 +32,7 @@ from argen.pretrained import Pretrained, register
 @dataclass
 class DecoderConfig:
     """The fields of the Llama-style layer stack below (`TransformerBlock`), shared by the orders built on it
-    (raster here, random-order in `random_order.py`); each order's config extends it."""
+    (raster here, random-order and masked in their files); each order's config extends it."""
 
     vocab_size: int = 16384
     num_classes: int = 1000
