@@ -104,7 +104,8 @@ def test_a_batch_of_four_equals_four_single_runs(factory, teacher_forced, cfg):
     model, _ = factory()
     batch = _sample(model, [0, 1, 2, 1], [10, 11, 12, 13], cfg_scale=cfg, temperature=1.2)
     singles = [
-        _sample(model, [c], [s], cfg_scale=cfg, temperature=1.2) for c, s in zip([0, 1, 2, 1], [10, 11, 12, 13])
+        _sample(model, [c], [s], cfg_scale=cfg, temperature=1.2)
+        for c, s in zip([0, 1, 2, 1], [10, 11, 12, 13], strict=True)
     ]
     assert torch.equal(batch, torch.cat(singles))
     assert not torch.equal(batch[0], batch[2])  # the classes and seeds do change the samples

@@ -79,7 +79,7 @@ def test_select_commits_the_most_confident_unfilled_positions_and_pads_with_its_
     filled[1, :6] = True  # sample 1 has two positions left, sample 0 eight
     state = _state(B, L, 2, filled)
     state.tokens[1, :6] = torch.tensor([4, 3, 2, 1, 0, 4])
-    policy = MaskedPolicy(None, MaskedOptions(steps=2, choice_temperature=0.0), seeded_generators([0, 1]), None)
+    policy = MaskedPolicy(None, MaskedOptions(steps=2, choice_temperature=0.0), 2, seeded_generators([0, 1]), None)
     policy.begin(state)
     positions = torch.arange(L).expand(B, L)
     chosen, kept = policy.select(state, positions, logits, values)
@@ -100,12 +100,14 @@ def test_select_noise_comes_from_each_samples_generator():
     values = logits.argmax(-1)
     picks = set()
     for seed in range(6):
-        policy = MaskedPolicy(None, MaskedOptions(steps=8, choice_temperature=50.0), seeded_generators([seed]), None)
+        policy = MaskedPolicy(
+            None, MaskedOptions(steps=8, choice_temperature=50.0), 1, seeded_generators([seed]), None
+        )
         state = _state(1, L, 8)
         policy.begin(state)
         picks.add(tuple(policy.select(state, torch.arange(L)[None], logits, values)[0][0].tolist()))
     assert len(picks) > 1
-    again = MaskedPolicy(None, MaskedOptions(steps=8, choice_temperature=50.0), seeded_generators([5]), None)
+    again = MaskedPolicy(None, MaskedOptions(steps=8, choice_temperature=50.0), 1, seeded_generators([5]), None)
     state = _state(1, L, 8)
     again.begin(state)
     assert tuple(again.select(state, torch.arange(L)[None], logits, values)[0][0].tolist()) in picks

@@ -16,14 +16,15 @@ class _Options:
         self.order = order
 
 
-def _orders(seeds, L=16, steps=None, order="random", known=None, condition=None) -> torch.Tensor:
+def _orders(seeds, L=16, steps=None, order="random", known=None, condition=None, samples=None) -> torch.Tensor:
     """The (B, L) permutations the policy draws for these seeds (steps=None: one position per step)."""
     condition = condition or Condition.classes(list(range(len(seeds))))
     rows = len(condition)
     state = DecodeState(condition, torch.zeros(rows, L, dtype=torch.long), torch.zeros(rows, L, dtype=torch.bool))
     state.num_steps = steps or L
     generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
-    policy = RandomOrderPolicy(None, _Options(order), generators, known)
+    samples = samples or (len(seeds) if seeds is not None else rows)
+    policy = RandomOrderPolicy(None, _Options(order), samples, generators, known)
     policy.begin(state)
     steps_taken = []
     while not state.done:
@@ -56,7 +57,7 @@ def test_raster_is_the_identity_and_guided_rows_share_their_samples_positions():
     assert torch.equal(_orders([0, 1], order="raster"), torch.arange(16).expand(2, -1))
     guided = with_null_rows(Condition.classes([0, 1]))
     assert torch.equal(_orders([0, 1], condition=guided), _orders([0, 1]))  # (B, L) for 2B state rows
-    assert _orders(None, condition=guided).shape == (2, 16)  # no generators: B read from the guidance layout
+    assert _orders(None, condition=guided, samples=2).shape == (2, 16)  # no generators: B as the loop says
 
 
 @pytest.mark.parametrize("steps", [1, 5, 20, 49])

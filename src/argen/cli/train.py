@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -165,12 +166,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = [f"vocab_size={shards.vocab_size}"]
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")
-    if model_cls.order.reads_tokenizer:  # the multi-scale tokenizer fixes the maps (next-scale)
-        if tokenizer is None:
-            raise ConfigError(f"a {order} generator trains through its tokenizer: pass --tokenizer")
-        overrides += [f"scales={list(tokenizer.scales)}", f"token_dim={tokenizer.config.z_channels}"]
-    else:
-        overrides.append(f"grid_size={int(round(shards.seq_len**0.5))}")
+    fields = model_cls.config_class.data_fields(shards.seq_len, tokenizer)  # what the data fixes (grid, scales)
+    overrides += [f"{k}={json.dumps(v)}" for k, v in fields.items()]
     config = _model_config(generator_presets(), args.preset, overrides, args.overrides)
     torch.manual_seed(args.seed)
     model = model_cls(config)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -124,6 +125,14 @@ class LossOutput:
     loss: torch.Tensor  # () scalar
     num_targets: int
     nll_sum: torch.Tensor | None = None  # () summed -log p in nats over every target, where the order has a likelihood
+
+    @classmethod
+    def cross_entropy(cls, logits: torch.Tensor, targets: torch.Tensor, likelihood: bool = True) -> LossOutput:
+        """Mean cross-entropy of logits (..., V) against targets (...). `likelihood`: the summed NLL is the
+        log-likelihood of the sequence under the order (false for masked training, which scores random subsets)."""
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        n = targets.numel()
+        return cls(nll / n, n, nll.detach() if likelihood else None)
 
 
 @dataclass(frozen=True)

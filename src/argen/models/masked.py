@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from argen.errors import ConfigError, check_int, check_number
@@ -130,9 +129,7 @@ class MaskedTransformer(nn.Module, Pretrained):
             condition = condition.dropped(self.config.class_dropout)
         masked = self.training_mask(tokens.shape[0], tokens.device)
         logits = self(tokens, masked, condition)  # (B, L, V)
-        num_targets = int(masked.sum())
-        loss = F.cross_entropy(logits[masked], tokens[masked], reduction="sum") / num_targets
-        return LossOutput(loss, num_targets, None)
+        return LossOutput.cross_entropy(logits[masked], tokens[masked], likelihood=False)
 
     # --- the order contract (argen.models.interface): the whole canvas every step ---
 

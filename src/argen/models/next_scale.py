@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,13 @@ class NextScaleConfig:
     @property
     def seq_len(self) -> int:
         return sum(pn * pn for pn in self.scales)
+
+    @staticmethod
+    def data_fields(seq_len: int, tokenizer: Any | None) -> dict[str, Any]:
+        """The fields the training data fixes: the multi-scale tokenizer's maps and code size."""
+        if tokenizer is None:
+            raise ConfigError("a next-scale generator trains through its tokenizer: pass --tokenizer")
+        return {"scales": list(tokenizer.scales), "token_dim": tokenizer.config.z_channels}
 
 
 class SelfAttention(nn.Module):
@@ -263,8 +271,7 @@ class NextScaleTransformer(nn.Module, Pretrained):
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
         logits = self(self.training_inputs(tokens), condition)  # (B, L, V)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="sum")
-        return LossOutput(nll / tokens.numel(), tokens.numel(), nll.detach())
+        return LossOutput.cross_entropy(logits, tokens)
 
     # --- the order contract (argen.models.interface): one scale per step ---
 

@@ -157,9 +157,7 @@ class RandomOrderTransformer(nn.Module, Pretrained):
             condition = condition.dropped(self.config.class_dropout)
         order = torch.rand(tokens.shape, device=tokens.device).argsort(dim=1)  # (B, L)
         logits = self(tokens, condition, order)  # (B, L, V)
-        targets = tokens.gather(1, order)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        return LossOutput(nll / tokens.numel(), tokens.numel(), nll.detach())
+        return LossOutput.cross_entropy(logits, tokens.gather(1, order))
 
     # --- the order contract (argen.models.interface) ---
 

@@ -7,10 +7,11 @@ Parameter names follow LlamaGen's `gpt.py` (`tok_embeddings`, `cls_embedding.emb
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from argen.errors import ConfigError, check_int, check_number, check_probability
@@ -71,6 +72,14 @@ class DecoderConfig:
             raise ConfigError(
                 f"{config}: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+
+    @staticmethod
+    def data_fields(seq_len: int, tokenizer: Any | None) -> dict[str, Any]:
+        """The fields the training data fixes: the token grid of a square image."""
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            raise ConfigError(f"{seq_len} tokens per image is not a square grid")
+        return {"grid_size": side}
 
 
 @dataclass
@@ -220,8 +229,7 @@ class RasterTransformer(nn.Module, Pretrained):
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
         logits = self(tokens[:, :-1], condition)  # (B, L, V)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="sum")
-        return LossOutput(nll / tokens.numel(), tokens.numel(), nll.detach())
+        return LossOutput.cross_entropy(logits, tokens)
 
     # --- the order contract (argen.models.interface) ---
 

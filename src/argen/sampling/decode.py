@@ -71,7 +71,7 @@ def decode_steps(
     rows = guidance.with_null_rows(condition) if schedule is not None else condition
     B, copies = len(condition), 2 if schedule is not None else 1
     state = model.start(rows.to(model_device(model)), options)
-    policy = policy_class(model.order.policy)(model, options, generators, known)
+    policy = policy_class(model.order.policy)(model, options, B, generators, known)
     policy.begin(state)
     while not state.done:
         asked = policy.positions(state)
@@ -86,7 +86,8 @@ def decode_steps(
         if known is not None:
             values = known.apply(values, positions)
         model.advance(state, positions.repeat(copies, 1), values.repeat(copies, 1))
-        yield Step(state.step, state.num_steps, positions, state.tokens[:B], state.filled[:B])
+        # copies: the state lives on, and a caller may keep every step
+        yield Step(state.step, state.num_steps, positions, state.tokens[:B].clone(), state.filled[:B].clone())
 
 
 def model_device(model: Generator) -> torch.device:

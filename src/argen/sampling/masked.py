@@ -57,7 +57,7 @@ class MaskedPolicy(PositionPolicy):
         """Write known tokens (in- and out-painting) into every row as filled: under guidance the state holds the
         conditional rows, then the unconditional ones, and both see the same canvas."""
         if self.known is not None:
-            copies = state.tokens.shape[0] // self.known.tokens.shape[0]
+            copies = state.tokens.shape[0] // self.num_samples
             known = self.known.known.to(state.filled.device).repeat(copies, 1)  # (copies * B, L)
             values = self.known.tokens.to(state.tokens.device).repeat(copies, 1)
             state.tokens.copy_(torch.where(known, values, state.tokens))

@@ -39,10 +39,14 @@ class PositionPolicy:
         self,
         model: Generator,
         options: Any,
-        generators: list[torch.Generator] | None,
-        known: KnownTokens | None,
+        num_samples: int,
+        generators: list[torch.Generator] | None = None,
+        known: KnownTokens | None = None,
     ):
-        self.model, self.options, self.generators, self.known = model, options, generators, known
+        """num_samples: B; the state holds B rows, or 2B under guidance (the conditional rows, then one
+        unconditional row per sample), and `positions`/`select` speak of the B samples."""
+        self.model, self.options, self.num_samples = model, options, num_samples
+        self.generators, self.known = generators, known
 
     def begin(self, state: DecodeState) -> None:
         """Called once after `start`, before the first step."""

@@ -44,7 +44,7 @@ class RandomOrderPolicy(PositionPolicy):
 
     def begin(self, state: DecodeState) -> None:
         L = state.tokens.shape[1]
-        B = self._num_samples(state)
+        B = self.num_samples
         known = self.known.known.cpu() if self.known is not None else torch.zeros(B, L, dtype=torch.bool)
         raster = self.options is not None and self.options.order == "raster"
         keys = []
@@ -63,21 +63,3 @@ class RandomOrderPolicy(PositionPolicy):
         """(B, n) the next n positions of each sample's order, n = tokens_per_step's count for this step."""
         start = self.offsets[state.step]
         return self.orders[:, start : start + self.counts[state.step]]
-
-    def _num_samples(self, state: DecodeState) -> int:
-        """B, where the state may hold 2B rows (guidance adds one unconditional row per sample). The policy is not
-        told which, so: the generators' or the known tokens' count, else the guidance layout of the conditions
-        (`guidance.with_null_rows`: B rows, then the same B rows null)."""
-        if self.generators is not None:
-            return len(self.generators)
-        if self.known is not None:
-            return self.known.known.shape[0]
-        rows, condition = len(state.condition), state.condition
-        half = rows // 2
-        guided = (
-            rows % 2 == 0
-            and condition.null is not None
-            and bool(condition.null[half:].all())
-            and torch.equal(condition.class_ids[:half], condition.class_ids[half:])
-        )
-        return half if guided else rows
