@@ -1,83 +1,156 @@
-"""Raster (LlamaGen-style) vs next-scale (VAR-style) on the shipped MNIST models, measured in one run.
+"""Every generation order, and the fast options of each, on the same data, tokenizer family and evaluation, in one run.
 
-    python bench/orders_side_by_side.py [--n 1000] [--seeds 0 1] [--repeats 5] [--threads 2]
+    python bench/orders_side_by_side.py [--models raster next-scale masked random-order] [--n 1000] [--seeds 0 1 2]
+        [--batch-sizes 1 8] [--repeats 5] [--threads 2] [--markdown t.md] [--json run.json] [--svg plot.svg]
+        [--model NAME=PIPELINE_FOLDER ...] [--quick]
 
-Speed runs are interleaved (raster, next-scale, raster, ...) so machine load hits both alike; quality uses the
-same held-out reference set, feature extractor and N for both.
+For each order: parameters, NFE (sequential forward passes of the generator), seconds per image (generation +
+decode) at each batch size with all settings interleaved within every repeat (machine load hits them alike), FD
+as a multiple of the real-data floor, class accuracy, and test NLL in bits/token where the order defines a
+likelihood. All orders are judged on the same held-out reference set, feature extractor and N. `--model` points
+an order at a pipeline folder (e.g. a model not shipped yet).
 """
 
 import argparse
+import json
 
 import torch
+from tqdm import tqdm
 
 from argen.eval.evaluate import evaluate, reference_sets
 from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
+from argen.eval.report import Point, scatter_svg
 from argen.eval.speed import bench_sampling, matmul_peak_flops
 from argen.pipeline import ARPipeline
 from argen.pretrained import load_pretrained
 
+# The settings of each order: its plain sampler first, then its fast options (lossless ones say so).
+SETTINGS = {
+    "raster": {
+        "plain": {},
+        "MC-SJD, window 16 (lossless)": {"speculative": "mc-sjd", "window": 16},
+        "ZipAR, window 3": {"parallel_window": 3},
+    },
+    "next-scale": {"plain": {}, "FastVAR prune 0.25": {"prune": 0.25, "prune_scales": 1}},
+    "masked": {"plain": {}, "8 steps": {"steps": 8}, "16 steps": {"steps": 16}},
+    "random-order": {"plain": {}, "20 steps (parallel)": {"steps": 20}, "raster order": {"order": "raster"}},
+}
+
+
+def measure(args: argparse.Namespace, where: dict[str, str]) -> dict:
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak_flops()
+    features = ClassifierFeatures(load_pretrained(DEFAULT_CLASSIFIER))
+    pipes = {order: ARPipeline.from_pretrained(where.get(order, order)) for order in args.models}
+    runs = {
+        (order, name): (pipe, sampler) for order, pipe in pipes.items() for name, sampler in SETTINGS[order].items()
+    }
+    labelled = {f"{order}: {name}": run for (order, name), run in runs.items()}
+    bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(labelled), desc="speed", unit="run")
+    speed = bench_sampling(labelled, args.batch_sizes, args.repeats, peak, bar)
+    bar.close()
+    records = []
+    for (order, name), (pipe, sampler) in tqdm(runs.items(), desc="quality", unit="setting"):
+        tc = pipe.tokenizer.config
+        reference, rest = reference_sets("mnist", args.n, tc.image_size, tc.image_channels)
+        q = evaluate(pipe, reference, rest, features, args.seeds, features, **sampler)
+        by_batch = {r.batch_size: r for r in speed if r.setting == f"{order}: {name}"}
+        records.append(
+            {
+                "order": order,
+                "setting": name,
+                "sampler": q.sampler,
+                "parameters": sum(p.numel() for p in pipe.generator.parameters()),
+                "tokens": pipe.generator.seq_len,
+                "nfe": by_batch[args.batch_sizes[0]].nfe,
+                "seconds_per_image": {bs: r.seconds_per_image for bs, r in by_batch.items()},
+                "fd": [q.fd.mean, q.fd.std],
+                "fd_floor": q.fd_real_floor,
+                "fd_multiple": q.fd_multiple,
+                "class_accuracy": [q.class_accuracy.mean, q.class_accuracy.std],
+                "recall": q.recall.mean,
+                "bits_per_token": q.bits_per_token,
+            }
+        )
+    return {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "batch_sizes": args.batch_sizes,
+        "n": args.n,
+        "seeds": args.seeds,
+        "results": records,
+    }
+
+
+def render(run: dict, args: argparse.Namespace) -> None:
+    sizes = [str(bs) for bs in run["batch_sizes"]]
+    header = ["order", "setting", "params", "NFE", *(f"s/image b{bs}" for bs in sizes), "FD (× floor)"]
+    header += ["class acc", "recall", "bits/token"]
+    rows = []
+    for r in run["results"]:
+        bits = "-" if r["bits_per_token"] is None else f"{r['bits_per_token']:.3f}"
+        rows.append(
+            [
+                r["order"],
+                r["setting"],
+                f"{r['parameters'] / 1e6:.2f} M",
+                r["nfe"],
+                *(f"{r['seconds_per_image'][bs]:.4f}" for bs in sizes),
+                f"{r['fd'][0]:.3g} ± {r['fd'][1]:.2g} ({r['fd_multiple']:.2f}×)",
+                f"{100 * r['class_accuracy'][0]:.1f} %",
+                f"{r['recall']:.2f}",
+                bits,
+            ]
+        )
+    print(
+        f"\n{run['threads']} threads, {run['repeats']} interleaved repeats; seconds per image = generation + decode; "
+        f"quality: N={run['n']}, seeds {run['seeds']}, FD against held-out mnist:test digits"
+    )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    if args.markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    if args.svg:
+        b = sizes[-1]
+        points = [
+            Point(f"{r['order']} {r['setting'].split(' (')[0]}", r["seconds_per_image"][b], r["fd_multiple"], 0.0)
+            for r in run["results"]
+        ]
+        with open(args.svg, "w") as f:
+            f.write(scatter_svg(points, f"seconds per image at batch {b}", f"FD / real floor (N = {run['n']})"))
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", default=["raster", "next-scale"])
+    p.add_argument("--models", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--model", action="append", default=[], metavar="ORDER=FOLDER", help="an order's pipeline folder")
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", help="also write the table as markdown")
+    p.add_argument("--json", help="also save the measurements")
+    p.add_argument("--svg", help="also draw FD (× floor) against seconds per image at the largest batch")
+    p.add_argument("--from-json", help="render a saved run instead of measuring")
+    p.add_argument("--quick", action="store_true", help="N=100, one seed, 1 repeat: a smoke run")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    pipes = {name: ARPipeline.from_pretrained(name) for name in args.models}
-    peak = matmul_peak_flops()
-    speed = bench_sampling({name: (pipe, {}) for name, pipe in pipes.items()}, args.batch_sizes, args.repeats, peak)
-    features = ClassifierFeatures(load_pretrained(DEFAULT_CLASSIFIER))
-    quality = {}
-    for name, pipe in pipes.items():
-        tc = pipe.tokenizer.config
-        reference, rest = reference_sets("mnist", args.n, tc.image_size, tc.image_channels)
-        quality[name] = evaluate(pipe, reference, rest, features, args.seeds, features)
-    print(f"{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s; quality: N={args.n}, seeds {args.seeds}")
-    header = [
-        "model",
-        "tokens",
-        "batch",
-        "NFE",
-        "s/image (min-max)",
-        "GFLOP/image",
-        "FD",
-        "FD floor",
-        "class acc",
-        "bits/token",
-    ]
-    rows = []
-    for r in speed:
-        q = quality[r.setting]
-        rows.append(
-            [
-                r.setting,
-                pipes[r.setting].generator.seq_len,
-                r.batch_size,
-                r.nfe,
-                f"{r.seconds_per_image:.4f} ({r.seconds_per_image_min:.4f}-{r.seconds_per_image_max:.4f})",
-                f"{r.flops_per_image / 1e9:.3f}",
-                str(q.fd),
-                f"{q.fd_real_floor:.3g}",
-                str(q.class_accuracy),
-                f"{q.bits_per_token:.3f}",
-            ]
-        )
-    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
-    base = args.models[0]
-    for bs in args.batch_sizes:
-        b = next(r for r in speed if r.setting == base and r.batch_size == bs)
-        for r in speed:
-            if r.batch_size == bs and r.setting != base:
-                print(
-                    f"batch {bs}: {r.setting} / {base}: NFE x{r.nfe / b.nfe:.3f}, "
-                    f"time x{r.seconds_per_image / b.seconds_per_image:.3f}"
-                )
+    if args.quick:
+        args.n, args.seeds, args.repeats = 100, [0], 1
+    if args.from_json:
+        with open(args.from_json) as f:
+            run = json.load(f)
+    else:
+        where = dict(item.split("=", 1) for item in args.model)
+        run = json.loads(json.dumps(measure(args, where)))  # batch sizes become string keys, as when loaded
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(run, f, indent=2)
+    render(run, args)
 
 
 if __name__ == "__main__":
