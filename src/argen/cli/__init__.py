@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--progressive",
         action="store_true",
-        help="next-scale models: write the image after every scale, a row per image",
+        help="write the image after every step, a row per image: coarse to fine for next-scale, a partial "
+        "canvas for the other orders",
     )
     p.set_defaults(func=cmd_sample)
 
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help=device)
     p.set_defaults(func=cmd_tokenize)
 
-    p = sub.add_parser("train", help="train a generator (raster or next-scale preset) on token shards")
+    p = sub.add_parser("train", help="train a generator of any order (its --preset names it) on token shards")
     p.add_argument("--tokens", required=True, help="token shards folder from `argen tokenize`")
     p.add_argument(
         "--tokenizer",
