@@ -86,14 +86,30 @@ class ARPipeline:
         self.draft = draft.eval() if draft is not None else None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu"):
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = "default",
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | None = None,
+    ) -> ARPipeline:
+        """Load a pipeline folder (or a shipped name) onto `device`, its weights cast to `torch_dtype` (default:
+        as saved, float32). Logits are computed in float32 whatever the weights' dtype."""
         path = resolve(name_or_path)
         meta = json.loads((path / PIPELINE_NAME).read_text()) if (path / PIPELINE_NAME).is_file() else {}
         sampler = SamplerConfig.from_flat(meta.get("sampler", {}))
-        tokenizer = load_pretrained(path / "tokenizer").to(device)
-        generator = load_pretrained(path / "generator").to(device)
-        draft = load_pretrained(path / "draft").to(device) if (path / "draft").is_dir() else None
-        return cls(tokenizer, generator, meta.get("class_names"), sampler, draft)
+        tokenizer = load_pretrained(path / "tokenizer")
+        generator = load_pretrained(path / "generator")
+        draft = load_pretrained(path / "draft") if (path / "draft").is_dir() else None
+        return cls(tokenizer, generator, meta.get("class_names"), sampler, draft).to(device, torch_dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ARPipeline:
+        """Move (and cast floating weights of) every component: tokenizer, generator, draft model."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"torch_dtype must be a floating dtype (float32, bfloat16, float16), got {dtype}")
+        for part in (self.tokenizer, self.generator, self.draft):
+            if part is not None:
+                part.to(device=device, dtype=dtype)
+        return self
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """`dtype=torch.float16` halves the files (weights are upcast again when loaded)."""
@@ -175,7 +191,7 @@ class ARPipeline:
                 codebook=self.codebook if speculative and config.acceleration.relax_k else None,
             )
             tokens.append(ids)
-            images.append(self.tokenizer.decode(ids).clamp(-1, 1).cpu())
+            images.append(self.tokenizer.decode(ids).clamp(-1, 1).float().cpu())
         images = self._format(torch.cat(images), output_type)
         return PipelineOutput(images, labels.cpu(), torch.cat(tokens).cpu(), stats)
 
@@ -199,7 +215,7 @@ class ARPipeline:
 
         images: (B, C, H, W) in [-1, 1]; keep: (B, 1, H, W) bool, True where the source stays.
         """
-        images = images.to(self.device)
+        images = images.to(self.device, next(self.tokenizer.parameters()).dtype)
         if keep.shape != (images.shape[0], 1, *images.shape[-2:]):
             raise ValueError(
                 f"keep must be (B, 1, H, W) = {(images.shape[0], 1, *images.shape[-2:])}, got {tuple(keep.shape)}"
@@ -217,7 +233,7 @@ class ARPipeline:
         config = self.config(**sampler_overrides)
         gens = self._generators(len(labels), None, seed)
         for step in decode_steps(self.generator, Condition.classes(labels), config, gens):
-            yield self.tokenizer.decode_partial(step.tokens, step.filled).clamp(-1, 1).cpu()
+            yield self.tokenizer.decode_partial(step.tokens, step.filled).clamp(-1, 1).float().cpu()
 
     def config(self, **sampler_overrides) -> SamplerConfig:
         """The pipeline's sampler defaults with flat overrides, checked against the generator's order."""
@@ -238,13 +254,14 @@ class ARPipeline:
         return out
 
     def _generators(self, n: int, generator, seed: int | None) -> list[torch.Generator]:
+        """One generator per image, on the kind of device the model runs on (its draws stay on the device)."""
         if isinstance(generator, list):
             if len(generator) != n:
                 raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image")
             return generator
         if generator is not None:
-            seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+            seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
         else:
             base = seed if seed is not None else int(torch.randint(0, 2**31, ()).item())
             seeds = [base + i for i in range(n)]
-        return seeded_generators(seeds)
+        return seeded_generators(seeds, device=self.device)

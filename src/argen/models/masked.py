@@ -94,6 +94,10 @@ class MaskedTransformer(nn.Module, Pretrained):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order: the units FSDP shards and activation checkpointing recomputes."""
+        return list(self.layers)
+
     def forward(self, tokens: torch.Tensor, masked: torch.Tensor, condition: Condition | torch.Tensor) -> torch.Tensor:
         """tokens: (B, L) ids, masked: (B, L) bool (True = hidden, read as [MASK]), condition: B classes ->
         logits (B, L, V) in float32 for every image position."""

@@ -206,6 +206,10 @@ class NextScaleTransformer(nn.Module, Pretrained):
         self._init_weights()
         self._tokenizer: tuple = ()
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order: the units FSDP shards and activation checkpointing recomputes."""
+        return list(self.blocks)
+
     def _init_weights(self) -> None:
         std = math.sqrt(1 / self.config.dim / 3)
         for m in self.modules():
@@ -231,6 +235,15 @@ class NextScaleTransformer(nn.Module, Pretrained):
                 f"the generator's {self.scales} / {self.vocab_size}"
             )
         self._tokenizer = (tokenizer,)
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.cuda()`, `.double()`, ... move and cast the bound tokenizer with the generator: it is not a
+        submodule (its weights stay out of this state_dict, parameters() and checkpoints), yet every input this
+        generator builds goes through it, so it must sit on the same device in the same dtype."""
+        super()._apply(fn, recurse)
+        if getattr(self, "_tokenizer", ()):  # _apply may run before __init__ sets it
+            self._tokenizer[0]._apply(fn, recurse)
         return self
 
     @property
@@ -260,6 +273,8 @@ class NextScaleTransformer(nn.Module, Pretrained):
             )
         cond = self.class_emb(as_condition(condition).embedding_ids(self.num_classes))  # (B, D)
         start = cond[:, None] + self.pos_start  # (B, first, D)
+        # The tokenizer's f_hat arrives in its own dtype; FSDP's mixed precision casts only this module's weights.
+        inputs = inputs.to(self.word_embed.weight.dtype)
         x = torch.cat([start, self.word_embed(inputs)], dim=1) + self._level_pos(0, L)  # (B, L, D)
         mask = self.attn_bias_for_masking[0, 0] == 0  # (L, L) block-causal
         for i, block in enumerate(self.blocks):
@@ -325,7 +340,7 @@ class NextScaleTransformer(nn.Module, Pretrained):
         if si == 0:
             x = cond[:, None] + self.pos_start
         else:
-            x = self.word_embed(state.extra["next_input"])
+            x = self.word_embed(state.extra["next_input"].to(self.word_embed.weight.dtype))
         x = x + self._level_pos(begin, end)  # (B, pn*pn, D)
         # Every cached key is of a coarser scale or this one: block-causal needs no mask step by step.
         keep = x.shape[1] - int(x.shape[1] * state.extra["prune"][si])

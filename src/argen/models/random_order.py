@@ -107,6 +107,10 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         self.apply(self._init_weights)
         nn.init.normal_(self.query_embedding, std=0.02)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order: the units FSDP shards and activation checkpointing recomputes."""
+        return list(self.layers)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -179,6 +179,10 @@ class RasterTransformer(nn.Module, Pretrained):
         self.register_buffer("rope", table, persistent=False)
         self.apply(self._init_weights)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order: the units FSDP shards and activation checkpointing recomputes."""
+        return list(self.layers)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -28,7 +28,9 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """x: (B, T, H, hd); table: (T, hd/2, 2), or (B, T, hd/2, 2) when rows sit at different positions. Rotates
     adjacent pairs (2j, 2j+1)."""
     xp = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
-    t = table[:, :, None] if table.dim() == 4 else table[None, :, None]  # (1 or B, T, 1, hd/2, 2)
+    # In float32 whatever the model's dtype (LlamaGen keeps its freqs_cis in float32 too): a bfloat16 table
+    # would round the angles of far positions.
+    t = (table[:, :, None] if table.dim() == 4 else table[None, :, None]).float()  # (1 or B, T, 1, hd/2, 2)
     cos, sin = t[..., 0], t[..., 1]
     out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
     return out.flatten(3).type_as(x)

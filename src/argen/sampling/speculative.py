@@ -43,12 +43,17 @@ class SpeculativeStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def _device_of(g: torch.Generator | None) -> torch.device:
+    """Draws are made where the sample's generator lives (a CUDA generator cannot fill a CPU tensor)."""
+    return g.device if g is not None else torch.device("cpu")
+
+
 def _sample(probs: torch.Tensor, g: torch.Generator | None, greedy: bool) -> torch.Tensor:
     """(n, V) probabilities -> (n,) draws by inverse CDF, one uniform per row (argmax when greedy)."""
     if greedy:
         return probs.argmax(-1)
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=g, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
+    u = torch.rand(len(probs), 1, generator=g, dtype=torch.float64, device=_device_of(g)).to(cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
@@ -76,7 +81,7 @@ def _accept(
     if greedy:
         keep = drafts == p[:k].argmax(-1)
     else:
-        u = torch.rand(k, generator=g, dtype=torch.float64).to(p.device)
+        u = torch.rand(k, generator=g, dtype=torch.float64, device=_device_of(g)).to(p.device)
         if neighbours is None:
             p_d, q_d = p[rows, drafts], q[rows, drafts]
         else:
@@ -97,7 +102,7 @@ def _couple(old: torch.Tensor, q_old: torch.Tensor, p_new: torch.Tensor, g) -> t
     """Maximal coupling of (n,) tokens drawn from q_old (n, V) with p_new (n, V): keep a token with probability
     min(1, p_new / q_old), otherwise redraw from norm(max(0, p_new - q_old)); the result is distributed as p_new."""
     rows = torch.arange(len(old), device=old.device)
-    u = torch.rand(len(old), generator=g, dtype=torch.float64).to(old.device)
+    u = torch.rand(len(old), generator=g, dtype=torch.float64, device=_device_of(g)).to(old.device)
     keep = u * q_old[rows, old].double() < p_new[rows, old].double()
     residual = (p_new - q_old).clamp(min=0)
     mass = residual.sum(-1, keepdim=True)
@@ -122,7 +127,9 @@ def _jacobi_drafts(s: _Progress, k: int, V: int) -> None:
     """Keep the first k carried drafts; positions never predicted yet start from uniform random tokens."""
     if len(s.drafts) < k:
         extra = k - len(s.drafts)
-        s.drafts = torch.cat([s.drafts, torch.randint(V, (extra,), generator=s.g).to(s.drafts.device)])
+        s.drafts = torch.cat(
+            [s.drafts, torch.randint(V, (extra,), generator=s.g, device=_device_of(s.g)).to(s.drafts.device)]
+        )
         s.q = torch.cat([s.q, torch.full((extra, V), 1.0 / V, device=s.q.device)])
     s.drafts, s.q = s.drafts[:k], s.q[:k]
 
