@@ -26,6 +26,7 @@ from argen.cli.common import (
 )
 from argen.cli.generate import cmd_edit, cmd_sample
 from argen.cli.measure import cmd_bench, cmd_eval, cmd_eval_tokenizer, cmd_report
+from argen.cli.serve import add_serve_parser
 from argen.cli.train import (
     add_train_args,
     cmd_tokenize,
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--classifier", default="default", help="'default' or a classifier folder")
     p.set_defaults(func=cmd_report)
+
+    add_serve_parser(sub)
     return parser
 
 

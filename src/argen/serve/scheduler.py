@@ -125,6 +125,24 @@ class Stats:
     rejected: int = 0
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
     done_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+    # the latency histogram, cumulative as Prometheus wants it: requests done within each bound (s)
+    bounds: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+    within: list[int] = field(default_factory=lambda: [0] * 9)
+    latency_sum: float = 0.0
+
+    def record(self, seconds: float, images: int) -> None:
+        self.requests += 1
+        self.images += images
+        self.latencies.append(seconds)
+        self.done_times.append((time.monotonic(), images))
+        self.latency_sum += seconds
+        for i, bound in enumerate(self.bounds):
+            self.within[i] += seconds <= bound
+
+    def images_per_second(self, window: float = 60.0) -> float:
+        """Images finished per second over the last `window` seconds."""
+        since = time.monotonic() - window
+        return sum(n for t, n in list(self.done_times) if t >= since) / window
 
 
 class Scheduler:
@@ -352,11 +370,7 @@ class Scheduler:
             log.exception("decoding request %d failed", job.id)
             self._finish_error(job, f"{type(error).__name__}: {error}")
             return
-        now = time.monotonic()
-        self.stats.requests += 1
-        self.stats.images += job.n
-        self.stats.latencies.append(now - job.submitted)
-        self.stats.done_times.append((now, job.n))
+        self.stats.record(time.monotonic() - job.submitted, job.n)
         job.on_event(Event("done", images=images, tokens=tokens.cpu()))
 
     def _finish_error(self, job: Job, message: str) -> None:
