@@ -41,7 +41,7 @@ def test_request_among_strangers_is_bit_identical_to_alone(pipelines, name):
     scheduler.submit(mine, alone)
     run_until_idle(scheduler)
 
-    crowd, scheduler = Recorder(), Scheduler(pipelines)
+    crowd, scheduler = Recorder(), Scheduler(pipelines, max_cohorts=4)
     early = Recorder()
     scheduler.submit(Request(name, [1, 2], seed=5, config=pipe.config(cfg_scale=1.0)), early)  # ahead of us
     scheduler.iterate()

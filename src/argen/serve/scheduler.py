@@ -150,11 +150,22 @@ class Scheduler:
 
     max_rows: decode-state rows running at once (guided images count twice); max_queue: requests waiting beyond
     them, past which `submit` raises QueueFull; batching=False runs one request at a time (the baseline).
+    max_cohorts: cohorts running at once. Requests arriving one by one would otherwise each open a cohort of
+    their own at step 0 and never share a pass; past this bound they wait and start together (the next cohort
+    at step 0 takes every waiting request that fits), which keeps passes full under load.
     """
 
-    def __init__(self, pipelines: dict[str, ARPipeline], max_rows: int = 64, max_queue: int = 64, batching=True):
+    def __init__(
+        self,
+        pipelines: dict[str, ARPipeline],
+        max_rows: int = 64,
+        max_queue: int = 64,
+        batching: bool = True,
+        max_cohorts: int = 2,
+    ):
         self.pipelines = pipelines
         self.max_rows, self.max_queue, self.batching = max_rows, max_queue, batching
+        self.max_cohorts = max_cohorts
         self.waiting: collections.deque[Job] = collections.deque()
         self.cohorts: list[Cohort] = []
         self.stats = Stats()
@@ -237,7 +248,9 @@ class Scheduler:
                 if not job.cancelled:
                     rows = job.n * (2 if job.request.config.schedule() is not None else 1)
                     full = self.running_rows + rows > self.max_rows and self.cohorts
-                    if full or (not self.batching and self.cohorts):
+                    joinable = any(c.state.step == 0 and c.key[-1] is None for c in self.cohorts)
+                    crowded = len(self.cohorts) >= self.max_cohorts and not joinable
+                    if full or crowded or (not self.batching and self.cohorts):
                         return
                 self.waiting.popleft()
             if job.cancelled:
