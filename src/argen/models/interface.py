@@ -103,6 +103,13 @@ class DecodeState:
     def done(self) -> bool:
         return self.step >= self.num_steps
 
+    def commit(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Write (B, n) values at (B, n) positions, mark them filled and count the step: what every order's
+        `advance` does before its own bookkeeping."""
+        self.tokens.scatter_(1, positions, values)
+        self.filled.scatter_(1, positions, True)
+        self.step += 1
+
     @property
     def progress(self) -> float:
         """Where decoding stands in [0, 1] (0 at the first step, 1 at the last): what guidance schedules read."""

@@ -48,6 +48,12 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2/LlamaGen initialisation of linear and embedding weights (`model.apply(init_normal)`)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -167,9 +167,7 @@ class MaskedTransformer(nn.Module, Pretrained):
 
     def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Commit (B, n) values; a position may repeat with its value (the policy pads ragged counts that way)."""
-        state.tokens.scatter_(1, positions, values)
-        state.filled.scatter_(1, positions, True)
-        state.step += 1
+        state.commit(positions, values)
 
 
 # Presets are data. "mnist-masked" matches the raster order's "mnist-small" (~2 M parameters) on the same tokens.

@@ -32,7 +32,7 @@ from torch import nn
 from argen.errors import ConfigError, check_int
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
 from argen.models.kv_cache import KVCache
-from argen.models.layers import RMSNorm
+from argen.models.layers import RMSNorm, init_normal
 from argen.models.raster import RASTER_PRESETS, DecoderConfig, LabelEmbedder, TransformerBlock
 from argen.models.rope import rope_2d_table
 from argen.pretrained import Pretrained, register
@@ -104,17 +104,12 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         # Row 0: cls (all zero, as LlamaGen); row 1 + p: image position p. Derived from the config, not saved.
         table = rope_2d_table(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
         self.register_buffer("rope", table, persistent=False)
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         nn.init.normal_(self.query_embedding, std=0.02)
 
     def repeated_blocks(self) -> list[nn.Module]:
         """The transformer blocks, in order: the units FSDP shards and activation checkpointing recomputes."""
         return list(self.layers)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
 
     def _token_entries(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """t(p): tokens (B, L) read at positions (B, n) -> (B, n, D)."""
@@ -241,9 +236,7 @@ class RandomOrderTransformer(nn.Module, Pretrained):
             raise ValueError("advance commits a position that is already filled")
         count = state.filled.sum(1, keepdim=True)  # (B, 1) committed so far
         state.extra["rank"].scatter_(1, positions, count + torch.arange(positions.shape[1], device=count.device))
-        state.tokens.scatter_(1, positions, values)
-        state.filled.scatter_(1, positions, True)
-        state.step += 1
+        state.commit(positions, values)
 
 
 def _sized_like(config: DecoderConfig) -> RandomOrderConfig:

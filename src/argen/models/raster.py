@@ -25,7 +25,7 @@ from argen.models.interface import (
     as_condition,
 )
 from argen.models.kv_cache import KVCache
-from argen.models.layers import FeedForward, RMSNorm, attention, swiglu_hidden_dim
+from argen.models.layers import FeedForward, RMSNorm, attention, init_normal, swiglu_hidden_dim
 from argen.models.rope import apply_rope, rope_2d_table
 from argen.pretrained import Pretrained, register
 
@@ -177,16 +177,11 @@ class RasterTransformer(nn.Module, Pretrained):
         # Derived from the config, so not part of a checkpoint.
         table = rope_2d_table(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
         self.register_buffer("rope", table, persistent=False)
-        self.apply(self._init_weights)
+        self.apply(init_normal)
 
     def repeated_blocks(self) -> list[nn.Module]:
         """The transformer blocks, in order: the units FSDP shards and activation checkpointing recomputes."""
         return list(self.layers)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
 
     def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         """Embedded inputs (B, T, D) at positions start..start+T, every earlier position cached -> logits (B, T, V)
@@ -279,9 +274,7 @@ class RasterTransformer(nn.Module, Pretrained):
         return Prediction(positions, logits)  # logits (B, n, V)
 
     def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
-        state.tokens.scatter_(1, positions, values)
-        state.filled.scatter_(1, positions, True)
-        state.step += 1
+        state.commit(positions, values)
 
 
 # Presets are data. "mnist-small" is the shipped default; the GPT-* rows are LlamaGen's c2i sizes at 256x256.
