@@ -1,6 +1,7 @@
 """Test helper: train a tiny raster generator on real MNIST tokens; run directly or under torchrun.
 
 python tests/train/worker.py RUN_DIR SHARDS --steps N [--resume] [--sleep S] [--rank-out DIR]
+    [--parallel ddp|fsdp] [--grad-accum N] [--precision fp32|bf16|fp16] [--activation-checkpointing]
 """
 
 import argparse
@@ -45,12 +46,26 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--rank-out", default=None)
+    p.add_argument("--parallel", default="ddp")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--activation-checkpointing", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     shards = TokenShards(args.shards)
     model = build_model(shards.vocab_size)
     config = TrainConfig(
-        steps=args.steps, batch_size=16, lr=3e-3, warmup_steps=5, save_every=5, log_every=5, ema_decay=0.9
+        steps=args.steps,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=5,
+        save_every=5,
+        log_every=5,
+        ema_decay=0.9,
+        parallel=args.parallel,
+        grad_accum=args.grad_accum,
+        precision=args.precision,
+        activation_checkpointing=args.activation_checkpointing,
     )
     train(SlowTask(model, args.sleep), shards, config, args.run_dir, resume=args.resume, progress=False)
     if args.rank_out:

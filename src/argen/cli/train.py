@@ -55,6 +55,18 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: 
         "--overwrite", action="store_true", help="replace a previous run in --out (deletes its checkpoints)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=d.precision, help="fp16 adds loss scaling")
+    p.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp"],
+        default=d.parallel,
+        help="under torchrun: DDP replicas, or FSDP2 shards per block with sharded checkpoints",
+    )
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block in backward (less memory)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -80,6 +92,11 @@ def _train_config(args: argparse.Namespace):
         save_every=args.save_every,
         preview_every=args.preview_every,
         num_workers=args.num_workers,
+        parallel=args.parallel,
+        precision=args.precision,
+        grad_accum=args.grad_accum,
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
     )
 
 
@@ -173,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     model = model_cls(config)
     if model_cls.order.reads_tokenizer:
         model.bind(tokenizer)
-    task = GeneratorTask(model, decode=tokenizer.decode if tokenizer is not None else None)
+    task = GeneratorTask(model, tokenizer=tokenizer)
     result = train(
         task, shards, _train_config(args), args.out, resume=args.resume, overwrite=args.overwrite, device=args.device
     )

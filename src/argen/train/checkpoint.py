@@ -5,6 +5,9 @@ Layout inside a run folder:
     checkpoints/step-00000500/ema/     pretrained folder of the EMA weights (if EMA is on)
     checkpoints/step-00000500/trainer_state.pt   optimizer, step, EMA count, task state (tensors + plain types)
     checkpoints/latest                 name of the newest complete checkpoint, replaced atomically last
+Under FSDP (`--parallel fsdp`) the weights, EMA and optimizer state are sharded instead:
+    checkpoints/step-00000500/sharded/   torch.distributed.checkpoint folder (.metadata + one file per rank)
+    checkpoints/step-00000500/trainer_state.pt   step, EMA count, task state, scaler; written after every shard
 Every file is written to a temp file, fsynced and renamed. `trainer_state.pt` is written last inside a folder,
 so a folder without it is an interrupted write; one with all files readable is *complete*. Resume takes the
 newest complete checkpoint (`latest` is a pointer for people and tools, not trusted alone), and nothing is
@@ -40,7 +43,9 @@ from argen.pretrained import (
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.pt"
-STATE_KEYS = {"step", "skipped", "optimizer", "ema_updates", "task", "config"}
+STATE_KEYS = {"step", "skipped", "ema_updates", "task", "config"}
+OPTIONAL_STATE_KEYS = {"optimizer", "scaler"}  # optimizer: in full checkpoints; scaler: fp16 runs
+SHARDED = "sharded"
 
 
 def _dir(run_dir: Path) -> Path:
@@ -72,6 +77,8 @@ def _readable_weights(folder: Path) -> bool:
 def is_complete(ckpt: Path) -> bool:
     """All files present and readable: the weights' headers parse and the trainer state is a whole archive."""
     state = ckpt / STATE_NAME
+    if is_sharded(ckpt):
+        return state.is_file() and zipfile.is_zipfile(state) and (ckpt / SHARDED / ".metadata").is_file()
     if not (state.is_file() and zipfile.is_zipfile(state) and _readable_weights(ckpt / "model")):
         return False
     return not (ckpt / "ema").exists() or _readable_weights(ckpt / "ema")
@@ -184,7 +191,11 @@ def _prune(run_dir: Path, step: int, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_trainer_state(path: Path) -> dict[str, Any]:
+def is_sharded(ckpt: Path) -> bool:
+    return (Path(ckpt) / SHARDED).is_dir()
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; resume from another one")
     try:
@@ -200,7 +211,7 @@ def _load_trainer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt or truncated; delete this checkpoint folder") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a training state (a {type(state).__name__}, not a dict)")
-    missing, unexpected = sorted(STATE_KEYS - set(state)), sorted(set(state) - STATE_KEYS)
+    missing, unexpected = sorted(STATE_KEYS - set(state)), sorted(set(state) - STATE_KEYS - OPTIONAL_STATE_KEYS)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match this trainer: missing keys {missing}, unexpected {unexpected}")
     return state
@@ -213,13 +224,18 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
     state made of plain values only. The EMA state is returned unchecked against the model: `EMA` checks it.
     """
     ckpt = Path(ckpt)
-    state = _load_trainer_state(ckpt / STATE_NAME)
+    state = load_trainer_state(ckpt / STATE_NAME)
+    return state, load_weights(ckpt, model)
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> dict | None:
+    """Load a full checkpoint's raw weights into `model` strictly; return its EMA state or None."""
     load_state_dict_strict(model, load_safetensors(ckpt / "model" / WEIGHTS_NAME), str(ckpt / "model"))
     ema = None
     if (ckpt / "ema").is_dir():
         ema = load_safetensors(ckpt / "ema" / WEIGHTS_NAME)
         check_finite_loaded(model, ema, str(ckpt / "ema"))
-    return state, ema
+    return ema
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, model: torch.nn.Module, source: str) -> None:
@@ -249,3 +265,105 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any, model: to
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source}: the optimizer state does not load: {e}") from e
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if ema is not None:
+        state["ema"] = ema
+    return state
+
+
+def _parameter_keys(model: torch.nn.Module) -> set[str]:
+    """Keys of the parameters in a sharded state (buffers such as a -inf attention mask are allowed)."""
+    return {f"{part} {n}" for part in ("model", "ema") for n, _ in model.named_parameters()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def save_sharded(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: dict | None,
+    trainer_state: dict[str, Any],
+    info: Any,
+    keep: int = 2,
+) -> Path | None:
+    """Every rank writes its shards of weights, EMA and optimizer state through torch.distributed.checkpoint;
+    then the main rank writes `trainer_state.pt` (the mark of a complete checkpoint), `latest`, and prunes.
+    Non-finite values on any rank are refused on every rank before anything is written."""
+    import torch.distributed.checkpoint as dcp
+
+    from argen.train.distributed import all_true, barrier
+
+    state = _sharded_state(model, optimizer, ema)
+    tensors = {
+        f"{part} {k}": _local(v)
+        for part in ("model", "ema")
+        for k, v in state.get(part, {}).items()
+        if isinstance(v, torch.Tensor)
+    }
+    bad = non_finite(tensors, _parameter_keys(model))
+    if not all_true(not bad, info):
+        raise NonFiniteError(
+            f"step {step}: the run diverged, not saving non-finite "
+            f"{describe_non_finite(tensors, bad) if bad else 'values (on another rank)'}; "
+            f"{describe_last(run_dir)}; lower the learning rate and resume from it"
+        )
+    ckpt = _dir(run_dir) / f"step-{step:08d}"
+    existed = ckpt.exists()
+    try:
+        dcp.save(state, checkpoint_id=str(ckpt / SHARDED))
+        barrier(info)
+        if info.is_main:
+            atomic_write(ckpt / STATE_NAME, lambda tmp: torch.save(trainer_state, tmp))
+    except BaseException:
+        if info.is_main and not existed:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+    if info.is_main:
+        atomic_write(_dir(run_dir) / "latest", lambda tmp: Path(tmp).write_text(ckpt.name))
+        _prune(run_dir, step, keep)
+    return ckpt
+
+
+def load_sharded(
+    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None
+) -> dict | None:
+    """Load a sharded checkpoint in place (each rank reads the pieces of its own shards) and strictly: keys
+    the checkpoint lacks or holds beyond this model's are listed. Returns the loaded EMA state or None."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    folder = str(Path(ckpt) / SHARDED)
+    state = _sharded_state(model, optimizer, ema)
+    try:
+        saved = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{folder} is corrupt or unreadable ({e}); resume from another checkpoint") from e
+    ours = {f"{part}.{k}" for part in ("model", "ema") for k in state.get(part, {})}
+    found = {k for k in saved if k.startswith(("model.", "ema."))}
+    missing, unexpected = sorted(ours - found), sorted(found - ours)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder} does not match this model: missing keys {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except (RuntimeError, ValueError, KeyError) as e:  # a wrong shape, a missing optimizer entry
+        raise CheckpointError(f"{folder} does not load into this model and optimizer: {str(e).splitlines()[0]}") from e
+    tensors = {f"{p} {k}": _local(v) for p in ("model", "ema") for k, v in state.get(p, {}).items()}
+    bad = non_finite(tensors, _parameter_keys(model))
+    if bad:
+        raise CheckpointError(
+            f"{folder} holds non-finite {describe_non_finite(tensors, bad)}; resume from another one"
+        )
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return state.get("ema")

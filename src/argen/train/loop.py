@@ -1,9 +1,10 @@
-"""One training loop for tokenizers and generators, on one CPU or under torchrun (DDP).
+"""One training loop for tokenizers and generators, on one CPU or under torchrun (DDP or FSDP2).
 
 What is trained against comes from a *task* (see `argen.train.tasks`); the loop owns the optimizer,
 schedule, EMA, non-finite guards, progress, previews, checkpoints and exact resume.
 Randomness is a pure function of (seed, step, rank): data order and the global RNG are re-derived at every
-step, so a resumed run repeats exactly what the uninterrupted run would have done.
+step, so a resumed run repeats exactly what the uninterrupted run would have done. Parallelism, precision,
+activation checkpointing and compilation are applied from outside the model (`argen.train.parallel`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
@@ -30,6 +30,7 @@ from argen.train import checkpoint
 from argen.train.distributed import DistInfo, all_true, barrier, cleanup, setup
 from argen.train.ema import EMA
 from argen.train.optim import build_optimizer, warmup_cosine
+from argen.train.parallel import ParallelConfig, autocast, gradient_scaler, model_blocks, no_sync, parallelize
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
     num_workers: int = 0
+    parallel: str = "ddp"  # with several ranks: "ddp" (replicas) or "fsdp" (FSDP2, sharded checkpoints)
+    precision: str = "fp32"  # "bf16" (autocast / FSDP policy) or "fp16" (with a gradient scaler)
+    grad_accum: int = 1  # micro-batches per optimizer step (each rank's share of batch_size split this often)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block
 
     def __post_init__(self) -> None:
         # (field, lowest, highest, whether the bounds are open); every number must also be finite.
@@ -69,6 +75,7 @@ class TrainConfig:
             ("log_every", 1, None, False),
             ("max_bad_steps", 1, None, False),
             ("num_workers", 0, None, False),
+            ("grad_accum", 1, None, False),
         ]
         for name, low, high, open_low in ranges:
             _check_number(name, getattr(self, name), low, high, open_low)
@@ -80,10 +87,22 @@ class TrainConfig:
             _check_number("betas", beta, 0, 1, False)
             if beta >= 1:
                 raise ConfigError(f"training config: each of betas must be < 1, got {self.betas!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"training config: batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        try:
+            ParallelConfig(self.parallel, self.precision)
+        except ConfigError as e:
+            raise ConfigError(f"training config: {e}") from None
+
+    @property
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(self.parallel, self.precision, self.activation_checkpointing, self.compile)
 
 
 _INT_FIELDS = {"steps", "batch_size", "warmup_steps", "seed", "save_every", "preview_every", "log_every"}
-_INT_FIELDS |= {"max_bad_steps", "num_workers"}
+_INT_FIELDS |= {"max_bad_steps", "num_workers", "grad_accum"}
 
 
 def _check_number(name: str, value: Any, low: float, high: float | None, open_low: bool) -> None:
@@ -106,6 +125,7 @@ class Task(Protocol):
     def loss(self, module: nn.Module, batch: Any) -> tuple[torch.Tensor, int]: ...
     def train_module(self, model: nn.Module) -> nn.Module: ...  # what `loss` calls; DDP wraps it
     def after_step(self, step: int, batch: Any, info: DistInfo) -> None: ...
+    def to(self, device: torch.device) -> None: ...  # the model and every component the task uses
     def preview(self) -> Any: ...  # a PIL image or None
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -203,28 +223,45 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, overwrite: bool) -> Non
 
 
 def _resume(
-    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, task: Task, config: TrainConfig
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    scaler: torch.amp.GradScaler | None,
+    task: Task,
+    comparable: dict[str, Any],
+    info: DistInfo,
 ) -> tuple[int, int]:
-    """Load the newest complete checkpoint strictly into model, optimizer, EMA and task; returns (step, skipped)."""
+    """Load the newest complete checkpoint strictly into model, optimizer, EMA, scaler and task; returns
+    (step, skipped). Every rank loads (a sharded checkpoint gives each rank its own shards)."""
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         log.warning("--resume: no complete checkpoint in %s, starting from scratch", run_dir)
         return 0, 0
-    state, ema_state = checkpoint.load_checkpoint(ckpt, model)
     source = str(ckpt / checkpoint.STATE_NAME)
-    differs = _config_difference(state["config"], _comparable(config))
+    state = checkpoint.load_trainer_state(ckpt / checkpoint.STATE_NAME)
+    differs = _config_difference(state["config"], comparable)
     if differs:
         raise CheckpointError(
             f"cannot resume {ckpt}: its training config differs in {differs}; "
-            "train with the checkpoint's settings, or into another --out folder"
+            "train with the checkpoint's settings (the same number of ranks too), or into another --out folder"
         )
-    checkpoint.load_optimizer_state(optimizer, state["optimizer"], model, source)
+    if checkpoint.is_sharded(ckpt):
+        ema_state = checkpoint.load_sharded(ckpt, model, optimizer, ema.shadow if ema else None)
+    else:
+        ema_state = checkpoint.load_weights(ckpt, model)
+        checkpoint.load_optimizer_state(optimizer, state.get("optimizer"), model, source)
     if (ema is None) != (ema_state is None):
+        what = "EMA state" if checkpoint.is_sharded(ckpt) else "ema/ folder"
         raise CheckpointError(
-            f"{ckpt}: {'no' if ema_state is None else 'an'} ema/ folder, but EMA is {'on' if ema else 'off'}"
+            f"{ckpt}: {'no' if ema_state is None else 'an'} {what}, but EMA is {'on' if ema else 'off'}"
         )
     if ema is not None:
         ema.load_state_dict(ema_state, state["ema_updates"], str(ckpt / "ema"))
+    if (scaler is None) != ("scaler" not in state):
+        raise CheckpointError(f"{source}: a gradient scaler state {'is missing' if scaler else 'is unexpected'}")
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
     try:
         task.load_state_dict(state["task"])
     except (KeyError, TypeError, AttributeError) as e:
@@ -241,6 +278,8 @@ def _config_difference(saved: Any, now: dict[str, Any]) -> str:
     """'lr (checkpoint 0.0003, now 1.0), ...' for the fields that differ; empty if none."""
     if not isinstance(saved, dict):
         return f"every field (the checkpoint holds {type(saved).__name__})"
+    # Fields added since the checkpoint was written count as their defaults (the rank count as unknown).
+    saved = {**_comparable(TrainConfig()), "world_size": now.get("world_size"), **saved}
     keys = sorted(set(saved) | set(now))
     return ", ".join(
         f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in keys if saved.get(k) != now.get(k)
@@ -273,18 +312,30 @@ def _train(
     info: DistInfo,
     progress: bool,
 ) -> TrainResult:
-    model = task.model.to(info.device)
+    task.to(info.device)  # the model and whatever else the task runs (a preview's tokenizer)
+    model = task.model
+    parallel = config.parallel_config
+    blocks = model_blocks(model)
+    if config.parallel == "fsdp" and not blocks:
+        raise ConfigError(f"--parallel fsdp shards transformer blocks; a {type(model).__name__} has none: use ddp")
+    sharded = config.parallel == "fsdp" and info.world_size > 1
     if info.is_main:
         _prepare_run_dir(run_dir, config, overwrite)
     barrier(info)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+    module = parallelize(task.train_module(model), blocks, parallel, info)  # the loss the task calls
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)  # after sharding
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    scaler = gradient_scaler(parallel, info.device)
     bad_in_row = 0
-    start, skipped = _resume(run_dir, model, optimizer, ema, task, config) if resume else (0, 0)
+    comparable = {**_comparable(config), "world_size": info.world_size}
+    start, skipped = _resume(run_dir, model, optimizer, ema, scaler, task, comparable, info) if resume else (0, 0)
     if info.is_main:
         _truncate_log(run_dir / "log.jsonl", start)
-    module = task.train_module(model)  # what the task's loss calls: the order's loss for generators
-    module = DistributedDataParallel(module) if info.world_size > 1 else module
+    if config.batch_size % (info.world_size * config.grad_accum):
+        raise ConfigError(
+            f"batch_size {config.batch_size} does not split into {info.world_size} ranks x {config.grad_accum} "
+            "micro-batches: choose a multiple of their product"
+        )
 
     sampler = StepBatches(
         len(dataset), config.batch_size, config.seed, start, config.steps, info.rank, info.world_size
@@ -293,7 +344,6 @@ def _train(
     bar = tqdm(
         total=config.steps, initial=start, disable=not (progress and info.is_main), unit="step", dynamic_ncols=True
     )
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda")
     t0, units, last_loss = time.perf_counter(), 0, float("nan")
     model.train()
     for step, batch in zip(range(start, config.steps), loader, strict=True):
@@ -302,14 +352,31 @@ def _train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = [b.to(info.device) for b in batch]
-        with autocast:
-            loss, n = task.loss(module, batch)
-        ok = all_true(bool(torch.isfinite(loss)), info)
+        micro = list(zip(*(b.chunk(config.grad_accum) for b in batch), strict=True))
+        losses, n = [], 0
+        for i, part in enumerate(micro):
+            last = i == len(micro) - 1
+            with no_sync(module, sync=last), autocast(parallel, info.device, sharded):
+                loss, count = task.loss(module, list(part))
+            if not all_true(bool(torch.isfinite(loss)), info):  # every rank takes the same branch
+                break
+            (scaler.scale(loss / len(micro)) if scaler else loss / len(micro)).backward()
+            losses.append(loss.detach())
+            n += count
+        loss_ok = len(losses) == len(micro)
+        ok = loss_ok
         if ok:
-            loss.backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            ok = bool(torch.isfinite(grad_norm))  # gradients are already averaged: every rank agrees
-        if not ok:
+            ok = bool(torch.isfinite(_full(grad_norm)))  # gradients are already averaged: every rank agrees
+        if not ok and scaler is not None and loss_ok:
+            # fp16 overflow: the scaler lowers its scale and the step is skipped; not a divergence.
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            skipped += 1
+            log.info("step %d: fp16 gradients overflowed, step skipped (loss scale now %g)", step, scaler.get_scale())
+        elif not ok:
             optimizer.zero_grad(set_to_none=True)
             bad_in_row, skipped = bad_in_row + 1, skipped + 1
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_row)
@@ -319,13 +386,17 @@ def _train(
                     f"learning rate or check the data ({checkpoint.describe_last(run_dir)})"
                 )
         else:
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             bad_in_row = 0
             if ema is not None:
                 ema.update(model)
             task.after_step(step, batch, info)
-            last_loss = loss.item()
+            last_loss = float(torch.stack(losses).mean())
         units += n * info.world_size
         rate = units / max(time.perf_counter() - t0, 1e-9)
         bar.update(1)
@@ -335,33 +406,63 @@ def _train(
             record = {"step": done, "loss": last_loss, "lr": lr, f"{task.unit}_per_s": rate, "skipped": skipped}
             append_line(run_dir / "log.jsonl", json.dumps(record))
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
-            if info.is_main:
-                state = {
-                    "step": done,
-                    "skipped": skipped,
-                    "optimizer": optimizer.state_dict(),
-                    "ema_updates": ema.updates if ema else 0,
-                    "task": task.state_dict(),
-                    "config": _comparable(config),
-                }
+            state = {
+                "step": done,
+                "skipped": skipped,
+                "ema_updates": ema.updates if ema else 0,
+                "task": task.state_dict(),
+                "config": comparable,
+            }
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            if config.parallel == "fsdp":
+                checkpoint.save_sharded(run_dir, done, model, optimizer, ema.shadow if ema else None, state, info)
+            elif info.is_main:
+                state["optimizer"] = optimizer.state_dict()
                 checkpoint.save_checkpoint(run_dir, done, model, ema.state_dict() if ema else None, state)
             barrier(info)
-        if info.is_main and ((config.preview_every and done % config.preview_every == 0) or done == config.steps):
-            _preview(task, model, ema, run_dir / "previews" / f"step-{done:08d}.png")
+        if (config.preview_every and done % config.preview_every == 0) or done == config.steps:
+            if sharded:
+                if done == config.steps and info.is_main:
+                    log.info("no previews under FSDP (the weights are sharded): sample from final/ instead")
+            elif info.is_main:
+                _preview(task, model, ema, run_dir / "previews" / f"step-{done:08d}.png")
     bar.close()
     seconds = time.perf_counter() - t0
-    output = None
-    if info.is_main:
-        output = run_dir / "final"
-        save_pretrained(model, output, state_dict=ema.weights_for(model) if ema else None)
+    output = _save_final(run_dir, model, ema, info, sharded)
     barrier(info)
     return TrainResult(config.steps, last_loss, seconds, units / max(seconds, 1e-9), skipped, output)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value gathered whole; a plain tensor as it is. Collective: every rank calls it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _save_final(run_dir: Path, model: nn.Module, ema: EMA | None, info: DistInfo, sharded: bool) -> Path | None:
+    """`final/`: the EMA weights if any, else the raw ones, as a pretrained folder (gathered whole under FSDP)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)  # whole on the main rank, empty on the others
+        if ema is not None:
+            own = {k: v.dtype for k, v in model.state_dict().items()}
+            weights = {k: _full(v).to(own[k]).cpu() for k, v in ema.shadow.items()}
+    else:
+        weights = ema.weights_for(model) if ema else None
+    if not info.is_main:
+        return None
+    output = run_dir / "final"
+    save_pretrained(model, output, state_dict=weights)
+    return output
 
 
 def _comparable(config: TrainConfig) -> dict[str, Any]:
     """Fields that must match to resume (everything but bookkeeping), as plain JSON-like values."""
     d = asdict(config)
-    for k in ("save_every", "preview_every", "log_every", "num_workers", "max_bad_steps"):
+    bookkeeping = ("save_every", "preview_every", "log_every", "num_workers", "max_bad_steps")
+    for k in (*bookkeeping, "activation_checkpointing", "compile"):  # neither changes the numbers
         d.pop(k)
     d["betas"] = list(d["betas"])
     return d

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +35,9 @@ class TokenizerTask:
 
     def train_module(self, model: nn.Module) -> nn.Module:
         return model
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
 
     @torch.no_grad()
     def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
@@ -84,12 +86,12 @@ class GeneratorTask:
     def __init__(
         self,
         model: nn.Module,
-        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tokenizer: nn.Module | None = None,
         preview_classes: int = 10,
         preview_config: SamplerConfig | None = None,
     ):
         self.model = model
-        self.decode = decode
+        self.tokenizer = tokenizer  # decodes previews; moved with the model (`to`)
         self.preview_classes = preview_classes
         self.preview_config = preview_config or SamplerConfig.from_flat(dict(model.order.default_sampler))
 
@@ -101,19 +103,25 @@ class GeneratorTask:
     def train_module(self, model: nn.Module) -> nn.Module:
         return OrderLoss(model)
 
+    def to(self, device: torch.device) -> None:
+        """The generator and the tokenizer its previews decode through (a bound one moves with the generator)."""
+        self.model.to(device)
+        if self.tokenizer is not None:
+            self.tokenizer.to(device)
+
     def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
         pass
 
     def preview(self) -> Image.Image | None:
-        if self.decode is None:
+        if self.tokenizer is None:
             return None
         model: Generator = self.model
         n = min(self.preview_classes, model.num_classes)
-        labels = torch.arange(n).repeat_interleave(4).to(next(self.model.parameters()).device)
-        ids = generate(
-            model, Condition.classes(labels), self.preview_config, seeded_generators(list(range(len(labels))))
-        )
-        return grid(self.decode(ids).clamp(-1, 1), rows=n)
+        device = next(self.model.parameters()).device
+        labels = torch.arange(n, device=device).repeat_interleave(4)
+        generators = seeded_generators(list(range(len(labels))), device=device)
+        ids = generate(model, Condition.classes(labels), self.preview_config, generators)
+        return grid(self.tokenizer.decode(ids).clamp(-1, 1).float().cpu(), rows=n)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -142,6 +150,9 @@ class ClassifierTask:
 
     def train_module(self, model: nn.Module) -> nn.Module:
         return model
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
 
     def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
         pass
