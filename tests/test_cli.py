@@ -11,6 +11,7 @@ from argen.data.datasets import mnist_pixels
 SURFACE = {
     "sample": {
         "--model",
+        "--dtype",
         "--labels",
         "-n",
         "--seed",
@@ -61,6 +62,7 @@ SURFACE = {
     "train-classifier": {"--data", "--eval-data", "--image-size", "--channels"},
     "eval": {
         "--model",
+        "--dtype",
         "--data",
         "-n",
         "--n",
@@ -80,7 +82,17 @@ SURFACE = {
         "--set",
     },
     "eval-tokenizer": {"--tokenizer", "--data"},
-    "bench": {"--model", "--setting", "--batch-sizes", "--repeats", "--threads", "--train", "--json", "--device"},
+    "bench": {
+        "--model",
+        "--dtype",
+        "--setting",
+        "--batch-sizes",
+        "--repeats",
+        "--threads",
+        "--train",
+        "--json",
+        "--device",
+    },
     "report": {
         "--model",
         "--out",
@@ -110,6 +122,11 @@ TRAIN_FLAGS = {
     "--resume",
     "--overwrite",
     "--device",
+    "--precision",
+    "--parallel",
+    "--grad-accum",
+    "--activation-checkpointing",
+    "--compile",
     "--set",
 }
 

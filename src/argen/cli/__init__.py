@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 
 from argen.cli.common import (
+    DTYPES,
     MAX_IMAGES,
     add_sampler_args,
     check_device,
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=".png (or another image format) grid, a row per label; or .npz (images, labels)",
     )
     p.add_argument("--device", default=None, help=f"{device} (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (logits stay fp32)")
     p.add_argument(
         "--classifier", default=None, help="'default' or a classifier folder: report class accuracy (default: off)"
     )
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also export samples for the ADM evaluator (arr_0, uint8 NHWC) (default: no)",
     )
     p.add_argument("--device", default=None, help=f"{device} (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (logits stay fp32)")
     add_sampler_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="also measure training tokens/s")
     p.add_argument("--json", type=output_file, default=None, help="also write the figures as JSON (default: no)")
     p.add_argument("--device", default=None, help=f"{device} (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (logits stay fp32)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="HTML page: sample grids, metric table, speed-vs-quality plot")

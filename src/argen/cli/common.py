@@ -90,6 +90,10 @@ def image_or_npz_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{e} or .npz") from None
 
 
+# `--dtype` of the commands that run a model: the dtype its weights are cast to.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def check_device(name: str) -> None:
     """`--device`: refuse a name torch does not know, or an accelerator this machine lacks, before any work."""
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.cli.common import check_for_model, check_image_count, classifier_path, sampler_overrides
+from argen.cli.common import DTYPES, check_for_model, check_image_count, classifier_path, sampler_overrides
 from argen.errors import ConfigError
 from argen.storage import save_image, save_npz
 
@@ -21,7 +21,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.progressive and Path(args.out).suffix.lower() == ".npz":
         raise ConfigError("--progressive writes an image strip: give --out an image name such as scales.png")
     overrides = sampler_overrides(args)
-    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu", torch_dtype=DTYPES[args.dtype])
     check_for_model(pipe, overrides)
     classes = args.labels.split(",") if args.labels else list(range(pipe.generator.num_classes))
     total = check_image_count(len(classes), args.n)

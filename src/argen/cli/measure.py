@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from argen.cli.common import (
+    DTYPES,
     check_for_model,
     check_image_count,
     classifier_path,
@@ -31,7 +32,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     check_image_count(len(args.seeds), args.n, what="per seed")
     sampler = sampler_overrides(args)
-    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu", torch_dtype=DTYPES[args.dtype])
     check_for_model(pipe, sampler)
     tc = pipe.tokenizer.config
     reference, rest = reference_sets(args.data, args.n, tc.image_size, tc.image_channels)
@@ -107,10 +108,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     settings = dict(parse_setting(s) for s in (args.setting or ["default"]))
-    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu")
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu", torch_dtype=DTYPES[args.dtype])
     for name, fields in settings.items():
         check_for_model(pipe, fields, f"--setting {name}")
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(device=pipe.device, dtype=DTYPES[args.dtype])
     print(
         f"model {args.model}: {pipe.generator.seq_len} tokens/image; {args.threads} threads; "
         f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s"

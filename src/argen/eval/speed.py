@@ -2,7 +2,8 @@
 
 Reported per setting and batch size: NFE (sequential forward passes of the generator per batch), seconds per
 image and images/s (median, min and max over repeats, after a warm-up), peak memory above the baseline, and
-achieved FLOP/s as a share of this machine's measured float32 matmul peak. Several settings are measured
+achieved FLOP/s as a share of the measured matmul peak of the device the model runs on, in its dtype (GPU timers
+are read after synchronising the device). Several settings are measured
 interleaved (A, B, A, B, ...) so that machine load affects them alike, and compared as ratios.
 """
 
@@ -23,14 +24,28 @@ from argen.sampling.decode import generate, seeded_generators
 from argen.sampling.speculative import SpeculativeStats
 
 
-def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
-    """Best float32 FLOP/s of an n x n matmul on this machine with the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so a timer read after it measures the work and not its launch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak_flops(
+    n: int = 1024, repeats: int = 10, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
+    """Best FLOP/s of an n x n matmul on `device` in `dtype` (CPU: with the current thread count)."""
+    n = n if torch.device(device).type == "cpu" else max(n, 8192)  # a GPU needs a large matmul to reach its peak
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -111,18 +126,20 @@ def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -
     config = pipe.config(**sampler)
     speculative = isinstance(config.acceleration, Speculative)
     stats = SpeculativeStats()
+    synchronize(pipe.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         ids = generate(
             counter,
             labels,
             config,
-            seeded_generators(range(seed, seed + len(labels))),
+            seeded_generators(range(seed, seed + len(labels)), device=pipe.device),
             draft_model=pipe.draft,
             stats=stats,
             codebook=pipe.codebook if speculative and config.acceleration.relax_k else None,
         )
         pipe.tokenizer.decode(ids)
+    synchronize(pipe.device)
     acceptance = stats.acceptance_rate if speculative else None
     return time.perf_counter() - t0, counter.calls, acceptance
 
@@ -141,8 +158,9 @@ def bench_sampling(
     progress=None,
 ) -> list[SpeedResult]:
     """Time every (pipeline, sampler overrides) run at every batch size, interleaving the runs within each repeat
-    so that machine load affects them alike."""
-    peak = peak or matmul_peak_flops()
+    so that machine load affects them alike. `peak`: the matmul peak of the runs' device (measured if None)."""
+    first = next(iter(runs.values()))[0]
+    peak = peak or matmul_peak_flops(device=first.device, dtype=next(first.generator.parameters()).dtype)
     results = []
     for bs in batch_sizes:
         times = {name: [] for name in runs}
@@ -187,7 +205,7 @@ def bench_sampling(
 
 def bench_training(pipe: ARPipeline, batch_size: int = 32, steps: int = 10, peak: float | None = None) -> dict:
     """Tokens/s of teacher-forced training steps (forward + backward + AdamW) on random token sequences."""
-    peak = peak or matmul_peak_flops()
+    peak = peak or matmul_peak_flops(device=pipe.device, dtype=next(pipe.generator.parameters()).dtype)
     model = pipe.generator
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
@@ -207,8 +225,10 @@ def bench_training(pipe: ARPipeline, batch_size: int = 32, steps: int = 10, peak
             step()
         times = []
         for _ in range(steps):
+            synchronize(pipe.device)
             t0 = time.perf_counter()
             step()
+            synchronize(pipe.device)
             times.append(time.perf_counter() - t0)
     finally:
         model.load_state_dict(state)
