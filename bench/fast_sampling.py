@@ -61,7 +61,7 @@ def kv_peak(pipe: ARPipeline, sampler: dict, batch: int = 8) -> int | None:
     if model.order.options_class is NoOptions:
         return None
     config = pipe.config(**sampler)
-    state = model.start(torch.arange(batch) % model.num_classes, config.options_for(model.order.options_class))
+    state = model.start(torch.arange(batch) % model.num_classes, config.options_for(model.order))
     while not state.done:
         prediction = model.predict(state)
         model.advance(state, prediction.positions, prediction.logits.argmax(-1))

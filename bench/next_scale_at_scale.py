@@ -34,7 +34,7 @@ SETTINGS = {
 def kv_megabytes(model: NextScaleTransformer, labels: torch.Tensor, config: SamplerConfig) -> float:
     """Peak KV memory of a guided decode (conditional + unconditional rows), float32."""
     rows = with_null_rows(Condition.classes(labels))
-    state = model.start(rows, config.options_for(model.order.options_class))
+    state = model.start(rows, config.options_for(model.order))
     while not state.done:
         prediction = model.predict(state)
         model.advance(state, prediction.positions, prediction.logits.argmax(-1))

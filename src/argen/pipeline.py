@@ -81,7 +81,7 @@ class ARPipeline:
         self.generator = generator.eval()
         self.class_names = class_names or [str(i) for i in range(generator.num_classes)]
         self.sampler = sampler or SamplerConfig.from_flat(dict(generator.order.default_sampler))
-        self.sampler.options_for(generator.order.options_class)  # an option this order lacks fails here
+        self.sampler.options_for(generator.order)  # an option this order lacks fails here
         # Optional small generator of the same order, the drafter of speculative="draft".
         self.draft = draft.eval() if draft is not None else None
 
@@ -238,7 +238,7 @@ class ARPipeline:
     def config(self, **sampler_overrides) -> SamplerConfig:
         """The pipeline's sampler defaults with flat overrides, checked against the generator's order."""
         config = self.sampler.with_overrides(**sampler_overrides)
-        config.options_for(self.generator.order.options_class)
+        config.options_for(self.generator.order)
         return config
 
     @staticmethod

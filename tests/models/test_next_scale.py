@@ -152,7 +152,7 @@ def test_kv_budget_caps_refiner_layers(shipped):
 def test_generator_options_are_checked():
     from tests.conftest import tiny_raster
 
-    with pytest.raises(ValueError, match=r"unknown sampler setting\(s\) \['prune'\] for this order"):
+    with pytest.raises(ValueError, match=r"unknown sampler setting\(s\) \['prune'\] for the raster order"):
         generate(tiny_raster(), torch.tensor([0]), SamplerConfig.from_flat({"prune": 0.5}))
     with pytest.raises(ValueError, match="not combined"):
         SamplerConfig.from_flat({"kv_budget": 8, "speculative": "sjd"})

@@ -8,7 +8,7 @@ import os
 import socket
 import webbrowser
 
-from argen.cli.common import check_device, positive_int
+from argen.cli.common import check_device, positive_int, shipped_models
 from argen.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ def add_serve_parser(sub) -> None:
         action="append",
         default=None,
         metavar="NAME[=PATH]",
-        help=f"a model to serve: a shipped name, or NAME=PATH of a pipeline folder (repeatable; default: "
-        f"{', '.join(DEFAULT_MODELS)}); requests can name only these",
+        help=f"a model to serve: a shipped name ({', '.join(shipped_models())}), or NAME=PATH of a pipeline folder "
+        f"(repeatable; default: {', '.join(DEFAULT_MODELS)}); requests can name only these",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback wants --api-key)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free one)")

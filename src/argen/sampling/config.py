@@ -144,16 +144,18 @@ class SamplerConfig:
 
     # --- meeting the model ---
 
-    def options_for(self, options_class: type) -> Any:
-        """The order's options object; an option the order does not have is an error naming the order's own."""
-        known = {f.name for f in dataclasses.fields(options_class)}
+    def options_for(self, order: Any) -> Any:
+        """The order's options object (`order`: a model's `OrderSpec`); an option the order does not have is an
+        error naming the ones it has."""
+        known = {f.name for f in dataclasses.fields(order.options_class)}
         unknown = sorted(set(self.order_options) - known)
         if unknown:
+            own = f"its own are {sorted(known)}" if known else "it has none of its own"
             raise ConfigError(
-                f"unknown sampler setting(s) {unknown} for this order; its own options are {sorted(known) or 'none'}, "
-                f"the common ones {sorted([*self.CORE, *_SPECULATIVE_FIELDS, 'parallel_window'])}"
+                f"unknown sampler setting(s) {unknown} for the {order.name} order ({own}); the common ones are "
+                f"{sorted([*self.CORE, *_SPECULATIVE_FIELDS, 'parallel_window'])}"
             )
-        return options_class(**self.order_options)
+        return order.options_class(**self.order_options)
 
     def schedule(self) -> guidance.Schedule | None:
         """The guidance scale as a function of progress, or None when there is no guidance to compute."""

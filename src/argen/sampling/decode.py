@@ -67,7 +67,7 @@ def decode_steps(
     condition = as_condition(condition)
     _rows(model, condition, known)
     schedule = schedule or config.schedule()
-    options = config.options_for(model.order.options_class)
+    options = config.options_for(model.order)
     rows = guidance.with_null_rows(condition) if schedule is not None else condition
     B, copies = len(condition), 2 if schedule is not None else 1
     state = model.start(rows.to(model_device(model)), options)

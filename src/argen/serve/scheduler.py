@@ -269,7 +269,7 @@ class Scheduler:
         job.pipeline = pipe
         job.generators = seeded_generators([request.seed + i for i in range(job.n)])
         job.schedule = config.schedule()
-        options = config.options_for(model.order.options_class)
+        options = config.options_for(model.order)
         labels = Condition.classes(torch.tensor(request.labels, device=pipe.device))
         rows = guidance.with_null_rows(labels) if job.schedule is not None else labels
         state = model.start(rows, options)
