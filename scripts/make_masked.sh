@@ -16,7 +16,7 @@ tok=$(python -c "from argen.pipeline import ASSETS; print(ASSETS / 'raster-mnist
 
 time argen tokenize --tokenizer "$tok" --data mnist:train --out "$runs/tokens"
 time argen train --tokens "$runs/tokens" --tokenizer "$tok" --preset mnist-masked --out "$runs/gen" \
-    --steps "$steps" --batch-size "$batch" --lr 2e-3 --warmup-steps 100 --ema-decay 0.995 --save-every 500 \
-    --preview-every 500
+    --steps "$steps" --batch-size "$batch" --lr 2e-3 --warmup-steps 100 --weight-decay 0.05 --ema-decay 0.995 \
+    --set resid_dropout=0.1 --set ffn_dropout=0.1 --save-every 250 --preview-every 1000
 
 python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg 3.0
