@@ -70,26 +70,37 @@ class PrecisionRecall:
     recall: float
 
 
-def _kth_neighbour_radius(x: torch.Tensor, k: int) -> torch.Tensor:
-    d = torch.cdist(x, x)
-    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+# Rows of the distance matrix held at once: memory is O(N * chunk), never (N, N) (20 GB in float64 at N = 50,000).
+PR_CHUNK = 512
 
 
-def _coverage(points: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> float:
+def _kth_neighbour_radius(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """(N,) distance from each point of x (N, D) to its k-th nearest other point, a (chunk, N) block at a time."""
+    radii = [torch.cdist(x[i : i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)]
+    return torch.cat(radii)  # k + 1: the point itself is at distance 0
+
+
+def _coverage(points: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    """Share of points (M, D) inside some ball (support (N, D), radii (N,)), a (chunk, N) block at a time."""
     inside = []
     for i in range(0, len(points), chunk):
         inside.append((torch.cdist(points[i : i + chunk], support) <= radii[None]).any(dim=1))
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> PrecisionRecall:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = PR_CHUNK) -> PrecisionRecall:
     """Kynkäänniemi et al. 2019: each set's manifold is the union of balls reaching its k-th nearest neighbour;
-    precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold."""
+    precision = share of fakes inside the real manifold, recall = share of reals inside the fake manifold.
+
+    real (N, D), fake (M, D); distances are computed `chunk` rows at a time (memory O(max(N, M) * chunk)).
+    """
     real, fake = _check(real, "real"), _check(fake, "fake")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    precision = _coverage(fake, real, _kth_neighbour_radius(real, k))
-    recall = _coverage(real, fake, _kth_neighbour_radius(fake, k))
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+    precision = _coverage(fake, real, _kth_neighbour_radius(real, k, chunk), chunk)
+    recall = _coverage(real, fake, _kth_neighbour_radius(fake, k, chunk), chunk)
     return PrecisionRecall(precision, recall)
 
 
