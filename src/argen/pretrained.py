@@ -41,6 +41,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {}
 _COMPONENT_MODULES = (
     "argen.tokenizers.vq",
     "argen.tokenizers.multiscale",
+    "argen.tokenizers.kl",
     "argen.models.registry",  # every order's model file: a new order is registered there, not here
     "argen.eval.classifier",
 )

@@ -9,6 +9,10 @@ generator for predictions at some positions, chooses values, and commits them:
         ...                                               # guidance, temperature, draws: argen.sampling
         model.advance(state, prediction.positions, values)
 
+Values are discrete ids or continuous vectors, as the order declares (`OrderSpec.values`): a discrete order's
+state holds (B, L) int64 ids and its predictions carry logits; a continuous one's (MAR) holds (B, L, D) floats
+and its predictions carry a head's input `z`, which the sampler turns into values with the order's head.
+
 Positions are per sample, so raster (one position), next-scale (a whole map), masked (a confidence-chosen
 set), random-order (a permutation) and speculative verification (a drafted block at each sample's own
 position) are all "these positions, these values". What is filled is a boolean mask, never a sentinel id.
@@ -89,10 +93,12 @@ def as_condition(condition: Condition | torch.Tensor | list[int]) -> Condition:
 
 @dataclass
 class DecodeState:
-    """Where one batch's decoding stands. `tokens` (B, L) holds a value wherever `filled` (B, L) is True."""
+    """Where one batch's decoding stands. `tokens` holds a value wherever `filled` (B, L) is True."""
 
     condition: Condition
-    tokens: torch.Tensor  # (B, L) int64; meaningless where not filled
+    tokens: (
+        torch.Tensor
+    )  # (B, L) int64 ids, or (B, L, D) float vectors (continuous orders); meaningless where not filled
     filled: torch.Tensor  # (B, L) bool
     step: int = 0  # prediction steps taken so far
     num_steps: int = 0
@@ -104,9 +110,10 @@ class DecodeState:
         return self.step >= self.num_steps
 
     def commit(self, positions: torch.Tensor, values: torch.Tensor) -> None:
-        """Write (B, n) values at (B, n) positions, mark them filled and count the step: what every order's
-        `advance` does before its own bookkeeping."""
-        self.tokens.scatter_(1, positions, values)
+        """Write (B, n) values (or (B, n, D) vectors) at (B, n) positions, mark them filled and count the step:
+        what every order's `advance` does before its own bookkeeping."""
+        index = positions if self.tokens.dim() == 2 else positions[..., None].expand(-1, -1, self.tokens.shape[-1])
+        self.tokens.scatter_(1, index, values)
         self.filled.scatter_(1, positions, True)
         self.step += 1
 
@@ -118,7 +125,8 @@ class DecodeState:
 
 @dataclass
 class Prediction:
-    """A step's output: for each sample, the positions (B, n) predicted and, for discrete orders, their logits."""
+    """A step's output: for each sample, the positions (B, n) predicted and either their logits (discrete orders)
+    or the head's input z (continuous orders)."""
 
     positions: torch.Tensor  # (B, n) int64 sequence positions
     logits: torch.Tensor | None = None  # (B, n, V) float32, discrete tokens
@@ -153,8 +161,12 @@ class OrderSpec:
     (`Model.order`) instead of probed with hasattr/isinstance.
 
     policy: who chooses the positions of a step: "next" (the model's own next positions: raster, next-scale),
-        "masked" (confidence with annealed noise, MaskGIT) or "random" (a per-sample permutation, RandAR); the
-        random ones live in `argen.sampling` and draw from the per-sample generators.
+        "masked" (confidence with annealed noise, MaskGIT), "random" (a per-sample permutation, RandAR) or "mar"
+        (a per-sample permutation on a cosine schedule, MAR); the random ones live in `argen.sampling` and draw
+        from the per-sample generators.
+    values: "discrete" (ids; predictions carry logits, tokens are (B, L) int64) or "continuous" (vectors; the
+        model has `token_dim`, predictions carry `z`, and `model.head` / `model.head_schedule` are the diffusion
+        head the sampler runs, `argen.sampling.diffusion`).
     accelerations: the acceleration strategies that fit the order ("speculative", "parallel").
     options_class: a dataclass of the order's own sampler options, handed to `start` (pruning, mask steps).
     reads_tokenizer: the generator builds its inputs through the tokenizer's codebook (`bind(tokenizer)`).
@@ -163,6 +175,7 @@ class OrderSpec:
 
     name: str
     policy: str = "next"
+    values: str = "discrete"
     accelerations: frozenset[str] = frozenset()
     options_class: type = NoOptions
     reads_tokenizer: bool = False
@@ -190,4 +203,4 @@ class Generator(Protocol):
         """Commit (B, n) values at (B, n) positions and move to the next step."""
 
     def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
-        """The training loss on (B, L) token sequences."""
+        """The training loss on (B, L) token sequences ((B, L, D) vectors for a continuous order)."""

@@ -61,16 +61,17 @@ def attention(
     mask: torch.Tensor | None,
     scale: float | None = None,
     use_sdpa: bool = True,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Scaled dot-product attention. q: (B, H, T, hd); k, v: (B, H, S, hd); mask: (T, S) bool, True = may attend;
-    scale defaults to 1/sqrt(hd).
+    """Scaled dot-product attention. q: (B, H, T, hd); k, v: (B, H, S, hd); mask: (T, S) bool (or broadcastable
+    to (B, H, T, S)), True = may attend; scale defaults to 1/sqrt(hd); `dropout` on the attention weights (training).
 
     `use_sdpa=False` is the reference path that the fused kernel is tested against.
     """
     if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    return F.dropout(scores.softmax(dim=-1), dropout) @ v

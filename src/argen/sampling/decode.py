@@ -11,7 +11,7 @@ import torch
 
 from argen.errors import ConfigError
 from argen.models.interface import Condition, Generator, as_condition
-from argen.sampling import guidance
+from argen.sampling import diffusion, guidance
 from argen.sampling.config import ParallelRows, SamplerConfig
 from argen.sampling.logits import check_finite, draw, process
 from argen.sampling.positions import KnownTokens, policy_class
@@ -31,7 +31,7 @@ class Step:
     step: int
     num_steps: int
     positions: torch.Tensor  # (B, n) committed this step
-    tokens: torch.Tensor  # (B, L); meaningful where `filled`
+    tokens: torch.Tensor  # (B, L) ids or (B, L, D) vectors; meaningful where `filled`
     filled: torch.Tensor  # (B, L) bool
 
 
@@ -39,8 +39,9 @@ def _rows(model: Generator, condition: Condition, known: KnownTokens | None) -> 
     """Check a batch's conditions and known tokens against the model before any work."""
     condition.embedding_ids(model.num_classes)  # raises on a class id out of range
     B, L = len(condition), model.seq_len
-    if known is not None and (known.tokens.shape != (B, L) or known.known.shape != (B, L)):
-        raise ValueError(f"known tokens and mask must be (B, {L}) = ({B}, {L})")
+    shape = (B, L) if model.order.values == "discrete" else (B, L, model.token_dim)
+    if known is not None and (tuple(known.tokens.shape) != shape or known.known.shape != (B, L)):
+        raise ValueError(f"known tokens must be {shape} and their mask ({B}, {L})")
 
 
 @torch.no_grad()
@@ -76,16 +77,26 @@ def decode_steps(
     while not state.done:
         asked = policy.positions(state)
         prediction = model.predict(state, None if asked is None else asked.repeat(copies, 1))
-        check_finite(prediction.logits, f"logits at step {state.step}")
-        logits = prediction.logits
-        if schedule is not None:
-            logits = guidance.guide(logits, schedule(state.progress))
-        logits = process(logits, config.temperature, config.top_k, config.top_p)
-        values = draw(logits, generators, config.greedy)
+        if model.order.values == "continuous":  # the order's diffusion head turns z into values
+            check_finite(prediction.z, f"the head's conditions z at step {state.step}")
+            scales = None
+            if schedule is not None:
+                scales = torch.tensor([schedule(float(t)) for t in policy.guidance_progress(state)])
+            logits = None
+            values = diffusion.sample_values(
+                model, state, prediction, B, options.head_steps, config.temperature, scales, generators
+            )
+        else:
+            check_finite(prediction.logits, f"logits at step {state.step}")
+            logits = prediction.logits
+            if schedule is not None:
+                logits = guidance.guide(logits, schedule(state.progress))
+            logits = process(logits, config.temperature, config.top_k, config.top_p)
+            values = draw(logits, generators, config.greedy)
         positions, values = policy.select(state, prediction.positions[:B], logits, values)
         if known is not None:
             values = known.apply(values, positions)
-        model.advance(state, positions.repeat(copies, 1), values.repeat(copies, 1))
+        model.advance(state, positions.repeat(copies, 1), values.repeat(copies, *([1] * (values.dim() - 1))))
         # copies: the state lives on, and a caller may keep every step
         yield Step(state.step, state.num_steps, positions, state.tokens[:B].clone(), state.filled[:B].clone())
 

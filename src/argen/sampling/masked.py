@@ -54,14 +54,8 @@ class MaskedPolicy(PositionPolicy):
     """Confidence-based unmasking: commit the most confident drawn values, keep the rest masked (MaskGIT §3.2)."""
 
     def begin(self, state: DecodeState) -> None:
-        """Write known tokens (in- and out-painting) into every row as filled: under guidance the state holds the
-        conditional rows, then the unconditional ones, and both see the same canvas."""
-        if self.known is not None:
-            copies = state.tokens.shape[0] // self.num_samples
-            known = self.known.known.to(state.filled.device).repeat(copies, 1)  # (copies * B, L)
-            values = self.known.tokens.to(state.tokens.device).repeat(copies, 1)
-            state.tokens.copy_(torch.where(known, values, state.tokens))
-            state.filled |= known
+        """Known tokens are filled in every row before the first step (`write_known`)."""
+        self.write_known(state)
         self.masked_at_start = (~state.filled).sum(dim=1)  # (rows,) what the mask schedule counts down from
 
     def select(

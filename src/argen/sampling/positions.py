@@ -21,12 +21,17 @@ class KnownTokens:
     """Tokens to keep instead of sampling (zero-shot editing, VAR §4.4): where `known` (B, L) is True the value in
     `tokens` (B, L) is committed whatever the model predicts, so the rest is generated around it."""
 
-    tokens: torch.Tensor  # (B, L) ids
+    tokens: torch.Tensor  # (B, L) ids, or (B, L, D) vectors for a continuous order
     known: torch.Tensor  # (B, L) bool
 
     def apply(self, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, n) chosen values at (B, n) positions -> the known value wherever the position is known."""
-        return torch.where(self.known.gather(1, positions), self.tokens.gather(1, positions), values)
+        """(B, n) chosen values (or (B, n, D) vectors) at (B, n) positions -> the known value wherever the
+        position is known."""
+        known = self.known.gather(1, positions)
+        if self.tokens.dim() == 2:
+            return torch.where(known, self.tokens.gather(1, positions), values)
+        index = positions[..., None].expand(-1, -1, self.tokens.shape[-1])
+        return torch.where(known[..., None], self.tokens.gather(1, index).to(values.dtype), values)
 
     def rows(self, index: slice) -> KnownTokens:
         return KnownTokens(self.tokens[index], self.known[index])
@@ -50,6 +55,23 @@ class PositionPolicy:
 
     def begin(self, state: DecodeState) -> None:
         """Called once after `start`, before the first step."""
+
+    def write_known(self, state: DecodeState) -> None:
+        """Write known tokens (in- and out-painting) into every row as filled: under guidance the state holds the
+        conditional rows, then the unconditional ones, and both see the same canvas."""
+        if self.known is None:
+            return
+        copies = state.tokens.shape[0] // self.num_samples
+        known = self.known.known.to(state.filled.device).repeat(copies, 1)  # (copies * B, L)
+        values = self.known.tokens.to(state.tokens.device, state.tokens.dtype)
+        values = values.repeat(copies, *([1] * (values.dim() - 1)))
+        mask = known if values.dim() == 2 else known[..., None]
+        state.tokens.copy_(torch.where(mask, values, state.tokens))
+        state.filled |= known
+
+    def guidance_progress(self, state: DecodeState) -> torch.Tensor:
+        """(B,) progress in [0, 1] each sample's guidance schedule reads at this step (the state's by default)."""
+        return torch.full((self.num_samples,), state.progress, dtype=torch.float64)
 
     def positions(self, state: DecodeState) -> torch.Tensor | None:
         """(B, n) positions the next step predicts for the B samples, or None for the model's own."""
@@ -75,4 +97,8 @@ def policy_class(name: str) -> type[PositionPolicy]:
         from argen.sampling.random_order import RandomOrderPolicy
 
         return RandomOrderPolicy
+    if name == "mar":
+        from argen.sampling.mar import MARPolicy
+
+        return MARPolicy
     raise ValueError(f"unknown position policy {name!r}")

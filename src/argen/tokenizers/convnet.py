@@ -130,9 +130,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, z_channels, h, w) -> (B, out_channels, h * 2^(levels-1), w * 2^(levels-1)), not clamped."""
+    """(B, z_channels, h, w) -> (B, out_channels, h * 2^(levels-1), w * 2^(levels-1)), not clamped.
 
-    def __init__(self, z_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, out_channels: int):
+    `attention`: self-attention after each block of the lowest-resolution level (LlamaGen, VAR); MAR's KL decoder
+    has none there (`attn_resolutions=()`), only in the middle."""
+
+    def __init__(
+        self,
+        z_channels: int,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        out_channels: int,
+        attention: bool = True,
+    ):
         super().__init__()
         top = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, top, 3, padding=1)
@@ -142,7 +153,13 @@ class Decoder(nn.Module):
             block_out = ch * m
             last = i == len(ch_mult) - 1
             levels.append(
-                Level(block_in, block_out, num_res_blocks + 1, attn=i == 0, resample=None if last else Upsample)
+                Level(
+                    block_in,
+                    block_out,
+                    num_res_blocks + 1,
+                    attn=attention and i == 0,
+                    resample=None if last else Upsample,
+                )
             )
             block_in = block_out
         self.conv_blocks = nn.ModuleList(levels)

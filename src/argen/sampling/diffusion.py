@@ -1,0 +1,113 @@
+"""The diffusion head's sampling loop (MAR §3.3; DDPM ancestral sampling over IDDPM-respaced steps).
+
+The head is a callable `head(x_t (N, C), t (N,), z (N, Dz)) -> (N, 2C)` (the predicted noise, then the variance
+values), DiT's pattern: the loop owns the process, the network only predicts. Classifier-free guidance is
+applied to the noise prediction (MAR's `forward_with_cfg`), with the conditional rows' variance; the
+temperature scales the noise of every step (MAR §3.3, their "temperature" tau). Noise comes from a function
+of the draw index, so that each sample draws from its own generator (`per_sample_noise`) and tests can feed
+recorded draws back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from argen.diffusion import DiffusionSchedule
+from argen.models.interface import DecodeState, Prediction
+
+Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Noise = Callable[[int], torch.Tensor]  # draw index (0: x_T; i: the noise added by the i-th step) -> (N, C)
+
+
+def sample_head(
+    head: Head,
+    z: torch.Tensor,
+    schedule: DiffusionSchedule,
+    noise: Noise,
+    temperature: float = 1.0,
+    cfg_scale: float | torch.Tensor = 1.0,
+    z_null: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample (N, C) values given z (N, Dz) through the `schedule`'s steps (a respaced process). With `z_null`
+    (N, Dz), the noise prediction is guided: uncond + cfg_scale (cond - uncond), cfg_scale one number or (N,)."""
+    x = noise(0).float()  # x_T, (N, C)
+    N, C = x.shape
+    if isinstance(cfg_scale, torch.Tensor):
+        cfg_scale = cfg_scale.to(device=x.device, dtype=torch.float32)[:, None]
+    steps = schedule.num_timesteps
+    for i in reversed(range(steps)):
+        t = torch.full((N,), i, dtype=torch.long, device=x.device)
+        net_t = schedule.timestep_map.to(x.device)[t]  # the network knows the original 1000-step timesteps
+        if z_null is None:
+            out = head(x, net_t, z).float()
+        else:
+            both = head(torch.cat([x, x]), torch.cat([net_t, net_t]), torch.cat([z, z_null])).float()
+            cond, uncond = both[:N, :C], both[N:, :C]
+            out = torch.cat([uncond + cfg_scale * (cond - uncond), both[:N, C:]], dim=1)
+        mean, log_variance = schedule.p_mean_variance(out, x, t)
+        # DDPM: no noise is added by the last step (t = 0).
+        x = mean + torch.exp(0.5 * log_variance) * noise(steps - i).float() * temperature if i > 0 else mean
+    return x
+
+
+def per_sample_noise(
+    generators: list[torch.Generator] | None, owners: torch.Tensor, dim: int, device: torch.device
+) -> Noise:
+    """Noise for N rows whose sample is `owners` (N,): each sample's rows, in order, from its own generator (None:
+    the global RNG), so a sample's values do not depend on the rest of the batch."""
+    owners = owners.cpu()
+
+    def draw(index: int) -> torch.Tensor:
+        out = torch.empty(len(owners), dim)
+        for b in owners.unique().tolist():
+            rows = owners == b
+            g = generators[b] if generators is not None else None
+            out[rows] = torch.randn(
+                int(rows.sum()), dim, generator=g, device=g.device if g is not None else "cpu"
+            ).cpu()
+        return out.to(device)
+
+    return draw
+
+
+def padding_rows(state: DecodeState, positions: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: rows a policy added to pad ragged counts (a position already filled, or a repeat of the
+    sample's first position); they get no value of their own."""
+    B, n = positions.shape
+    repeat = (positions == positions[:, :1]) & (torch.arange(n, device=positions.device) > 0)
+    return repeat | state.filled[:B].gather(1, positions)
+
+
+def sample_values(
+    model,
+    state: DecodeState,
+    prediction: Prediction,
+    num_samples: int,
+    head_steps: int,
+    temperature: float,
+    cfg_scales: torch.Tensor | None,
+    generators: list[torch.Generator] | None,
+) -> torch.Tensor:
+    """A continuous order's step: its prediction's z ((copies * B, n, Dz), conditional rows first) -> values
+    (B, n, D) sampled by the order's head (`model.head`, `model.head_schedule`). cfg_scales: (B,) guidance
+    scales, or None without unconditional rows; all ones runs the conditional rows alone."""
+    B = num_samples
+    positions = prediction.positions[:B]
+    pad = padding_rows(state, positions)
+    rows = ~pad
+    z = prediction.z[:B][rows]  # (N, Dz) row-major over (sample, position)
+    owners = torch.arange(B, device=positions.device)[:, None].expand_as(positions)[rows]
+    guided = cfg_scales is not None and bool((cfg_scales != 1.0).any())
+    z_null = prediction.z[B : 2 * B][rows] if guided else None
+    scales = cfg_scales.to(z.device)[owners] if guided else 1.0
+    D = model.token_dim
+    noise = per_sample_noise(generators, owners, D, z.device)
+    sampled = sample_head(model.head, z, model.head_schedule.respaced(head_steps), noise, temperature, scales, z_null)
+    values = torch.zeros(B, positions.shape[1], D, device=z.device)
+    values[rows] = sampled
+    # Padding keeps what the state holds there, or repeats the sample's first row (then the same position).
+    held = state.tokens[:B].gather(1, positions[..., None].expand(-1, -1, D)).to(values.dtype)
+    filled = state.filled[:B].gather(1, positions)[..., None]
+    return torch.where(pad[..., None], torch.where(filled, held, values[:, :1]), values)

@@ -1,0 +1,165 @@
+"""MAR against the official code (../shared/parity/MAR_*: tiny official-layout weights, references and every
+random draw of the official run, fed back here), and its own properties."""
+
+import pytest
+import torch
+
+from argen.convert.mar import load_transformer, transformer_config
+from argen.models.interface import Condition
+from argen.models.mar import MARConfig, MAROptions, MARTransformer
+from argen.sampling import diffusion
+from argen.sampling.config import SamplerConfig
+from argen.sampling.decode import decode_steps
+from argen.sampling.diffusion import sample_head
+from argen.sampling.mar import MARPolicy
+from tests.conftest import PARITY, assert_close_ref
+
+
+@pytest.fixture(scope="module")
+def official(mar_fixture):
+    fields = mar_fixture[2]["mar_constructor"]
+    return load_transformer(PARITY / "MAR_transformer.safetensors", transformer_config(fields))
+
+
+def _draws(ref, prefix):
+    return [ref[k] for k in sorted(k for k in ref if k.startswith(prefix + ".draw"))]
+
+
+def test_official_key_set(official, mar_fixture):
+    assert set(mar_fixture[0]["transformer"]) == set(official.state_dict())
+
+
+def test_patchify_parity(official, mar_fixture):
+    _, ref, meta, _ = mar_fixture
+    assert_close_ref(official.patchify(ref["input.latent"]), "a.patchify", ref, meta)
+    assert_close_ref(official.unpatchify(ref["a.patchify"]), "a.unpatchify", ref, meta)
+    p2 = MARTransformer(
+        MARConfig(
+            latent_size=4,
+            patch_size=2,
+            encoder_dim=32,
+            encoder_depth=1,
+            encoder_heads=2,
+            decoder_dim=32,
+            decoder_depth=1,
+            decoder_heads=2,
+            buffer_size=1,
+            head_depth=1,
+            head_width=16,
+            num_classes=10,
+        )
+    )
+    assert_close_ref(p2.patchify(ref["input.latent"]), "a.patchify_p2", ref, meta)
+    assert_close_ref(p2.unpatchify(ref["a.patchify_p2"]), "a.unpatchify_p2", ref, meta)
+
+
+@torch.no_grad()
+def test_masked_encoder_decoder_parity(official, mar_fixture):
+    _, ref, meta, _ = mar_fixture
+    tokens, labels = ref["a.patchify"], Condition.classes(ref["input.labels"])
+    masked = ref["b.mask"].bool()
+    encoded, keep = official.forward_mae_encoder(tokens, masked, official.class_embedding(labels))
+    assert_close_ref(encoded, "b.encoder_out", ref, meta)
+    assert_close_ref(official.forward_mae_decoder(encoded, keep), "b.z", ref, meta)
+    assert_close_ref(official.z(tokens, masked, labels.as_null()), "b.z_uncond", ref, meta)
+    assert_close_ref(official.z(tokens, torch.ones_like(masked), labels), "b.z_allmasked", ref, meta)
+
+
+@torch.no_grad()
+def test_diffusion_loss_parity(official, mar_fixture):
+    _, ref, meta, _ = mar_fixture
+    target, z, masked = ref["a.patchify"], ref["b.z"], ref["b.mask"].bool()
+    for case in ("c", "c2"):
+        t, noise = _draws(ref, case)
+        assert_close_ref(official.diffusion_loss(z, target, masked, t, noise), f"{case}.loss", ref, meta)
+        rows = official.diffloss.loss_rows(
+            target.reshape(32, 16).repeat(4, 1), z.reshape(32, 64).repeat(4, 1), t, noise
+        )
+        assert_close_ref(rows.mse, f"{case}.loss_rows_mse", ref, meta)
+        assert_close_ref(rows.vb, f"{case}.loss_rows_vb", ref, meta)
+    assert (ref["c2.draw000_randint"] == 0).any()  # the discretised-Gaussian branch is exercised
+    t, noise = _draws(ref, "c2")
+    net_out = official.head(target.reshape(32, 16)[:8], t[:8], z.reshape(32, 64)[:8])
+    assert_close_ref(net_out, "c2.net_out", ref, meta)
+    # c3: the whole forward (eval: no label dropout) with the official orders/mask and draws
+    t, noise = _draws(ref, "c3")
+    z3 = official.z(target, ref["c3.mask"].bool(), Condition.classes(ref["input.labels"]))
+    assert_close_ref(official.diffusion_loss(z3, target, ref["c3.mask"].bool(), t, noise), "c3.loss", ref, meta)
+
+
+def _replay(draws, rows):
+    return lambda i: draws[i][:rows]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case, cfg, temperature", [("d1", 1.0, 1.0), ("d2", 3.0, 1.0), ("d3", 1.0, 0.95)])
+def test_head_sampling_parity(official, mar_fixture, case, cfg, temperature):
+    _, ref, meta, _ = mar_fixture
+    z, z_null = ref["d.z_cond"], ref["d.z_uncond"]
+    schedule = official.head_schedule.respaced(8)
+    draws = _draws(ref, case)
+    guided = cfg != 1.0
+    out = sample_head(official.head, z, schedule, _replay(draws, 6), temperature, cfg, z_null if guided else None)
+    # Under guidance the official loop also carries the unconditional rows' own chain (rows 6..11: their own
+    # noise, then discarded by sample_tokens); argen does not run it, so the conditional rows are compared.
+    rows = {f"{case}.sample": ref[f"{case}.sample"][:6]}
+    assert_close_ref(out, f"{case}.sample", rows, meta)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case, cfg", [("e1", 3.0), ("e2", 1.0)])
+def test_sample_tokens_parity(official, mar_fixture, monkeypatch, case, cfg):
+    """The whole decode loop (MAR's sample_tokens, 4 steps, linear guidance) with the official orders and draws."""
+    _, ref, meta, _ = mar_fixture
+    orders = ref[f"{case}.orders"]
+    draws = _draws(ref, case)  # per step: one randn, then 8 randn_like
+    L = orders.shape[1]
+
+    def draw_order(self, b, length):  # keys whose ascending order is the official permutation
+        keys = torch.empty(length)
+        keys[orders[b]] = torch.arange(length, dtype=torch.float32) / length
+        return keys
+
+    calls = []
+
+    def replay(generators, owners, dim, device):
+        step = len(calls)
+        calls.append(step)
+        return _replay(draws[9 * step : 9 * step + 9], len(owners))
+
+    heads = []
+
+    def recording_head(head, z, schedule, noise, temperature, cfg_scale, z_null):
+        heads.append(z if z_null is None else torch.cat([z, z_null]))
+        return sample_head(head, z, schedule, noise, temperature, cfg_scale, z_null)
+
+    monkeypatch.setattr(MARPolicy, "draw_order", draw_order)
+    monkeypatch.setattr(diffusion, "per_sample_noise", replay)
+    monkeypatch.setattr(diffusion, "sample_head", recording_head)
+    config = SamplerConfig(cfg_scale=cfg, cfg_schedule="linear", order_options={"steps": 4, "head_steps": 8})
+    steps = list(decode_steps(official, Condition.classes(ref["input.labels"]), config))
+    assert len(steps) == 4 and len(calls) == 4
+    previous = torch.zeros(2, L, dtype=torch.bool)
+    for k, step in enumerate(steps):
+        new = step.filled & ~previous
+        previous = step.filled
+        assert_close_ref(heads[k], f"{case}.step{k}.z", ref, meta)  # the head's conditions, cond rows first
+        sampled = step.tokens[new]  # row-major (sample, position); under guidance the official rows go on with
+        rows = {f"{case}.step{k}.sampled": ref[f"{case}.step{k}.sampled"][: len(sampled)]}  # the discarded chain
+        assert_close_ref(sampled, f"{case}.step{k}.sampled", rows, meta)
+    assert_close_ref(official.unpatchify(steps[-1].tokens), f"{case}.tokens", ref, meta)
+
+
+def test_guidance_progress_quirk(official, mar_fixture):
+    """MAR's linear guidance: 1 + (cfg - 1)(L - mask_len)/L with mask_len clamped to 1 at the last step."""
+    _, ref, meta, _ = mar_fixture
+    for case, cfg in (("e1", 3.0), ("e2", 1.0)):
+        state = official.start(Condition.classes([3, 7]), MAROptions(steps=4, head_steps=8))
+        policy = MARPolicy(official, MAROptions(steps=4, head_steps=8), 2, None, None)
+        policy.begin(state)
+        for k in range(4):
+            progress = policy.guidance_progress(state)
+            scale = torch.tensor([1 + (cfg - 1) * float(progress[0])])
+            assert_close_ref(scale, f"{case}.step{k}.cfg_iter", ref, meta)
+            positions = policy.positions(state)
+            official.advance(state, positions, torch.zeros(2, positions.shape[1], 16))
