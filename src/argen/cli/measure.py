@@ -25,17 +25,31 @@ from argen.storage import save_npz
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Under torchrun every rank samples a share of each seed's batches; rank 0 scores, prints and writes."""
+    from argen.train.distributed import cleanup, setup
+
+    info = setup(args.device or "cpu")  # a bare --device cuda is each rank's own GPU
+    try:
+        _evaluate_and_report(args, info)
+    finally:
+        cleanup(info)
+
+
+def _evaluate_and_report(args: argparse.Namespace, info) -> None:
     from argen.eval.evaluate import evaluate, reference_sets, sample_uint8
     from argen.eval.features import ClassifierFeatures, inception_features
     from argen.pipeline import ARPipeline
     from argen.pretrained import atomic_write, load_pretrained
+    from argen.train.distributed import run_on_main
 
     check_image_count(len(args.seeds), args.n, what="per seed")
     sampler = sampler_overrides(args)
-    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu", torch_dtype=DTYPES[args.dtype])
+    pipe = ARPipeline.from_pretrained(args.model, device=info.device, torch_dtype=DTYPES[args.dtype])
     check_for_model(pipe, sampler)
     tc = pipe.tokenizer.config
-    reference, rest = reference_sets(args.data, args.n, tc.image_size, tc.image_channels)
+    # The real images are read by rank 0 alone; the other ranks only sample.
+    sets = run_on_main(lambda: reference_sets(args.data, args.n, tc.image_size, tc.image_channels), share=False)
+    reference, rest = sets or (None, None)
     classifier = ClassifierFeatures(load_pretrained(classifier_path(args.classifier))) if args.classifier else None
     if args.features == "inception":
         try:
@@ -47,13 +61,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if classifier is None:
             raise ConfigError("--features classifier needs --classifier")
         extractor = classifier
-    report = evaluate(pipe, reference, rest, extractor, args.seeds, classifier, batch_size=args.batch_size, **sampler)
-    reports = {"guided" if report.sampler["cfg_scale"] != 1.0 else "unguided": report}
-    if args.unguided and report.sampler["cfg_scale"] != 1.0:
+    common = dict(classifier=classifier, batch_size=args.batch_size, dist_info=info)
+    report = evaluate(pipe, reference, rest, extractor, args.seeds, **common, **sampler)
+    guided = pipe.config(**sampler).cfg_scale != 1.0
+    reports = {"guided" if guided else "unguided": report}
+    if args.unguided and guided:
         unguided = {**sampler, "cfg_scale": 1.0}
-        reports["unguided"] = evaluate(
-            pipe, reference, rest, extractor, args.seeds, classifier, batch_size=args.batch_size, **unguided
-        )
+        reports["unguided"] = evaluate(pipe, reference, rest, extractor, args.seeds, **common, **unguided)
+    npz = sample_uint8(pipe, args.n, args.seeds[0], args.batch_size, info, **sampler) if args.npz else None
+    if not info.is_main:
+        return
     print(f"model {args.model}, sampler {report.sampler}")
     print(
         f"N = {report.num_samples} generated (class-balanced) vs {report.num_samples} held-out real images, "
@@ -68,8 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         data = {name: dataclasses.asdict(r) | {"fd_multiple": r.fd_multiple} for name, r in reports.items()}
         atomic_write(Path(args.json), lambda t: Path(t).write_text(json.dumps(data, indent=2)))
-    if args.npz:
-        images, labels = sample_uint8(pipe, args.n, args.seeds[0], args.batch_size, **sampler)
+    if npz is not None:
+        images, labels = npz
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)  # the ADM evaluator expects RGB
         save_npz(args.npz, arr_0=images, labels=labels.numpy().astype(np.int64))

@@ -134,9 +134,11 @@ def _build_tokenizer(config):
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from argen.data.datasets import load_dataset
+    from argen.train.distributed import setup
     from argen.train.loop import train
     from argen.train.tasks import TokenizerTask
 
+    setup(args.device)  # under torchrun, join the ranks before the data: an image folder is read once, by rank 0
     config = _model_config(tokenizer_presets(), args.preset, [], args.overrides)
     dataset = load_dataset(args.data, config.image_size, config.image_channels)
     torch.manual_seed(args.seed)
@@ -156,14 +158,22 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    """Under torchrun each rank encodes a share of every shard's batches and rank 0 writes the shards: the same
+    files as one process."""
     from argen.data.datasets import load_dataset
     from argen.data.shards import write_shards
     from argen.pretrained import load_pretrained
+    from argen.train.distributed import cleanup, setup
 
-    tokenizer = load_pretrained(args.tokenizer).to(args.device)
-    dataset = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
-    out = write_shards(tokenizer, dataset, args.out, batch_size=args.batch_size, hflip=args.hflip)
-    print(f"wrote token shards to {out}")
+    info = setup(args.device)  # before the data: an image folder is read once, by rank 0
+    try:
+        tokenizer = load_pretrained(args.tokenizer).to(info.device)
+        dataset = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
+        out = write_shards(tokenizer, dataset, args.out, batch_size=args.batch_size, hflip=args.hflip, dist_info=info)
+    finally:
+        cleanup(info)
+    if info.is_main:
+        print(f"wrote token shards to {out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -211,9 +221,11 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
     from argen.data.datasets import ArrayDataset, load_dataset
     from argen.eval.classifier import ClassifierConfig, ImageClassifier, accuracy
     from argen.pretrained import load_pretrained
+    from argen.train.distributed import setup
     from argen.train.loop import train
     from argen.train.tasks import ClassifierTask
 
+    setup(args.device)  # under torchrun, join the ranks before the data: an image folder is read once, by rank 0
     config = ClassifierConfig(image_size=args.image_size, image_channels=args.channels)
     data = load_dataset(args.data, config.image_size, config.image_channels)
     held = ArrayDataset.of(load_dataset(args.eval_data, config.image_size, config.image_channels))

@@ -27,6 +27,7 @@ from argen.data.images import (
     to_tensor,
 )
 from argen.errors import ConfigError, DataError
+from argen.train.distributed import run_on_main
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,12 @@ class ImageFolder(Dataset):
         check_channels(channels)  # before scanning: a bad setting must not be reported as bad files
         self.root, self.size, self.channels = Path(root), size, channels
         self.min_side, self.max_pixels = min_side, max_pixels
+        self.progress = progress
+        # Under torchrun rank 0 alone reads and checks the files; every rank gets its list (or its error).
+        vars(self).update(run_on_main(self._scan))
+
+    def _scan(self) -> dict:
+        """Read every file once: the class names, the usable (path, label) samples and what was skipped."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.class_names = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -132,22 +139,25 @@ class ImageFolder(Dataset):
         self.skipped: Counter[str] = Counter()
         self.upscaled: Counter[tuple[int, int]] = Counter()  # (width, height) of kept images smaller than `size`
         self.over_black = 0
-        for path, label in tqdm(candidates, desc=f"checking {self.root.name}", disable=not progress, leave=False):
+        checking = tqdm(candidates, desc=f"checking {self.root.name}", disable=not self.progress, leave=False)
+        for path, label in checking:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 self._skip(path, "not_an_image", "unknown file extension")
                 continue
             try:
-                image = read_image(path, channels, min_side=min_side, max_pixels=max_pixels)
+                image = read_image(path, self.channels, min_side=self.min_side, max_pixels=self.max_pixels)
             except ImageError as e:
                 self._skip(path, e.kind, e.detail)
                 continue
             self.samples.append((path, label))
             self.over_black += image.over_black
-            if min(image.source_size) < size:
+            if min(image.source_size) < self.size:
                 self.upscaled[image.source_size] += 1
         self._summarize()
         if not self.samples:
             raise DataError(f"{self.root} holds no usable images")
+        names = ("class_names", "samples", "skipped", "upscaled", "over_black")
+        return {name: getattr(self, name) for name in names}
 
     def _skip(self, path: Path, kind: str, detail: str) -> None:
         self.skipped[kind] += 1

@@ -17,12 +17,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from argen.pretrained import atomic_write
+from argen.train.distributed import DistInfo, gather_in_order, rank_batches
 
 META_NAME = "meta.json"
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
 
 
 @torch.no_grad()
@@ -33,45 +42,54 @@ def write_shards(
     batch_size: int = 256,
     shard_size: int = 100_000,
     hflip: bool = False,
+    dist_info: DistInfo | None = None,
 ) -> Path:
-    """Encode every image of `dataset` with `tokenizer` (and optionally its mirror image, as more data)."""
+    """Encode every image of `dataset` with `tokenizer` (and optionally its mirror image, as more data).
+
+    A shard is closed once it holds `shard_size` rows, at a batch boundary. Under torchrun (`dist_info` with several
+    ranks) the batches of each shard are dealt out to the ranks and rank 0 writes the shard: the files are those
+    one process writes.
+    """
+    info = dist_info or DistInfo()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
     dtype = _dtype_for(tokenizer.vocab_size)
-    tokens, labels, shards = [], [], []
-
-    def flush() -> None:
-        if not tokens:
-            return
+    views = 2 if hflip else 1
+    per_shard = batch_size * -(-shard_size // (batch_size * views))  # images per shard: whole batches
+    shards = []
+    bar = tqdm(total=-(-len(dataset) // batch_size), desc="tokenizing", unit="batch", disable=not info.is_main)
+    for first in range(0, len(dataset), per_shard):
+        batches = rank_batches(range(first, min(first + per_shard, len(dataset))), batch_size, info)
+        encoded = []
+        for images, y in DataLoader(dataset, batch_sampler=[list(b) for b in batches]):
+            encoded.append(
+                [
+                    (tokenizer.encode(v.to(device)).cpu().numpy().astype(dtype), y.numpy().astype(np.int64))
+                    for v in ([images, images.flip(-1)] if hflip else [images])
+                ]
+            )
+            bar.update(min(info.world_size, bar.total - bar.n))  # rank 0's estimate of all ranks' progress
+        gathered = gather_in_order(encoded, info)  # per batch in batch order: (tokens, labels) per view
+        if gathered is None:
+            continue
+        parts = [view for batch in gathered for view in batch]
         i = len(shards)
-        t, lab = np.concatenate(tokens), np.concatenate(labels)
-        atomic_write(out_dir / f"tokens-{i:05d}.npy", lambda tmp: np.save(open(tmp, "wb"), t))
-        atomic_write(out_dir / f"labels-{i:05d}.npy", lambda tmp: np.save(open(tmp, "wb"), lab))
-        shards.append({"tokens": f"tokens-{i:05d}.npy", "labels": f"labels-{i:05d}.npy", "count": len(lab)})
-        tokens.clear()
-        labels.clear()
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    pending = 0
-    for images, y in tqdm(loader, desc="tokenizing", unit="batch"):
-        views = [images, images.flip(-1)] if hflip else [images]
-        for v in views:
-            tokens.append(tokenizer.encode(v.to(device)).cpu().numpy().astype(dtype))
-            labels.append(y.numpy().astype(np.int64))
-            pending += len(y)
-        if pending >= shard_size:
-            flush()
-            pending = 0
-    flush()
-    meta = {
-        "vocab_size": tokenizer.vocab_size,
-        "seq_len": int(tokenizer.seq_len),
-        "class_names": list(getattr(dataset, "class_names", [])),
-        "shards": shards,
-    }
-    atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        tokens, labels = np.concatenate([t for t, _ in parts]), np.concatenate([lab for _, lab in parts])
+        _save_npy(out_dir / f"tokens-{i:05d}.npy", tokens)
+        _save_npy(out_dir / f"labels-{i:05d}.npy", labels)
+        shards.append({"tokens": f"tokens-{i:05d}.npy", "labels": f"labels-{i:05d}.npy", "count": len(labels)})
+    bar.close()
+    if info.is_main:
+        meta = {
+            "vocab_size": tokenizer.vocab_size,
+            "seq_len": int(tokenizer.seq_len),
+            "class_names": list(getattr(dataset, "class_names", [])),
+            "shards": shards,
+        }
+        atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out_dir
 
 

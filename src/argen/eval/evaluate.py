@@ -9,7 +9,9 @@ under the offline classifier; test-set NLL in bits per token of the generator on
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +24,9 @@ from argen.eval.features import ClassifierFeatures
 from argen.eval.likelihood import bits_per_token
 from argen.eval.metrics import classifier_score, frechet_distance, kernel_inception_distance, precision_recall
 from argen.pipeline import ARPipeline
+from argen.train.distributed import DistInfo, gather_in_order, rank_batches, run_on_main
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -124,43 +129,113 @@ def features_of(extractor: nn.Module, images_uint8: np.ndarray, batch_size: int 
     return torch.cat([extractor(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
 
 
-def sample_uint8(pipe: ARPipeline, n: int, seed: int, batch_size: int, **sampler) -> tuple[np.ndarray, torch.Tensor]:
+def sample_batches(
+    pipe: ARPipeline,
+    n: int,
+    seed: int,
+    batch_size: int,
+    each: Callable[[np.ndarray, torch.Tensor], T],
+    dist_info: DistInfo | None = None,
+    **sampler,
+) -> list[T] | None:
+    """The n class-balanced samples of `seed`, each batch of (B, H, W, C) uint8 images and (B,) labels mapped
+    through `each`; the results in batch order.
+
+    Image i always has seed `seed * 1_000_003 + i` and the batches are those of one process, so under torchrun
+    (`dist_info`), where every rank computes its share of the batches, rank 0 gathers exactly the single-process
+    results; the other ranks get None.
+    """
+    info = dist_info or DistInfo()
     labels = torch.arange(n) % pipe.generator.num_classes
-    out = pipe(labels, seed=seed * 1_000_003, batch_size=batch_size, output_type="np", **sampler)
-    return out.images, out.labels
+    done = []
+    for batch in rank_batches(range(n), batch_size, info):
+        part = labels[batch.start : batch.stop]
+        out = pipe(part, seed=seed * 1_000_003 + batch.start, batch_size=batch_size, output_type="np", **sampler)
+        done.append(each(out.images, out.labels))
+    return gather_in_order(done, info)
+
+
+def sample_uint8(
+    pipe: ARPipeline, n: int, seed: int, batch_size: int, dist_info: DistInfo | None = None, **sampler
+) -> tuple[np.ndarray, torch.Tensor] | None:
+    """(N, H, W, C) uint8 images and (N,) labels of `sample_batches` (None on ranks other than 0)."""
+    parts = sample_batches(pipe, n, seed, batch_size, lambda images, labels: (images, labels), dist_info, **sampler)
+    if parts is None:
+        return None
+    return np.concatenate([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+@dataclass
+class Judged:
+    """What the metrics read of one seed's samples."""
+
+    features: torch.Tensor  # (N, D) from the feature extractor
+    probs: torch.Tensor | None  # (N, K) class probabilities from the classifier, if any
+    labels: torch.Tensor  # (N,) the classes asked for
+
+
+@torch.no_grad()
+def judge_samples(
+    pipe: ARPipeline,
+    n: int,
+    seed: int,
+    extractor: nn.Module,
+    classifier: ClassifierFeatures | None,
+    batch_size: int,
+    dist_info: DistInfo | None = None,
+    **sampler,
+) -> Judged | None:
+    """Features (and class probabilities) of `seed`'s samples, computed batch by batch where they are sampled:
+    the images never travel between ranks, only their features. None on ranks other than 0."""
+
+    def judge(images: np.ndarray, labels: torch.Tensor):
+        probs = None if classifier is None else classifier.probs(torch.from_numpy(images).permute(0, 3, 1, 2))
+        return features_of(extractor, images), None if probs is None else probs.cpu(), labels
+
+    parts = sample_batches(pipe, n, seed, batch_size, judge, dist_info, **sampler)
+    if parts is None:
+        return None
+    features, probs, labels = zip(*parts, strict=True)
+    return Judged(torch.cat(features), None if classifier is None else torch.cat(probs), torch.cat(labels))
 
 
 def evaluate(
     pipe: ARPipeline,
-    reference: ArrayDataset,
-    train_split: ArrayDataset,
+    reference: ArrayDataset | None,
+    train_split: ArrayDataset | None,
     extractor: nn.Module,
     seeds: list[int],
     classifier: ClassifierFeatures | None = None,
     batch_size: int = 100,
+    dist_info: DistInfo | None = None,
     **sampler,
-) -> EvalReport:
-    n = len(reference)
-    ref_u8 = to_uint8(reference.images)
-    ref_feat = features_of(extractor, ref_u8)
+) -> EvalReport | None:
+    """The report for `pipe` with `sampler` against `reference` (N images) and the floor from `train_split`.
+
+    Under torchrun every rank calls it with `dist_info`: the sampling is split across ranks by batch (the same
+    images as one process), and rank 0 alone reads `reference` and `train_split` (the others may pass None),
+    computes the metrics and returns the report, equal to the single-process one; the other ranks return None.
+    """
+    info = dist_info or DistInfo()
+    n = run_on_main(lambda: len(reference))
+    judged = [judge_samples(pipe, n, seed, extractor, classifier, batch_size, info, **sampler) for seed in seeds]
+    if not info.is_main:
+        return None
+    ref_feat = features_of(extractor, to_uint8(reference.images))
     g = torch.Generator().manual_seed(12345)
     floor_idx = torch.randperm(len(train_split), generator=g)[:n]
     floor = frechet_distance(features_of(extractor, to_uint8(train_split.images[floor_idx])), ref_feat)
     fds, kids, precs, recs, accs, scores = [], [], [], [], [], []
-    for seed in seeds:
-        images, labels = sample_uint8(pipe, n, seed, batch_size, **sampler)
-        feat = features_of(extractor, images)
+    for samples in judged:
+        feat = samples.features
         fds.append(frechet_distance(ref_feat, feat))
         kids.append(kernel_inception_distance(ref_feat, feat, num_subsets=50, subset_size=min(n, 1000)).mean)
         pr = precision_recall(ref_feat, feat)
         precs.append(pr.precision)
         recs.append(pr.recall)
-        if classifier is not None:
-            probs = torch.cat(
-                [classifier.probs(torch.from_numpy(images[i : i + 500]).permute(0, 3, 1, 2)) for i in range(0, n, 500)]
-            )
-            accs.append((probs.argmax(1).cpu() == labels).double().mean().item())
-            scores.append(classifier_score(probs))
+        if samples.probs is not None:
+            accs.append((samples.probs.argmax(1) == samples.labels).double().mean().item())
+            scores.append(classifier_score(samples.probs))
     with torch.no_grad():
         ids = torch.cat(
             [pipe.tokenizer.encode(reference.images[i : i + 250].to(pipe.device)).cpu() for i in range(0, n, 250)]

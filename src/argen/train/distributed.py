@@ -1,9 +1,15 @@
-"""Process-group setup from the environment (torchrun, or Slurm's variables), nothing home-made."""
+"""Process-group setup from the environment (torchrun, or Slurm's variables), nothing home-made; and the three
+ways work is shared between ranks outside training: batches dealt out (`rank_batches`), their results gathered in
+order on rank 0 (`gather_in_order`), and work done once by rank 0 for all (`run_on_main`).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +43,8 @@ def setup(device: str | None = None) -> DistInfo:
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     else:
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local}")  # a bare "cuda" means each rank's own GPU
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -65,3 +73,59 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+def rank_batches(items: range, batch_size: int, info: DistInfo) -> list[range]:
+    """This rank's batches of `items`: the batches one process would cut (`batch_size` each, the last one shorter),
+    batch b going to rank b % world_size. Each batch is then computed exactly as in one process."""
+    batches = [range(i, min(i + batch_size, items.stop)) for i in range(items.start, items.stop, batch_size)]
+    return batches[info.rank :: info.world_size]
+
+
+def gather_in_order(results: list[T], info: DistInfo) -> list[T] | None:
+    """On rank 0: every rank's results, one per batch of its `rank_batches`, back in batch order; None elsewhere.
+
+    Results travel pickled (CPU tensors, arrays): this is for features and token ids, not for weights.
+    """
+    if info.world_size == 1:
+        return list(results)
+    parts = [None] * info.world_size if info.is_main else None
+    dist.gather_object(results, parts, dst=0)
+    if not info.is_main:
+        return None
+    total = sum(len(p) for p in parts)
+    return [parts[b % info.world_size][b // info.world_size] for b in range(total)]
+
+
+# True while rank 0 runs a function alone (inside run_on_main): a nested run_on_main must not wait for the other
+# ranks, which are waiting for the outer one.
+_alone: ContextVar[bool] = ContextVar("argen_rank0_alone", default=False)
+
+
+def run_on_main(fn: Callable[[], T], share: bool = True) -> T | None:
+    """fn() run by rank 0 alone, e.g. reading and checking a folder once instead of once per rank.
+
+    Every rank receives its result (share=True) or None (share=False: rank 0 keeps it), and every rank raises the
+    error fn raised on rank 0, so none waits forever for a failed one. Without a process group: fn().
+    """
+    if _alone.get() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    value = None
+    if dist.get_rank() == 0:
+        token = _alone.set(True)
+        try:
+            value = fn()
+            box[0] = (value if share else None, None)
+        except Exception as error:  # sent to the other ranks, then raised here too
+            box[0] = (None, error)
+        finally:
+            _alone.reset(token)
+    dist.broadcast_object_list(box, src=0)
+    shared, error = box[0]
+    if error is not None:
+        raise error
+    return value if dist.get_rank() == 0 else shared
