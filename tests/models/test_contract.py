@@ -56,13 +56,27 @@ def random_order():
     return _peaked(tiny_random_order(vocab_size=16), 4.0), None
 
 
+def mar():
+    from tests.models.test_mar import tiny_mar
+
+    return tiny_mar().eval(), None
+
+
 # One line per order: (name, factory, the order defines step-by-step == teacher-forced)
 ORDERS = [
     pytest.param(raster, True, id="raster"),
     pytest.param(next_scale, True, id="next-scale"),
     pytest.param(random_order, False, id="random-order"),
     pytest.param(masked, False, id="masked"),
+    pytest.param(mar, False, id="mar"),
 ]
+
+
+def _random_tokens(model, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, L) ids, or (B, L, D) standard normal vectors for a continuous order."""
+    if model.order.values == "continuous":
+        return torch.randn(batch_size, model.seq_len, model.token_dim, generator=generator)
+    return torch.randint(0, model.vocab_size, (batch_size, model.seq_len), generator=generator)
 
 
 def _sample(model, classes, seeds, **flat):
@@ -75,6 +89,10 @@ def test_satisfies_the_interface(factory, teacher_forced):
     model, _ = factory()
     assert isinstance(model, Generator)
     tokens = _sample(model, [0, 1], [0, 1])
+    if model.order.values == "continuous":
+        assert tokens.shape == (2, model.seq_len, model.token_dim) and tokens.is_floating_point()
+        assert torch.isfinite(tokens).all()
+        return
     assert tokens.shape == (2, model.seq_len) and tokens.dtype == torch.long
     assert 0 <= int(tokens.min()) and int(tokens.max()) < model.vocab_size
 
@@ -90,7 +108,7 @@ def test_save_load_round_trip_gives_identical_outputs(factory, teacher_forced, t
         assert torch.equal(
             _sample(model, [0, 1, 2], [3, 4, 5], cfg_scale=cfg), _sample(loaded, [0, 1, 2], [3, 4, 5], cfg_scale=cfg)
         )
-    tokens = torch.randint(0, model.vocab_size, (3, model.seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = _random_tokens(model, 3, torch.Generator().manual_seed(0))
     condition = Condition.classes([0, 1, 2])
     torch.manual_seed(0)
     a = model.loss(tokens, condition).loss
@@ -127,7 +145,7 @@ def test_guidance_scale_one_equals_unguided(factory, teacher_forced):
 def test_known_tokens_are_kept_exactly(factory, teacher_forced):
     model, _ = factory()
     g = torch.Generator().manual_seed(1)
-    source = torch.randint(0, model.vocab_size, (3, model.seq_len), generator=g)
+    source = _random_tokens(model, 3, g)
     known = torch.rand(3, model.seq_len, generator=g) < 0.5
     for cfg in (1.0, 2.0):
         config = SamplerConfig(cfg_scale=cfg)
@@ -164,7 +182,7 @@ def test_step_by_step_equals_teacher_forced(factory, teacher_forced):
 def test_loss_falls_when_overfitting_one_batch(factory, teacher_forced):
     model, _ = factory()
     model.train()
-    tokens = torch.randint(0, model.vocab_size, (4, model.seq_len), generator=torch.Generator().manual_seed(3))
+    tokens = _random_tokens(model, 4, torch.Generator().manual_seed(3))
     condition = Condition.classes([0, 1, 2, 0])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from argen.sampling.decode import generate, seeded_generators
 from argen.train.optim import build_optimizer
 from argen.train.tasks import OrderLoss
 from tests.models.device_guard import FAKE, DeviceGuard, DeviceLeak, DtypeLeak, OnDevice
-from tests.models.test_contract import ORDERS
+from tests.models.test_contract import ORDERS, _random_tokens
 
 # Accelerations that take another code path, per order that supports them.
 ACCELERATED = {"raster": [{"speculative": "mc-sjd", "window": 4}, {"parallel_window": 2}]}
@@ -45,10 +45,12 @@ def test_every_order_samples_and_trains_on_another_device(factory, teacher_force
         model = model.to(FAKE, dtype)
         for flat in settings:
             ids = generate(model, Condition.classes([0, 1]), SamplerConfig.from_flat(flat), seeded_generators([0, 1]))
-            assert isinstance(ids, OnDevice) and ids.shape == (2, model.seq_len)
+            shape = (2, model.seq_len) if model.order.values == "discrete" else (2, model.seq_len, model.token_dim)
+            assert isinstance(ids, OnDevice) and ids.shape == shape
         model.train()
         optimizer = build_optimizer(model, 1e-3, 0.0, (0.9, 0.95))
-        tokens = torch.randint(0, model.vocab_size, (2, model.seq_len)).to(FAKE)
+        tokens = _random_tokens(model, 2, torch.Generator().manual_seed(0))
+        tokens = tokens.to(FAKE, dtype) if tokens.is_floating_point() else tokens.to(FAKE)
         out = OrderLoss(model)(tokens, Condition.classes([0, 1]).to(FAKE))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -163,7 +163,8 @@ class DiffLoss(nn.Module):
         """target (N, C), z (N, Dz), timesteps t (N,) and noise (N, C) drawn by the caller -> per-row terms."""
         s = self.schedule
         x_t = s.q_sample(target, t, noise)
-        out = self.net(x_t, s.timestep_map.to(t.device)[t], z).float()  # (N, 2C)
+        dtype = self.net.input_proj.weight.dtype  # the process in float32, the network in its own dtype
+        out = self.net(x_t.to(dtype), s.timestep_map.to(t.device)[t], z.to(dtype)).float()  # (N, 2C)
         eps = out[:, : self.in_channels]
         mse = (noise - eps).pow(2).mean(dim=1)
         # The bound trains the variance only: the mean comes from the detached eps prediction.

@@ -261,7 +261,8 @@ class MARTransformer(nn.Module, Pretrained):
     def head(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The diffusion head as a callable for `argen.sampling.diffusion`: x_t (N, D), timesteps (N,) of the
         1000-step process, z (N, Dd) -> (N, 2D) eps and variance values."""
-        return self.diffloss.net(x, t, z)
+        dtype = self.z_proj.weight.dtype  # the loop runs in float32, the weights may not
+        return self.diffloss.net(x.to(dtype), t, z.to(dtype))
 
     @property
     def head_schedule(self):
@@ -287,7 +288,7 @@ class MARTransformer(nn.Module, Pretrained):
         k = self.config.diffusion_batch_mul
         target = target.reshape(B * L, D).repeat(k, 1)
         z = z.reshape(B * L, -1).repeat(k, 1)
-        weight = masked.reshape(B * L).repeat(k).to(z.dtype)
+        weight = masked.reshape(B * L).repeat(k).float()  # the loss is summed in float32
         if t is None:
             return self.diffloss(target, z, weight)
         rows = self.diffloss.loss_rows(target, z, t, noise).loss

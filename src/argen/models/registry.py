@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from argen.errors import ConfigError
+from argen.models.mar import MAR_PRESETS, MARTransformer
 from argen.models.masked import MASKED_PRESETS, MaskedTransformer
 from argen.models.next_scale import NEXT_SCALE_PRESETS, NextScaleTransformer
 from argen.models.random_order import RANDOM_ORDER_PRESETS, RandomOrderTransformer
@@ -24,6 +25,7 @@ ORDERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "next-scale": (NextScaleTransformer, NEXT_SCALE_PRESETS),
     "random-order": (RandomOrderTransformer, RANDOM_ORDER_PRESETS),
     "masked": (MaskedTransformer, MASKED_PRESETS),
+    "mar": (MARTransformer, MAR_PRESETS),
 }
 
 

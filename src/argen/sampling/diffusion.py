@@ -52,6 +52,25 @@ def sample_head(
     return x
 
 
+# BLAS takes other kernels for a matrix of very few rows, whose rounding differs from the batched product (measured
+# on CPU: fewer than 4 rows of the head's linears); a sample alone can have a single row to sample. Padding every
+# head call to at least this many rows keeps a sample's values the same alone or in any batch.
+MIN_HEAD_ROWS = 8
+
+
+def padded_head(head: Head, minimum: int = MIN_HEAD_ROWS) -> Head:
+    """`head` called on at least `minimum` rows (zero rows appended, their outputs dropped)."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        extra = minimum - x.shape[0]
+        if extra <= 0:
+            return head(x, t, z)
+        pad = [x.new_zeros(extra, x.shape[1]), t.new_zeros(extra), z.new_zeros(extra, z.shape[1])]
+        return head(torch.cat([x, pad[0]]), torch.cat([t, pad[1]]), torch.cat([z, pad[2]]))[: x.shape[0]]
+
+    return call
+
+
 def per_sample_noise(
     generators: list[torch.Generator] | None, owners: torch.Tensor, dim: int, device: torch.device
 ) -> Noise:
@@ -95,6 +114,9 @@ def sample_values(
     scales, or None without unconditional rows; all ones runs the conditional rows alone."""
     B = num_samples
     positions = prediction.positions[:B]
+    D = model.token_dim
+    if positions.numel() == 0:  # a step that reveals nothing (more steps than tokens): no head call
+        return torch.zeros(B, 0, D, device=prediction.z.device)
     pad = padding_rows(state, positions)
     rows = ~pad
     z = prediction.z[:B][rows]  # (N, Dz) row-major over (sample, position)
@@ -102,9 +124,9 @@ def sample_values(
     guided = cfg_scales is not None and bool((cfg_scales != 1.0).any())
     z_null = prediction.z[B : 2 * B][rows] if guided else None
     scales = cfg_scales.to(z.device)[owners] if guided else 1.0
-    D = model.token_dim
     noise = per_sample_noise(generators, owners, D, z.device)
-    sampled = sample_head(model.head, z, model.head_schedule.respaced(head_steps), noise, temperature, scales, z_null)
+    schedule = model.head_schedule.respaced(head_steps)
+    sampled = sample_head(padded_head(model.head), z, schedule, noise, temperature, scales, z_null)
     values = torch.zeros(B, positions.shape[1], D, device=z.device)
     values[rows] = sampled
     # Padding keeps what the state holds there, or repeats the sample's first row (then the same position).

@@ -1,0 +1,63 @@
+"""The diffusion head's sampling loop against a closed form: a 1-D Gaussian target, for which the ideal noise
+prediction and reverse variance are known, must be sampled with its mean and variance."""
+
+import math
+
+import pytest
+import torch
+
+from argen.diffusion import DiffusionSchedule
+from argen.sampling.diffusion import per_sample_noise, sample_head
+
+MU, SIGMA = 1.5, 0.5
+
+
+def ideal_head(schedule: DiffusionSchedule):
+    """For x_0 ~ N(MU, SIGMA^2): E[eps | x_t] and the variance value in [-1, 1] giving the exact reverse variance
+    Var[x_{t-1} | x_t] = posterior variance + coef1^2 Var[x_0 | x_t], for the (respaced) `schedule`."""
+    index = torch.zeros(int(schedule.timestep_map.max()) + 1, dtype=torch.long)
+    index[schedule.timestep_map] = torch.arange(len(schedule.timestep_map))
+
+    def head(x, t, z):
+        i = index[t]
+        ab = schedule.alphas_cumprod[i][:, None]
+        total = ab * SIGMA**2 + 1 - ab
+        eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * MU) / total
+        var_x0 = SIGMA**2 * (1 - ab) / total
+        exact = schedule.posterior_variance[i][:, None] + schedule.posterior_mean_coef1[i][:, None] ** 2 * var_x0
+        low, high = schedule.posterior_log_variance_clipped[i][:, None], schedule.log_betas[i][:, None]
+        frac = ((exact.log() - low) / (high - low)).clamp(0, 1)
+        frac = torch.where(high > low, frac, torch.zeros_like(frac))
+        return torch.cat([eps, 2 * frac - 1], dim=1).float()
+
+    return head
+
+
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_samples_a_gaussian_with_its_mean_and_variance(steps):
+    schedule = DiffusionSchedule.cosine(1000).respaced(steps)
+    n = 20000
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    owners = torch.arange(n) % 4
+    noise = per_sample_noise(generators, owners, 1, torch.device("cpu"))
+    x = sample_head(ideal_head(schedule), torch.zeros(n, 1), schedule, noise)
+    # standard errors: mean SIGMA / sqrt(n) = 0.0035, std SIGMA / sqrt(2n) = 0.0025
+    assert x.mean().item() == pytest.approx(MU, abs=0.02)
+    assert x.std().item() == pytest.approx(SIGMA, abs=0.015)
+
+
+def test_temperature_scales_the_noise():
+    schedule = DiffusionSchedule.cosine(1000).respaced(50)
+    n = 20000
+    noise = per_sample_noise(
+        [torch.Generator().manual_seed(0)], torch.zeros(n, dtype=torch.long), 1, torch.device("cpu")
+    )
+    cold = sample_head(ideal_head(schedule), torch.zeros(n, 1), schedule, noise, temperature=0.5)
+    assert cold.mean().item() == pytest.approx(MU, abs=0.02)
+    assert cold.std().item() < 0.8 * SIGMA  # a cooler chain concentrates around the mode
+
+
+def test_spaced_timesteps_match_iddpm():
+    """IDDPM's space_timesteps(1000, "8"): round(i * 999 / 7)."""
+    assert DiffusionSchedule.cosine(1000).respaced(8).timestep_map.tolist() == [round(i * 999 / 7) for i in range(8)]
+    assert not math.isnan(float(DiffusionSchedule.cosine(1000).posterior_log_variance_clipped[0]))
