@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,15 @@ class MARConfig:
                 raise ConfigError(
                     f"MARConfig: {dim}={getattr(self, dim)} is not divisible by {heads}={getattr(self, heads)}"
                 )
+
+    @staticmethod
+    def data_fields(seq_len: int, tokenizer: Any | None) -> dict[str, Any]:
+        """What training data fixes; MAR trains on latents, which `argen tokenize` does not write yet (it writes
+        ids), so `argen train` refuses MAR presets by name rather than failing inside the model."""
+        raise ConfigError(
+            "MAR trains on continuous latents (a KL tokenizer), and argen's token shards hold ids: train MAR from "
+            "Python with MARTransformer.loss on (B, L, D) latents until latent shards land"
+        )
 
     @property
     def grid_size(self) -> int:
