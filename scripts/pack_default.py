@@ -5,6 +5,7 @@ python scripts/pack_default.py --pipeline RUN/gen/pipeline --name raster-mnist -
 """
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -21,9 +22,12 @@ def main() -> None:
     p.add_argument("--cfg", type=float, required=True, help="default guidance scale of the shipped pipeline")
     p.add_argument("--classifier", default=None, help="also ship this classifier as mnist-classifier")
     p.add_argument("--draft", default=None, help="a small generator folder: the drafter of speculative='draft'")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=V", help="another sampler default (JSON value)")
     args = p.parse_args()
     pipe = ARPipeline.from_pretrained(Path(args.pipeline))
-    pipe.sampler = pipe.sampler.with_overrides(cfg_scale=args.cfg)
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    pipe.sampler = pipe.sampler.with_overrides(cfg_scale=args.cfg, **extra)
+    pipe.config()  # the defaults must fit the order
     if args.draft:
         pipe.draft = load_pretrained(args.draft)
     shutil.rmtree(ASSETS / args.name, ignore_errors=True)

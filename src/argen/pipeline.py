@@ -35,6 +35,8 @@ SHIPPED = {
     "raster-mnist": "raster-mnist",
     "next-scale": "next-scale-mnist",
     "next-scale-mnist": "next-scale-mnist",
+    "masked": "masked-mnist",
+    "masked-mnist": "masked-mnist",
 }
 PIPELINE_NAME = "pipeline.json"
 
