@@ -139,9 +139,7 @@ class Service:
         try:
             config = pipe.config(**settings)
             # the order's own checks of its options (next-scale's prune_scales against its scales) run at start
-            pipe.generator.start(
-                Condition.classes([0]).to(pipe.device), config.options_for(pipe.generator.order)
-            )
+            pipe.generator.start(Condition.classes([0]).to(pipe.device), config.options_for(pipe.generator.order))
         except Exception as error:  # any setting a client gets wrong is its 4xx, never a 500
             named = sorted((n for n in settings if re.search(rf"\b{re.escape(n)}\b", str(error))), key=len)
             raise ClientError(422, named[-1] if named else "settings", f"{error}") from None
