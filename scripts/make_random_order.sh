@@ -19,4 +19,4 @@ time argen train --tokens "$runs/tokens" --tokenizer "$tok" --preset mnist-rando
     --steps "$steps" --batch-size "$batch" --lr 2e-3 --warmup-steps 100 --weight-decay 0.05 --ema-decay 0.995 \
     --set resid_dropout=0.1 --set ffn_dropout=0.1 --save-every 250 --preview-every 1000
 
-python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg 2.0
+python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg 1.2

@@ -37,6 +37,8 @@ SHIPPED = {
     "next-scale-mnist": "next-scale-mnist",
     "masked": "masked-mnist",
     "masked-mnist": "masked-mnist",
+    "random-order": "random-order-mnist",
+    "random-order-mnist": "random-order-mnist",
 }
 PIPELINE_NAME = "pipeline.json"
 
