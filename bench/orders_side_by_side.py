@@ -32,7 +32,7 @@ SETTINGS = {
         "ZipAR, window 3": {"parallel_window": 3},
     },
     "next-scale": {"plain": {}, "FastVAR prune 0.25": {"prune": 0.25, "prune_scales": 1}},
-    "masked": {"plain": {}, "8 steps": {"steps": 8}, "16 steps": {"steps": 16}},
+    "masked": {"plain": {}, "8 steps": {"steps": 8}},
     "random-order": {"plain": {}, "20 steps (parallel)": {"steps": 20}, "raster order": {"order": "raster"}},
 }
 
