@@ -41,6 +41,8 @@ SURFACE = {
         "--top-p",
         "--temperature",
         "--set",
+        "--device",
+        "--dtype",
     },
     "serve": {
         "--model",

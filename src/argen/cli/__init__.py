@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=positive_int, default=4, help="variants")
     p.add_argument("--seed", type=int, default=0, help="variant i uses seed + i")
     p.add_argument("--out", type=image_file, default="edit.png", help="image strip: source | kept region | variants")
+    p.add_argument("--device", default=None, help=f"{device} (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (logits stay fp32)")
     add_sampler_args(p)
     p.set_defaults(func=cmd_edit)
 

@@ -64,7 +64,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
     overrides = sampler_overrides(args)
     check_image_count(1, args.n, what="variants")
-    pipe = ARPipeline.from_pretrained(args.model)
+    pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu", torch_dtype=DTYPES[args.dtype])
     check_for_model(pipe, overrides)
     size, channels = pipe.tokenizer.config.image_size, pipe.tokenizer.config.image_channels
     if args.digit is not None:
