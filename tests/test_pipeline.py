@@ -54,3 +54,13 @@ def test_pipeline_save_and_reload(pipe, tmp_path):
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="neither a shipped model"):
         ARPipeline.from_pretrained("no-such-model")
+
+
+def test_speculative_decoding_at_a_large_batch_warns_that_it_is_slower(caplog):
+    pipe = ARPipeline.from_pretrained("raster")
+    with caplog.at_level("WARNING", logger="argen.pipeline"):
+        pipe([1, 2], seed=0, speculative="sjd", window=4)
+    assert not caplog.records  # 2 images per batch: no warning
+    with caplog.at_level("WARNING", logger="argen.pipeline"):
+        pipe([1] * 6, seed=0, batch_size=6, speculative="sjd", window=4)
+    assert "likely slower than the plain sampler" in caplog.text

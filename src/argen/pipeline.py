@@ -10,6 +10,7 @@ A pipeline folder holds `tokenizer/` and `generator/` (pretrained folders) and `
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,12 @@ from argen.sampling.decode import decode_steps, generate, seeded_generators
 from argen.sampling.positions import KnownTokens
 from argen.sampling.speculative import SpeculativeStats
 
+log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
+# Speculative decoding checks a drafted block per sample: on CPU it paid off at batch 1 and cost 1.6-2.5x the plain
+# sampler's time at batch 8 (bench/fast_sampling.py, docs/default-model.md). Above this many images per batch,
+# say so rather than run silently slower.
+SPECULATIVE_BATCH_LIMIT = 4
 # Shipped pipelines by name; "default" is what `argen sample` uses without arguments.
 SHIPPED = {
     "default": "raster-mnist",
@@ -172,6 +178,13 @@ class ARPipeline:
         gens = self._generators(len(labels), generator, seed)
         tokens, images = [], []
         speculative = isinstance(config.acceleration, Speculative)
+        if speculative and min(batch_size, len(labels)) > SPECULATIVE_BATCH_LIMIT:
+            log.warning(
+                "speculative decoding at %d images per batch is likely slower than the plain sampler (measured "
+                "1.6-2.5x slower at batch 8 on CPU); it pays at batch 1-%d: lower --batch-size, or unset speculative",
+                min(batch_size, len(labels)),
+                SPECULATIVE_BATCH_LIMIT,
+            )
         stats = SpeculativeStats() if speculative else None
         starts = range(0, len(labels), batch_size)
         if progress:
