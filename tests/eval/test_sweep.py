@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from argen.errors import ConfigError
@@ -80,3 +82,20 @@ def test_a_real_sweep_judges_every_setting_on_one_protocol():
     assert any(p.on_frontier for p in points)
     with pytest.raises(ConfigError, match="cfg_scale=-1"):
         sweep(pipe, reference, rest, features, [0], {"cfg_scale": [2.0, -1]}, classifier=features)
+
+
+def test_eval_sweep_command_prints_the_frontier_and_writes_json_and_svg(tmp_path, capsys):
+    from argen.cli import main
+
+    out_json, out_svg = tmp_path / "sweep.json", tmp_path / "frontier.svg"
+    argv = ["eval", "-n", "50", "--seeds", "0", "--sweep", "cfg_scale=1,3", "--set", "top_k=20"]
+    assert main([*argv, "--json", str(out_json), "--plot", str(out_svg)]) == 0
+    printed = capsys.readouterr().out
+    assert "cfg_scale=1" in printed and "cfg_scale=3" in printed and "x floor" in printed
+    data = json.loads(out_json.read_text())
+    assert [d["settings"] for d in data] == [{"cfg_scale": 1}, {"cfg_scale": 3}]
+    assert all(d["sampler"]["top_k"] == 20 and d["fd_multiple"] > 0 for d in data)
+    assert any(d["on_frontier"] for d in data)
+    assert out_svg.read_text().count('class="point"') == 2
+    assert main(["eval", "-n", "50", "--sweep", "cfg_scale=1,oops"]) == 2
+    assert "--sweep cfg_scale=oops" in capsys.readouterr().err

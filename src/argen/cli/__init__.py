@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=output_file, default=None, help="also write the report as JSON (default: no)")
     p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="FIELD=V1,V2,...",
+        help="evaluate every combination of these sampler values (repeatable) and print the FD-vs-accuracy frontier",
+    )
+    p.add_argument("--plot", type=output_file, default=None, help="with --sweep: write the frontier as SVG")
+    p.add_argument(
         "--npz",
         type=output_file,
         default=None,

@@ -62,6 +62,9 @@ def _evaluate_and_report(args: argparse.Namespace, info) -> None:
             raise ConfigError("--features classifier needs --classifier")
         extractor = classifier
     common = dict(classifier=classifier, batch_size=args.batch_size, dist_info=info)
+    if args.sweep:
+        _sweep_and_report(args, pipe, reference, rest, extractor, common, sampler, info)
+        return
     report = evaluate(pipe, reference, rest, extractor, args.seeds, **common, **sampler)
     guided = pipe.config(**sampler).cfg_scale != 1.0
     reports = {"guided" if guided else "unguided": report}
@@ -93,9 +96,44 @@ def _evaluate_and_report(args: argparse.Namespace, info) -> None:
         print(f"wrote {len(images)} samples to {args.npz} (arr_0: uint8 NHWC, the ADM evaluator layout)")
 
 
+def _sweep_and_report(args, pipe, reference, rest, extractor, common, sampler, info) -> None:
+    """`argen eval --sweep`: every setting on one protocol, the table with the frontier starred, JSON and SVG."""
+    from argen.eval.sweep import frontier_svg, grid, parse_axes, rows, sweep
+    from argen.storage import atomic_write
+
+    axes = parse_axes(args.sweep)
+    total = len(grid(axes))
+
+    def progress(i: int, n: int, setting: dict) -> None:
+        if info.is_main:
+            print(f"[{i + 1}/{n}] {', '.join(f'{k}={v}' for k, v in setting.items())}", file=sys.stderr, flush=True)
+
+    points = sweep(pipe, reference, rest, extractor, args.seeds, axes, progress=progress, **common, **sampler)
+    if not info.is_main:
+        return
+    floor = points[0].report.fd_real_floor
+    base = {k: v for k, v in points[0].report.sampler.items() if k not in axes}
+    print(f"model {args.model}: {total} settings of {', '.join(axes)}; every other sampler field as in {base}")
+    print(
+        f"N = {args.n} per seed, seeds {args.seeds}, real-data floor FD {floor:.4g}; "
+        "* = on the frontier (no other setting has both lower FD and higher accuracy)"
+    )
+    print_table(["setting", "FD (x floor)", "accuracy", "recall", "bar", "frontier"], rows(points))
+    if args.json:
+        data = [
+            {"settings": p.settings, "on_frontier": p.on_frontier, "fd_multiple": p.report.fd_multiple}
+            | dataclasses.asdict(p.report)
+            for p in points
+        ]
+        atomic_write(Path(args.json), lambda t: Path(t).write_text(json.dumps(data, indent=2)))
+    if args.plot:
+        atomic_write(Path(args.plot), lambda t: Path(t).write_text(frontier_svg(points)))
+        print(f"wrote the frontier plot to {args.plot}")
+
+
 def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
     from argen.data.datasets import load_dataset
-    from argen.eval.tokenizer import evaluate_tokenizer
+    from argen.eval.tokenizer import LatentReport, evaluate_tokenizer
     from argen.pipeline import resolve
     from argen.pretrained import load_pretrained
 
@@ -104,16 +142,20 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
     tokenizer = load_pretrained(folder)
     data = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
     r = evaluate_tokenizer(tokenizer, data)
-    print_table(
-        ["metric", "value"],
-        [
-            ["images", r.num_images],
-            ["MSE (pixels in [0, 1])", f"{r.mse:.5f}"],
-            ["PSNR (dB)", f"{r.psnr:.2f}"],
+    rows = [["images", r.num_images], ["MSE (pixels in [0, 1])", f"{r.mse:.5f}"], ["PSNR (dB)", f"{r.psnr:.2f}"]]
+    if isinstance(r, LatentReport):  # a KL tokenizer: how its latents are spread
+        stats = zip(r.channel_mean, r.channel_std, strict=True)
+        rows += [[f"latent channel {i} mean / std", f"{m:+.3f} / {s:.3f}"] for i, (m, s) in enumerate(stats)]
+        rows += [
+            ["latent std (all values)", f"{r.std:.4f} (scale factor 1/std = {1 / r.std:.4f})"],
+            ["KL per image (nats)", f"{r.kl:.1f}"],
+        ]
+    else:
+        rows += [
             ["codebook usage", f"{r.codebook_usage:.3f} of {tokenizer.vocab_size}"],
             ["codebook perplexity", f"{r.codebook_perplexity:.1f}"],
-        ],
-    )
+        ]
+    print_table(["metric", "value"], rows)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
