@@ -381,3 +381,47 @@ def test_report_page_with_an_acceleration_setting(tmp_path):
     )
     page = out.read_text()
     assert page.count('class="point"') == 2 and "rows2" in page and "data:image/png;base64," in page
+
+
+def test_mar_end_to_end_on_latent_shards(tmp_path, capsys):
+    """train-tokenizer (KL) -> eval-tokenizer (latent statistics) -> tokenize (latents) -> train (MAR) -> sample;
+    a discrete order on the latent shards is a one-line error, and so is MAR on id shards."""
+    pixels, labels = mnist_pixels()
+    for i in range(0, 2000, 50):
+        folder = tmp_path / "digits" / f"d{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i, ..., 0]).save(folder / f"{i}.png")
+    digits, run = str(tmp_path / "digits"), tmp_path / "run"
+    small = ["--steps", "2", "--batch-size", "8"]
+    tok = ["train-tokenizer", "--preset", "mnist-kl", "--data", digits, "--out", str(run / "tok"), *small]
+    assert main(tok) == 0
+    assert main(["eval-tokenizer", "--tokenizer", str(run / "tok" / "final"), "--data", digits]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR (dB)" in out and "latent channel 3 mean / std" in out and "KL per image" in out
+    assert "codebook" not in out
+    tokens = ["tokenize", "--tokenizer", str(run / "tok" / "final"), "--data", digits, "--out", str(run / "latents")]
+    assert main(tokens) == 0
+    scale = json.loads((run / "latents" / "meta.json").read_text())["scale_factor"]
+    fields = ["encoder_dim=32", "encoder_heads=2", "encoder_depth=1", "buffer_size=4", "decoder_dim=32"]
+    fields += ["decoder_heads=2", "decoder_depth=1", "head_width=32"]
+    mar = [arg for field in fields for arg in ("--set", field)]
+    train = ["train", "--tokens", str(run / "latents"), "--tokenizer", str(run / "tok" / "final")]
+    assert main([*train, "--preset", "mnist-mar", "--out", str(run / "gen"), *small, *mar]) == 0
+    pipeline = run / "gen" / "pipeline"
+    saved = json.loads((pipeline / "tokenizer" / "config.json").read_text())["config"]
+    assert saved["scale_factor"] == scale  # the pipeline decodes with the factor the latents were scaled by
+    images = tmp_path / "s.npz"
+    sample = ["sample", "--model", str(pipeline), "--labels", "d3", "-n", "2", "--out", str(images)]
+    assert main([*sample, "--set", "steps=4", "--set", "head_steps=5"]) == 0
+    assert np.load(images)["images"].shape == (2, 28, 28, 1)
+    capsys.readouterr()
+    assert main([*train, "--preset", "mnist-small", "--out", str(run / "raster"), *small]) == 2
+    err = capsys.readouterr().err
+    assert "holds continuous tokens" in err and "raster order models discrete" in err and "\n" == err[-1]
+    assert main(["train-tokenizer", "--data", digits, "--out", str(run / "vq"), *small, "--set", "ch=32"]) == 0
+    vq = str(run / "vq" / "final")
+    assert main(["tokenize", "--tokenizer", vq, "--data", digits, "--out", str(run / "ids")]) == 0
+    capsys.readouterr()
+    ids = ["train", "--tokens", str(run / "ids"), "--tokenizer", vq, "--preset", "mnist-mar"]
+    assert main([*ids, "--out", str(run / "mar-on-ids"), *small]) == 2
+    assert "mar order models continuous" in capsys.readouterr().err

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_args(p)
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer on images")
+    p = sub.add_parser("train-tokenizer", help="train a tokenizer on images (VQ, multi-scale VQ or KL)")
     p.add_argument("--data", default="mnist", help="mnist, fashion-mnist or an image folder root/<class>/<image>")
     p.add_argument(
         "--preset",
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer architecture and size; change single fields with --set",
     )
     p.add_argument(
-        "--restart-every", type=nonnegative_int, default=50, help="steps between dead-code restarts (0: never)"
+        "--restart-every", type=nonnegative_int, default=50, help="VQ: steps between dead-code restarts (0: never)"
     )
     add_train_args(p, steps=700, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train_tokenizer)

@@ -101,10 +101,11 @@ def _train_config(args: argparse.Namespace):
 
 
 def tokenizer_presets() -> dict:
+    from argen.tokenizers.kl import KL_PRESETS
     from argen.tokenizers.multiscale import MULTISCALE_PRESETS
     from argen.tokenizers.vq import VQ_PRESETS
 
-    return {**VQ_PRESETS, **MULTISCALE_PRESETS}
+    return {**VQ_PRESETS, **MULTISCALE_PRESETS, **KL_PRESETS}
 
 
 def generator_presets() -> dict:
@@ -124,28 +125,32 @@ def generator_preset_help() -> str:
     return f"generator order and size: {', '.join(orders)}; change single fields with --set"
 
 
-def _build_tokenizer(config):
-    """A tokenizer config dataclass -> the tokenizer it configures."""
+def _tokenizer_task(config, preview: torch.Tensor, restart_every: int):
+    """A tokenizer config dataclass -> the training task of the tokenizer it configures: a VQ tokenizer (codebook
+    restarts) or a KL autoencoder (reconstruction + KL, nothing to restart)."""
+    from argen.tokenizers.kl import KLConfig, KLTokenizer
     from argen.tokenizers.multiscale import MultiScaleVQ, MultiScaleVQConfig
     from argen.tokenizers.vq import VQConfig, VQTokenizer
+    from argen.train.tasks import AutoencoderTask, TokenizerTask
 
-    return {VQConfig: VQTokenizer, MultiScaleVQConfig: MultiScaleVQ}[type(config)](config)
+    if isinstance(config, KLConfig):
+        return AutoencoderTask(KLTokenizer(config), preview)
+    model = {VQConfig: VQTokenizer, MultiScaleVQConfig: MultiScaleVQ}[type(config)](config)
+    return TokenizerTask(model, preview, restart_every)
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from argen.data.datasets import load_dataset
     from argen.train.distributed import setup
     from argen.train.loop import train
-    from argen.train.tasks import TokenizerTask
 
     setup(args.device)  # under torchrun, join the ranks before the data: an image folder is read once, by rank 0
     config = _model_config(tokenizer_presets(), args.preset, [], args.overrides)
     dataset = load_dataset(args.data, config.image_size, config.image_channels)
     torch.manual_seed(args.seed)
-    model = _build_tokenizer(config)
     preview = torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, min(16, len(dataset)))])
     result = train(
-        TokenizerTask(model, preview, args.restart_every),
+        _tokenizer_task(config, preview, args.restart_every),
         dataset,
         _train_config(args),
         args.out,
@@ -189,8 +194,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError(f"--preset {args.preset!r} is unknown; choose from {sorted(presets())}")
     order = presets()[args.preset][0]
     model_cls = model_class(order)
+    shards.check_order(model_cls.order)  # ids for a discrete order, latents for a continuous one
     tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
-    overrides = [f"vocab_size={shards.vocab_size}"]
+    overrides = [f"vocab_size={shards.vocab_size}"] if shards.values == "discrete" else []
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")
     fields = model_cls.config_class.data_fields(shards.seq_len, tokenizer)  # what the data fixes (grid, scales)
@@ -198,6 +204,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _model_config(generator_presets(), args.preset, overrides, args.overrides)
     torch.manual_seed(args.seed)
     model = model_cls(config)
+    if shards.values == "continuous":
+        _match_latents(model, shards, tokenizer)
     if model_cls.order.reads_tokenizer:
         model.bind(tokenizer)
     task = GeneratorTask(model, tokenizer=tokenizer)
@@ -215,6 +223,17 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"{pipe.generator.order.name} order's default guidance: cfg {pipe.sampler.cfg_scale} "
                 f"({pipe.sampler.cfg_schedule} schedule); argen sample --cfg overrides it"
             )
+
+
+def _match_latents(model, shards, tokenizer) -> None:
+    """A continuous order on latent shards: the model's tokens must be the shards' (one per latent position), and
+    the tokenizer decodes them with the scale factor measured when they were written."""
+    if (model.seq_len, model.token_dim) != (shards.seq_len, shards.token_dim):
+        raise ConfigError(
+            f"the model takes {model.seq_len} tokens of {model.token_dim} values, the shards hold {shards.seq_len} "
+            f"of {shards.token_dim} (one per latent position): drop --set patch_size"
+        )
+    tokenizer.config = dataclasses.replace(tokenizer.config, scale_factor=shards.scale_factor)
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:

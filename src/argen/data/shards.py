@@ -1,13 +1,19 @@
-"""Pre-tokenized data: token ids on disk as memory-mapped `.npy` shards, so generator training never runs
+"""Pre-tokenized data: tokens on disk as memory-mapped `.npy` shards, so generator training never runs
 the tokenizer.
 
-Folder layout: `meta.json` (vocab size, sequence length, class names, shard list) and, per shard,
-`tokens-NNNNN.npy` (n, L) and `labels-NNNNN.npy` (n,).
+Tokens are what the tokenizer's `values` say: ids of a VQ tokenizer ("discrete", (n, L) uint16/int32), or the
+latents of a KL tokenizer ("continuous", (n, L, D) float16: its posterior means, in its own scale). For latents,
+`meta.json` also stores the scale factor measured on them (one over their std, as MAR/LDM scale latents to unit
+variance), and reading applies it: a continuous order trains on unit-scale latents.
+
+Folder layout: `meta.json` (values, vocab size, sequence length, token dim, scale factor, class names, shard list)
+and, per shard, `tokens-NNNNN.npy` (n, L) or (n, L, D) and `labels-NNNNN.npy` (n,).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,14 +22,40 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from argen.errors import ConfigError
 from argen.pretrained import atomic_write
 from argen.train.distributed import DistInfo, gather_in_order, rank_batches
 
 META_NAME = "meta.json"
 
 
-def _dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+def token_values(tokenizer: torch.nn.Module) -> str:
+    """Whether the tokenizer gives "discrete" ids (VQ tokenizers) or "continuous" vectors (the KL tokenizer)."""
+    return getattr(tokenizer, "values", "discrete")
+
+
+def _dtype_for(tokenizer: torch.nn.Module) -> np.dtype:
+    if token_values(tokenizer) == "continuous":
+        return np.dtype(np.float16)
+    return np.dtype(np.uint16) if tokenizer.vocab_size <= 65536 else np.dtype(np.int32)
+
+
+def _encode(tokenizer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What a shard stores for a batch: ids (B, L), or unscaled latent tokens (B, L, D)."""
+    if token_values(tokenizer) == "continuous":
+        return tokenizer.unscaled_tokens(images).float()
+    return tokenizer.encode(images)
+
+
+def _scale_factor(parts: list[np.ndarray]) -> float:
+    """One over the std of every latent value (float64 sums over all shards' float16 values)."""
+    n = sum(p.size for p in parts)
+    total = sum(float(p.astype(np.float64).sum()) for p in parts)
+    squares = sum(float(np.square(p.astype(np.float64)).sum()) for p in parts)
+    std = math.sqrt(max(squares / n - (total / n) ** 2, 0.0))
+    if not std > 0:
+        raise ValueError("the tokenizer's latents are constant (std 0): no scale factor; is the tokenizer trained?")
+    return 1.0 / std
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -56,7 +88,7 @@ def write_shards(
         out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    dtype = _dtype_for(tokenizer.vocab_size)
+    dtype = _dtype_for(tokenizer)
     views = 2 if hflip else 1
     per_shard = batch_size * -(-shard_size // (batch_size * views))  # images per shard: whole batches
     shards = []
@@ -67,7 +99,7 @@ def write_shards(
         for images, y in DataLoader(dataset, batch_sampler=[list(b) for b in batches]):
             encoded.append(
                 [
-                    (tokenizer.encode(v.to(device)).cpu().numpy().astype(dtype), y.numpy().astype(np.int64))
+                    (_encode(tokenizer, v.to(device)).cpu().numpy().astype(dtype), y.numpy().astype(np.int64))
                     for v in ([images, images.flip(-1)] if hflip else [images])
                 ]
             )
@@ -84,17 +116,22 @@ def write_shards(
     bar.close()
     if info.is_main:
         meta = {
+            "values": token_values(tokenizer),
             "vocab_size": tokenizer.vocab_size,
             "seq_len": int(tokenizer.seq_len),
             "class_names": list(getattr(dataset, "class_names", [])),
             "shards": shards,
         }
+        if meta["values"] == "continuous":
+            stored = [np.load(out_dir / s["tokens"], mmap_mode="r") for s in shards]
+            meta.update(token_dim=int(tokenizer.token_dim), scale_factor=_scale_factor(stored))
         atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out_dir
 
 
 class TokenShards(Dataset):
-    """Memory-mapped token shards; item i is (tokens (L,) int64, label () int64)."""
+    """Memory-mapped token shards; item i is (tokens, label () int64): tokens (L,) int64 ids, or (L, D) float32
+    latents times the shards' scale factor."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
@@ -103,13 +140,26 @@ class TokenShards(Dataset):
             raise FileNotFoundError(f"{meta_path} not found: write shards with `argen tokenize` first")
         self.meta = json.loads(meta_path.read_text())
         self.vocab_size, self.seq_len = self.meta["vocab_size"], self.meta["seq_len"]
+        self.values = self.meta.get("values", "discrete")  # shards written before latents hold ids
+        self.token_dim = self.meta.get("token_dim")  # continuous: values per token
+        self.scale_factor = self.meta.get("scale_factor", 1.0)  # continuous: applied when read
         self.class_names = self.meta.get("class_names", [])
         self.tokens = [np.load(self.directory / s["tokens"], mmap_mode="r") for s in self.meta["shards"]]
         self.labels = [np.load(self.directory / s["labels"], mmap_mode="r") for s in self.meta["shards"]]
+        row = (self.seq_len,) if self.values == "discrete" else (self.seq_len, self.token_dim)
         for s, t in zip(self.meta["shards"], self.tokens, strict=True):
-            if t.shape != (s["count"], self.seq_len):
-                raise ValueError(f"{s['tokens']}: shape {t.shape}, expected ({s['count']}, {self.seq_len})")
+            if t.shape != (s["count"], *row):
+                raise ValueError(f"{s['tokens']}: shape {t.shape}, expected {(s['count'], *row)}")
         self.offsets = np.cumsum([0] + [len(t) for t in self.tokens])
+
+    def check_order(self, order) -> None:
+        """ConfigError unless these shards hold the kind of values the order (a model's `OrderSpec`) models."""
+        if self.values != order.values:
+            kind = "a VQ tokenizer (ids)" if order.values == "discrete" else "a KL tokenizer (latents)"
+            raise ConfigError(
+                f"{self.directory} holds {self.values} tokens, but the {order.name} order models {order.values} "
+                f"ones: tokenize the data with {kind}, or choose a preset of a {self.values} order"
+            )
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -117,4 +167,7 @@ class TokenShards(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         j = i - self.offsets[s]
-        return torch.from_numpy(self.tokens[s][j].astype(np.int64)), torch.tensor(int(self.labels[s][j]))
+        label = torch.tensor(int(self.labels[s][j]))
+        if self.values == "continuous":
+            return torch.from_numpy(self.tokens[s][j].astype(np.float32)) * self.scale_factor, label
+        return torch.from_numpy(self.tokens[s][j].astype(np.int64)), label

@@ -1,4 +1,5 @@
-"""Tokenizer quality: reconstruction error and how much of the codebook the data actually uses."""
+"""Tokenizer quality: reconstruction error, and how the tokens are spread — codebook usage for a VQ tokenizer,
+latent statistics for a KL one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from argen.data.shards import token_values
 
 
 @dataclass
@@ -18,12 +21,29 @@ class TokenizerReport:
     codebook_perplexity: float  # exp(entropy of the code histogram); V when uniform
 
 
+@dataclass
+class LatentReport:
+    """A KL tokenizer: reconstruction of the posterior mean, and the posterior means' statistics (own scale)."""
+
+    num_images: int
+    mse: float  # on pixels in [0, 1]
+    psnr: float  # dB, peak 1
+    channel_mean: list[float]  # per latent channel, over images and positions
+    channel_std: list[float]
+    std: float  # over every latent value: `argen tokenize` scales latents by 1 / std
+    kl: float  # KL(q || N(0, I)) per image, summed over latent values, averaged over images
+
+
 def psnr_from_mse(mse: float) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tokenizer: torch.nn.Module, dataset: Dataset, batch_size: int = 250) -> TokenizerReport:
+def evaluate_tokenizer(
+    tokenizer: torch.nn.Module, dataset: Dataset, batch_size: int = 250
+) -> TokenizerReport | LatentReport:
+    if token_values(tokenizer) == "continuous":
+        return _evaluate_latents(tokenizer, dataset, batch_size)
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
@@ -32,8 +52,7 @@ def evaluate_tokenizer(tokenizer: torch.nn.Module, dataset: Dataset, batch_size:
         images = images.to(device)
         ids = tokenizer.encode(images)
         recon = tokenizer.decode(ids).clamp(-1, 1)
-        # Errors on the [0, 1] scale, the usual convention for PSNR.
-        sq_err += ((recon - images) / 2).pow(2).sum().item()
+        sq_err += _squared_error(recon, images)
         pixels += images.numel()
         n += images.shape[0]
         counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.vocab_size)
@@ -41,3 +60,33 @@ def evaluate_tokenizer(tokenizer: torch.nn.Module, dataset: Dataset, batch_size:
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     mse = sq_err / pixels
     return TokenizerReport(n, mse, psnr_from_mse(mse), (counts > 0).float().mean().item(), math.exp(entropy))
+
+
+def _squared_error(recon: torch.Tensor, images: torch.Tensor) -> float:
+    """Summed squared error on the [0, 1] scale, the usual convention for PSNR."""
+    return ((recon - images) / 2).double().pow(2).sum().item()
+
+
+def _evaluate_latents(tokenizer: torch.nn.Module, dataset: Dataset, batch_size: int) -> LatentReport:
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    D = tokenizer.config.embed_dim
+    sums, squares, kl = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64), 0.0
+    sq_err, pixels, n, values = 0.0, 0, 0, 0
+    for images, _ in DataLoader(dataset, batch_size=batch_size):
+        images = images.to(device)
+        posterior = tokenizer.posterior(images)
+        recon = tokenizer.decode_unscaled(posterior.mean).clamp(-1, 1)
+        sq_err += _squared_error(recon, images)
+        pixels += images.numel()
+        n += images.shape[0]
+        mean = posterior.mean.double().transpose(0, 1).reshape(D, -1).cpu()  # (D, B h w)
+        sums += mean.sum(dim=1)
+        squares += mean.pow(2).sum(dim=1)
+        values += mean.shape[1]
+        kl += posterior.kl().double().sum().item()
+    channel_mean = sums / values
+    channel_std = (squares / values - channel_mean.pow(2)).clamp(min=0).sqrt()
+    std = math.sqrt(max(squares.sum().item() / (values * D) - (sums.sum().item() / (values * D)) ** 2, 0.0))
+    mse = sq_err / pixels
+    return LatentReport(n, mse, psnr_from_mse(mse), channel_mean.tolist(), channel_std.tolist(), std, kl / n)

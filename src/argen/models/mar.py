@@ -95,12 +95,13 @@ class MARConfig:
 
     @staticmethod
     def data_fields(seq_len: int, tokenizer: Any | None) -> dict[str, Any]:
-        """What training data fixes; MAR trains on latents, which `argen tokenize` does not write yet (it writes
-        ids), so `argen train` refuses MAR presets by name rather than failing inside the model."""
-        raise ConfigError(
-            "MAR trains on continuous latents (a KL tokenizer), and argen's token shards hold ids: train MAR from "
-            "Python with MARTransformer.loss on (B, L, D) latents until latent shards land"
-        )
+        """What the training data fixes: the latent grid and channels of the KL tokenizer whose latents the
+        shards hold (one token per latent position)."""
+        if tokenizer is None or getattr(tokenizer, "values", "discrete") != "continuous":
+            raise ConfigError("MAR trains on a KL tokenizer's latents: pass that tokenizer with --tokenizer")
+        if tokenizer.seq_len != seq_len:
+            raise ConfigError(f"the tokenizer makes {tokenizer.seq_len} latents per image, the shards hold {seq_len}")
+        return {"latent_size": tokenizer.grid_size, "latent_channels": tokenizer.token_dim}
 
     @property
     def grid_size(self) -> int:

@@ -8,7 +8,11 @@ taming-transformers design MAR's `models/vae.py` also uses); official checkpoint
 `argen.convert.mar`, which renames their keys.
 
 The generator sees latents multiplied by `scale_factor` (MAR: 0.2325, about one over the latents' std), so the
-factor lives here, on the component that owns it, and nowhere else.
+factor lives here, on the component that owns it, and nowhere else. `argen tokenize` measures it on the data it
+encodes (one over the std of the posterior means) and `argen train` stores it in the pipeline's tokenizer.
+
+As a generator's tokenizer it speaks tokens: (B, L, D) scaled latents, one token per latent position in raster
+order (D = embed_dim; MAR's patchify at patch size 1), where a VQ tokenizer speaks (B, L) ids.
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class KLTokenizer(nn.Module, Pretrained):
 
     component_type = "kl_tokenizer"
     config_class = KLConfig
+    values = "continuous"  # tokens are (B, L, D) vectors, as the orders' OrderSpec.values
+    vocab_size = 0  # no codebook
 
     def __init__(self, config: KLConfig):
         super().__init__()
@@ -111,6 +117,31 @@ class KLTokenizer(nn.Module, Pretrained):
     @property
     def grid_size(self) -> int:
         return self.config.grid_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.grid_size**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.config.embed_dim
+
+    @staticmethod
+    def to_tokens(latents: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, h*w, D): one token per latent position, raster order."""
+        return latents.flatten(2).transpose(1, 2)
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, D) -> (B, D, h, w), the inverse of `to_tokens`."""
+        g, D = self.grid_size, self.config.embed_dim
+        if tokens.dim() != 3 or tokens.shape[1:] != (g * g, D):
+            raise ValueError(f"tokens must be (B, {g * g}, {D}), got {tuple(tokens.shape)}")
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], D, g, g)
+
+    def token_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) bool pixel mask (True = keep) -> (B, seq_len) bool: tokens whose area is mostly kept."""
+        g = self.grid_size
+        return (F.interpolate(keep.float(), size=(g, g), mode="area") >= 0.5).flatten(1)
 
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 2 * embed_dim, h, w): the posterior's mean channels, then its log-variance."""
@@ -137,11 +168,24 @@ class KLTokenizer(nn.Module, Pretrained):
         """(B, embed_dim, h, w) latents in the posterior's own scale -> (B, C, H, W) images, not clamped."""
         return self.decoder(self.post_quant_conv(z))
 
+    def unscaled_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, D) posterior means in the posterior's own scale: what latent shards store
+        (deterministic; the scale factor is measured on them and applied when they are read)."""
+        return self.to_tokens(self.posterior(images).mean)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, embed_dim, h, w), as `encode` gives and the generator samples -> images."""
+        """Scaled latents (B, embed_dim, h, w), as `encode` gives, or scaled tokens (B, L, embed_dim), as the
+        generator samples -> images (B, C, H, W), not clamped."""
+        if latents.dim() == 3:
+            latents = self.from_tokens(latents)
         if latents.dim() != 4 or latents.shape[1] != self.config.embed_dim:
             raise ValueError(f"latents must be (B, {self.config.embed_dim}, h, w), got {tuple(latents.shape)}")
         return self.decode_unscaled(latents / self.config.scale_factor)
+
+    def decode_partial(self, tokens: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """A preview of partly generated tokens (B, L, D) with their (B, L) filled mask: unknown positions get a
+        zero latent (the prior's mean)."""
+        return self.decode(tokens * filled[..., None].to(tokens.dtype))
 
     def forward(self, images: torch.Tensor) -> KLOutput:
         """Training: reconstruct a posterior sample (global RNG); MSE + kl_weight * KL (LDM's KL term, with a
@@ -156,5 +200,5 @@ class KLTokenizer(nn.Module, Pretrained):
 # Presets are data. "mar-kl16" is MAR's released KL-16 (256x256 RGB, 16 latent channels, stride 16).
 KL_PRESETS: dict[str, KLConfig] = {
     "mar-kl16": KLConfig(),
-    "mnist-kl": KLConfig(image_size=28, image_channels=1, embed_dim=8, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1),
+    "mnist-kl": KLConfig(image_size=28, image_channels=1, embed_dim=4, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1),
 }

@@ -66,6 +66,23 @@ class TokenizerTask:
         self.restarted = state["restarted"]
 
 
+class AutoencoderTask(TokenizerTask):
+    """A KL tokenizer (`tokenizers/kl.py`): reconstruction + kl_weight * KL, its forward's loss; no codebook, so
+    nothing to restart or record."""
+
+    def __init__(self, model: nn.Module, preview_images: torch.Tensor | None = None):
+        super().__init__(model, preview_images, restart_every=0)
+
+    def after_step(self, step: int, batch: list[torch.Tensor], info: DistInfo) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class OrderLoss(nn.Module):
     """The order's training loss as a module's forward, so that DDP/FSDP wrappers (which synchronise gradients in
     their forward) wrap the loss the order defines rather than the bare network."""
