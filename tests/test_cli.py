@@ -75,6 +75,8 @@ SURFACE = {
         "--batch-size",
         "--unguided",
         "--json",
+        "--sweep",
+        "--plot",
         "--npz",
         "--device",
         "--cfg",
