@@ -170,6 +170,9 @@ class OrderSpec:
     accelerations: the acceleration strategies that fit the order ("speculative", "parallel").
     options_class: a dataclass of the order's own sampler options, handed to `start` (pruning, mask steps).
     reads_tokenizer: the generator builds its inputs through the tokenizer's codebook (`bind(tokenizer)`).
+    row_steps: rows at different steps of their own decoding may share one `predict` (each row's progress is
+        read from `filled`, not from `state.step`: raster's next position is its filled prefix's length, the
+        masked order predicts the whole canvas): what lets a server's requests join a running batch mid-way.
     default_sampler: the documented sampler defaults of a freshly trained model of this order (guidance).
     """
 
@@ -179,6 +182,7 @@ class OrderSpec:
     accelerations: frozenset[str] = frozenset()
     options_class: type = NoOptions
     reads_tokenizer: bool = False
+    row_steps: bool = False
     default_sampler: tuple[tuple[str, Any], ...] = ()
 
 

@@ -69,6 +69,7 @@ class MaskedTransformer(nn.Module, Pretrained):
         "masked",
         policy="masked",
         options_class=MaskedOptions,
+        row_steps=True,
         # measured on the shipped model (docs/quality.md): guidance only costs FD; more choice noise buys variety
         default_sampler=(("cfg_scale", 1.0), ("steps", 16), ("choice_temperature", 9.0)),
     )
