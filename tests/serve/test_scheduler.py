@@ -7,7 +7,7 @@ import torch
 from argen.pipeline import ARPipeline
 from argen.serve.scheduler import QueueFull, Request, Scheduler
 
-ORDERS = ("raster", "next-scale")
+ORDERS = ("raster", "next-scale", "masked", "random-order")
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,10 @@ class Recorder:
         return next(e for e in self.events if e.kind == "done")
 
 
+def steps_of(pipe):
+    return pipe.generator.start(torch.tensor([0]), pipe.config().options_for(pipe.generator.order)).num_steps
+
+
 def run_until_idle(scheduler):
     while scheduler.busy:
         scheduler.iterate()
@@ -41,7 +45,7 @@ def test_request_among_strangers_is_bit_identical_to_alone(pipelines, name):
     scheduler.submit(mine, alone)
     run_until_idle(scheduler)
 
-    crowd, scheduler = Recorder(), Scheduler(pipelines, max_cohorts=4)
+    crowd, scheduler = Recorder(), Scheduler(pipelines, max_batches=4)
     early = Recorder()
     scheduler.submit(Request(name, [1, 2], seed=5, config=pipe.config(cfg_scale=1.0)), early)  # ahead of us
     scheduler.iterate()
@@ -64,7 +68,7 @@ def test_request_among_strangers_is_bit_identical_to_alone(pipelines, name):
     assert torch.equal(crowd.done.tokens, alone.done.tokens)
     assert torch.equal(crowd.done.images, alone.done.images)
     previews = [e.images for e in crowd.events if e.kind == "preview"]
-    num_steps = pipe.generator.start(torch.tensor([0])).num_steps
+    num_steps = steps_of(pipe)
     assert len(previews) == num_steps - 1  # every step but the last, which sends the final images
     for a, b in zip(previews, [e.images for e in alone.events if e.kind == "preview"], strict=True):
         assert torch.equal(a, b)
@@ -78,6 +82,62 @@ def test_request_among_strangers_is_bit_identical_to_alone(pipelines, name):
     assert torch.equal(stayer.done.tokens, stayer_alone.tokens)
 
 
+@pytest.mark.parametrize("name", ["raster", "masked"])
+def test_a_request_joining_mid_way_shares_passes_with_rows_at_other_steps(pipelines, name):
+    """Continuous batching proper: an arrival joins the running batch at its own step 0 beside rows many steps
+    ahead, stays while they leave, and gets the images it gets alone."""
+    pipe = pipelines[name]
+    mine = Request(name, [2, 8], seed=21, config=pipe.config(cfg_scale=1.5), previews=True)
+    alone = Recorder()
+    scheduler = Scheduler(pipelines)
+    scheduler.submit(mine, alone)
+    run_until_idle(scheduler)
+
+    scheduler, crowd, ahead, behind = Scheduler(pipelines), Recorder(), Recorder(), Recorder()
+    scheduler.submit(Request(name, [4, 4, 1], seed=7, config=pipe.config(temperature=0.8)), ahead)
+    for _ in range(5):
+        scheduler.iterate()
+    scheduler.submit(mine, crowd)
+    scheduler.iterate()  # one pass: the earlier request's rows at step 5, ours at step 0
+    (batch,) = scheduler.batches
+    assert [job.step for job in batch.jobs] == [6, 1]
+    assert scheduler.stats.forward_passes == 6 and scheduler.stats.mixed_passes == 1
+    for _ in range(3):
+        scheduler.iterate()
+    scheduler.submit(Request(name, [0], seed=3, config=pipe.config(cfg_scale=1.0)), behind)  # joins after us
+    run_until_idle(scheduler)
+
+    # one batch throughout: the last request ends 9 passes after the first, and every pass while two requests
+    # ran held rows at different steps (passes 6..N with the first, N+1..N+5 with the last): nothing waited to align
+    N = steps_of(pipe)
+    assert scheduler.stats.forward_passes == N + 9 and scheduler.stats.mixed_passes == N
+    assert ahead.done.tokens.shape[0] == 3 and behind.done.tokens.shape[0] == 1
+    assert torch.equal(crowd.done.tokens, alone.done.tokens)
+    assert torch.equal(crowd.done.images, alone.done.images)
+    for a, b in zip(
+        [e.images for e in crowd.events if e.kind == "preview"],
+        [e.images for e in alone.events if e.kind == "preview"],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    assert torch.equal(crowd.done.tokens, pipe([2, 8], seed=21, output_type="pt", cfg_scale=1.5).tokens)
+    assert torch.equal(ahead.done.tokens, pipe([4, 4, 1], seed=7, output_type="pt", temperature=0.8).tokens)
+
+
+def test_same_step_orders_never_mix_steps(pipelines):
+    """Next-scale and random-order rows share a pass at the same step only: an arrival waits for its own batch."""
+    scheduler = Scheduler(pipelines, max_batches=4)
+    for name in ("next-scale", "random-order"):
+        scheduler.submit(Request(name, [1], seed=0, config=pipelines[name].config()), Recorder())
+    scheduler.iterate()
+    for name in ("next-scale", "random-order"):
+        scheduler.submit(Request(name, [2], seed=1, config=pipelines[name].config()), Recorder())
+    scheduler.iterate()
+    assert len(scheduler.batches) == 4
+    run_until_idle(scheduler)
+    assert scheduler.stats.mixed_passes == 0
+
+
 def test_budgeted_next_scale_cache_runs_alone_and_matches(pipelines):
     pipe = pipelines["next-scale"]
     scheduler = Scheduler(pipelines)
@@ -85,7 +145,7 @@ def test_budgeted_next_scale_cache_runs_alone_and_matches(pipelines):
     scheduler.submit(Request("next-scale", [4, 1], seed=2, config=pipe.config(kv_budget=8)), budgeted)
     scheduler.submit(Request("next-scale", [3], seed=9, config=pipe.config()), plain)
     scheduler.iterate()
-    assert len(scheduler.cohorts) == 2  # a ScaleKV budget's rows depend on the batch: never stacked
+    assert len(scheduler.batches) == 2  # a ScaleKV budget's rows depend on the batch: never stacked
     run_until_idle(scheduler)
     assert torch.equal(budgeted.done.tokens, pipe([4, 1], seed=2, output_type="pt", kv_budget=8).tokens)
 

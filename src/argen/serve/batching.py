@@ -1,10 +1,11 @@
 """Stacking decode states row-wise and taking rows back out: what lets strangers share one forward pass.
 
-Two states of the same model at the same step of a position-aligned order (raster: the same token; next-scale:
-the same scale) hold rows that one forward pass can serve together: every per-row tensor is concatenated along
-the batch dimension (tokens, filled, the condition, the order's extras and the KV cache), and a request's rows
-are taken back out when it leaves. Nothing here changes a row's values, so a request's logits do not depend on
-its neighbours (up to the float kernels' batch invariance, which `tests/serve` checks bit for bit).
+States of the same model hold rows that one forward pass can serve together: every per-row tensor is concatenated
+along the batch dimension (tokens, filled, the condition, the order's extras and the KV cache), and a request's
+rows are taken back out when it leaves. States at the same step stack for every order; states at different steps
+stack for orders that read each row's progress from the state itself (`OrderSpec.row_steps`: raster, masked).
+Nothing here changes a row's values, so a request's logits do not depend on its neighbours (up to the float
+kernels' batch invariance, which `tests/serve` checks bit for bit).
 
 A cache type is stackable when it has an entry in `CACHES`; a state whose cache is not (or whose rows depend on
 the rest of the batch, like a ScaleKV budget that picks its layers from batch-averaged attention) runs alone.
@@ -106,12 +107,14 @@ def stackable(state: DecodeState) -> bool:
     return entry is not None and entry[2](state.cache)
 
 
-def stack(states: list[DecodeState]) -> DecodeState:
-    """States at the same step -> one state holding all their rows, in order."""
+def stack(states: list[DecodeState], aligned: bool = True) -> DecodeState:
+    """States -> one state holding all their rows, in order. aligned: they stand at the same step (any order);
+    otherwise the stacked state's own step is not read (each request keeps its own: `rows`)."""
     if len(states) == 1:
         return states[0]
     first = states[0]
-    assert all(s.step == first.step and s.num_steps == first.num_steps for s in states), "stacked states must align"
+    if aligned:
+        assert all(s.step == first.step and s.num_steps == first.num_steps for s in states), "states must align"
     rows = [len(s.tokens) for s in states]
     condition = states[0].condition
     for s in states[1:]:
@@ -147,3 +150,27 @@ def take(state: DecodeState, rows: Rows) -> DecodeState:
         cache=cache,
         extra={key: _take_value(value, rows, total) for key, value in state.extra.items()},
     )
+
+
+def rows(state: DecodeState, lo: int, hi: int, step: int, num_steps: int) -> DecodeState:
+    """Rows lo..hi of a stacked state as a request's own state at its own step: tokens, filled, the extras and the
+    cache are views, so a request's `advance` writes into the stacked state. What its policy, its guidance and the
+    order's `advance` read, as they would alone."""
+    total = len(state.tokens)
+    return DecodeState(
+        state.condition.rows(slice(lo, hi)),
+        state.tokens[lo:hi],
+        state.filled[lo:hi],
+        step=step,
+        num_steps=num_steps,
+        cache=None,  # a request's rows predict only through the stacked state
+        extra={key: _view_value(value, lo, hi, total) for key, value in state.extra.items()},
+    )
+
+
+def _view_value(value: Any, lo: int, hi: int, total: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total:
+        return value[lo:hi]
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [_view_value(v, lo, hi, total) for v in value]
+    return value

@@ -1,22 +1,27 @@
 """The step-level scheduler: requests join and leave running batches between steps, as vLLM does for text.
 
 Each request keeps what makes its images its own: per-sample `torch.Generator`s (image i draws from seed + i, as
-`ARPipeline` does), its own guidance rows and schedule, temperature and top-k/p. What requests share is the
-forward pass: requests of the same model and order options whose states stand at the same step of a
-position-aligned order (raster: the same token; next-scale: the same scale) are a *cohort*, stacked row-wise
-into one DecodeState (`batching.stack`), so one `predict` serves all of them. Guidance, logit processing and the
-draw then run per request on its own rows, with its own generators, and one `advance` commits every row.
+`ARPipeline` does), its own guidance rows, its own step and schedule, its policy (MaskGIT's confidence, RandAR's
+permutation), temperature and top-k/p. What requests share is the forward pass: requests of the same model and
+order options are a *batch*, their rows stacked row-wise into one DecodeState (`batching.stack`), so one
+`predict` serves all of them. Guidance, logit processing, the draw and the policy's choice then run per request
+on a view of its own rows at its own step (`batching.rows`), with its own generators.
 
 Between steps (one iteration of `_loop`), the scheduler
 - retires finished, cancelled and timed-out requests (their rows are taken out of the stacked state),
-- admits waiting requests while the running rows stay under `max_rows` (a new request starts at step 0 and
-  joins a cohort still at step 0),
-- merges cohorts that stand at the same step, and runs one step of every cohort.
+- admits waiting requests while the running rows stay under `max_rows`,
+- merges batches that may share a pass, and runs one step of every batch.
 
-Rows at *different* steps never share a pass: next-scale steps have different map sizes, and raster's mixed-
-position pass takes a different kernel path (masked per-row attention) than a request run alone, which would
-give up bit-identity. Orders whose positions come from a random policy (masked, random-order), and states whose
-cache is not stackable (a ScaleKV budget), run as cohorts of one: still interleaved step by step, never stacked.
+Where an arrival joins depends on the order (`OrderSpec.row_steps`):
+- raster and masked read each row's progress from the state (raster's next position is the length of the row's
+  filled prefix, and attention runs per span of rows at the same position over that span's own prefix; masked
+  predicts the whole canvas, no cache): an arrival joins the running batch at once, at its own step 0, beside
+  rows at any step.
+- next-scale (a different map size per step) and random-order (a different number of queries per step, a cache
+  whose slot layout follows the step) share a pass at the same step only: an arrival opens a batch at step 0
+  (at most `max_batches` run at once, so arrivals gather into full batches) and batches that meet at a step
+  merge.
+States whose cache is not stackable (a ScaleKV budget) and continuous orders (MAR) run as batches of one.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ class Job:
     generators: list[torch.Generator] | None = None
     schedule: guidance.Schedule | None = None
     policy: PositionPolicy | None = None
+    key: tuple = ()  # what must match for requests to share a pass
+    step: int = 0  # the request's own step, whatever the batch's other rows stand at
+    num_steps: int = 0
 
     @property
     def n(self) -> int:
@@ -104,12 +112,27 @@ class Job:
 
 
 @dataclass
-class Cohort:
-    """Requests whose rows are stacked into one state, all at the same step."""
+class Batch:
+    """Requests whose rows are stacked into one state and share every forward pass, in `jobs` order (each job's
+    rows one contiguous block). `mixed`: the order reads each row's progress from the state (`row_steps`), so the
+    jobs may stand at different steps; otherwise they all stand at the same step."""
 
     key: tuple
     jobs: list[Job]
     state: DecodeState
+    mixed: bool
+
+    @property
+    def step(self) -> int:
+        """The step of an aligned batch (its first job's step when mixed)."""
+        return self.jobs[0].step
+
+    def spans(self):
+        """(job, lo, hi) for every job: where its rows sit in the stacked state."""
+        lo = 0
+        for job in self.jobs:
+            yield job, lo, lo + job.rows
+            lo += job.rows
 
 
 @dataclass
@@ -118,6 +141,7 @@ class Stats:
 
     forward_passes: int = 0
     rows_stepped: int = 0  # rows summed over forward passes: rows / passes = mean rows per pass
+    mixed_passes: int = 0  # passes whose rows stood at different steps (requests that joined mid-way)
     images: int = 0
     requests: int = 0
     failed: int = 0
@@ -150,9 +174,10 @@ class Scheduler:
 
     max_rows: decode-state rows running at once (guided images count twice); max_queue: requests waiting beyond
     them, past which `submit` raises QueueFull; batching=False runs one request at a time (the baseline).
-    max_cohorts: cohorts running at once. Requests arriving one by one would otherwise each open a cohort of
-    their own at step 0 and never share a pass; past this bound they wait and start together (the next cohort
-    at step 0 takes every waiting request that fits), which keeps passes full under load.
+    max_batches: batches running at once. An order with `row_steps` (raster, masked) keeps one batch per model and
+    options, which an arrival joins at once, whatever step its rows stand at. The others share a pass only at the
+    same step, so an arrival opens a batch at step 0; past this bound such arrivals wait and start together (the
+    next batch at step 0 takes every waiting request that fits), which keeps passes full under load.
     """
 
     def __init__(
@@ -161,13 +186,13 @@ class Scheduler:
         max_rows: int = 64,
         max_queue: int = 64,
         batching: bool = True,
-        max_cohorts: int = 2,
+        max_batches: int = 2,
     ):
         self.pipelines = pipelines
         self.max_rows, self.max_queue, self.batching = max_rows, max_queue, batching
-        self.max_cohorts = max_cohorts
+        self.max_batches = max_batches
         self.waiting: collections.deque[Job] = collections.deque()
-        self.cohorts: list[Cohort] = []
+        self.batches: list[Batch] = []
         self.stats = Stats()
         self._ids = itertools.count()
         self._wake = threading.Condition()
@@ -186,21 +211,26 @@ class Scheduler:
         with self._wake:
             if self._draining:
                 raise Draining("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                self.stats.rejected += 1
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
+            self.check_room()
             job = Job(next(self._ids), request, on_event)
             self.waiting.append(job)
             self._wake.notify()
         return job
 
+    def check_room(self) -> None:
+        """Raise QueueFull when the queue is at its bound: the cheap check a server makes before parsing a request
+        further, so that refusing one under overload costs next to nothing."""
+        if len(self.waiting) >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
+
     @property
     def running_rows(self) -> int:
-        return sum(len(c.state.tokens) for c in self.cohorts)
+        return sum(len(b.state.tokens) for b in self.batches)
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.cohorts)
+        return bool(self.waiting or self.batches)
 
     def stop(self, timeout: float = 4.0) -> None:
         """Take no new requests, let those in flight finish for up to `timeout` s, cancel the rest, stop."""
@@ -211,7 +241,7 @@ class Scheduler:
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._wake:
-            for job in [*self.waiting, *(j for c in self.cohorts for j in c.jobs)]:
+            for job in [*self.waiting, *(j for b in self.batches for j in b.jobs)]:
                 job.cancel()
             self._stopped = True
             self._wake.notify()
@@ -231,13 +261,13 @@ class Scheduler:
             self.iterate()
 
     def iterate(self) -> None:
-        """One round between steps: retire, admit, merge, then one step of every cohort. The thread calls it in a
+        """One round between steps: retire, admit, merge, then one step of every batch. The thread calls it in a
         loop; tests call it directly to place joins and departures at chosen steps."""
         self._retire_cancelled()
         self._admit()
         self._merge()
-        for cohort in list(self.cohorts):
-            self._step(cohort)
+        for batch in list(self.batches):
+            self._step(batch)
 
     def _admit(self) -> None:
         while True:
@@ -245,13 +275,8 @@ class Scheduler:
                 if not self.waiting:
                     return
                 job = self.waiting[0]
-                if not job.cancelled:
-                    rows = job.n * (2 if job.request.config.schedule() is not None else 1)
-                    full = self.running_rows + rows > self.max_rows and self.cohorts
-                    joinable = any(c.state.step == 0 and c.key[-1] is None for c in self.cohorts)
-                    crowded = len(self.cohorts) >= self.max_cohorts and not joinable
-                    if full or crowded or (not self.batching and self.cohorts):
-                        return
+                if not job.cancelled and not self._room_for(job):
+                    return
                 self.waiting.popleft()
             if job.cancelled:
                 self.stats.cancelled += 1
@@ -261,6 +286,23 @@ class Scheduler:
             except Exception as error:  # a request that cannot start fails alone
                 log.exception("request %d failed to start", job.id)
                 self._finish_error(job, f"{type(error).__name__}: {error}")
+
+    def _room_for(self, job: Job) -> bool:
+        if not self.batching:
+            return not self.batches
+        rows = job.n * (2 if job.request.config.schedule() is not None else 1)
+        if self.batches and self.running_rows + rows > self.max_rows:
+            return False
+        try:
+            key = self._key(job.request)
+        except Exception:  # a bad setting: let it start (and fail) now rather than wait
+            return True
+        joinable = any(b.key == key and (b.mixed or b.step == 0) for b in self.batches)
+        return joinable or len(self.batches) < self.max_batches
+
+    def _key(self, request: Request) -> tuple:
+        """What two requests must share to share a pass: the model and the order's options."""
+        return (request.model, request.config.options_for(self.pipelines[request.model].generator.order))
 
     def _start(self, job: Job) -> None:
         request = job.request
@@ -275,102 +317,105 @@ class Scheduler:
         state = model.start(rows, options)
         job.policy = policy_class(model.order.policy)(model, options, job.n, job.generators, None)
         job.policy.begin(state)
-        alone = not (model.order.policy == "next" and batching.stackable(state))
-        key = (request.model, options, job.id if alone else None)
-        for cohort in self.cohorts:
-            if cohort.key == key and cohort.state.step == 0:
-                cohort.state = batching.stack([cohort.state, state])
-                cohort.jobs.append(job)
+        job.num_steps = state.num_steps
+        # continuous orders (MAR) sample through their head, which this scheduler does not run batched
+        shares = batching.stackable(state) and model.order.values == "discrete"
+        job.key = self._key(request) if shares else (request.model, options, job.id)
+        mixed = shares and model.order.row_steps
+        for batch in self.batches:
+            if batch.key == job.key and (batch.mixed or batch.step == 0):
+                batch.state = batching.stack([batch.state, state], aligned=not batch.mixed)
+                batch.jobs.append(job)
                 return
-        self.cohorts.append(Cohort(key, [job], state))
+        self.batches.append(Batch(job.key, [job], state, mixed))
 
     def _merge(self) -> None:
-        """Cohorts of one key that stand at the same step become one."""
-        merged: dict[tuple, Cohort] = {}
-        for cohort in self.cohorts:
-            slot = (cohort.key, cohort.state.step)
-            if slot in merged and cohort.key[-1] is None:
-                first = merged[slot]
-                first.state = batching.stack([first.state, cohort.state])
-                first.jobs.extend(cohort.jobs)
-            else:
-                merged[slot] = cohort
-        self.cohorts = list(merged.values())
+        """Batches of one key become one where the order allows: any two of a `row_steps` order, others at the
+        same step."""
+        merged: list[Batch] = []
+        for batch in self.batches:
+            into = next((m for m in merged if m.key == batch.key and (m.mixed or m.step == batch.step)), None)
+            if into is None:
+                merged.append(batch)
+                continue
+            into.state = batching.stack([into.state, batch.state], aligned=not into.mixed)
+            into.jobs.extend(batch.jobs)
+        self.batches = merged
 
     def _retire_cancelled(self) -> None:
-        for cohort in list(self.cohorts):
-            gone = [job for job in cohort.jobs if job.cancelled]
-            if not gone:
-                continue
-            self.stats.cancelled += len(gone)
-            keep, offset, rows = [], 0, []
-            for job in cohort.jobs:
-                if not job.cancelled:
-                    keep.append(job)
-                    rows.extend(range(offset, offset + job.rows))
-                offset += job.rows
-            if not keep:
-                self.cohorts.remove(cohort)
-                continue
-            cohort.state = batching.take(cohort.state, torch.tensor(rows, device=cohort.state.tokens.device))
-            cohort.jobs = keep
+        for batch in list(self.batches):
+            gone = [job for job in batch.jobs if job.cancelled]
+            if gone:
+                self.stats.cancelled += len(gone)
+                self._drop(batch, gone)
 
-    def _step(self, cohort: Cohort) -> None:
-        """One step of every request in the cohort: one forward pass, then each request's own sampling."""
-        state, model = cohort.state, cohort.jobs[0].pipeline.generator
+    def _drop(self, batch: Batch, gone: list[Job]) -> None:
+        """Take the rows of `gone` out of the batch (the batch ends with its last request)."""
+        keep = [(job, lo, hi) for job, lo, hi in batch.spans() if job not in gone]
+        if not keep:
+            self.batches.remove(batch)
+            return
+        rows = torch.cat([torch.arange(lo, hi) for _, lo, hi in keep]).to(batch.state.tokens.device)
+        batch.state = batching.take(batch.state, rows)
+        batch.jobs = [job for job, _, _ in keep]
+
+    def _step(self, batch: Batch) -> None:
+        """One step of every request in the batch: one forward pass, then each request's own sampling."""
+        state, model = batch.state, batch.jobs[0].pipeline.generator
+        steps = {job.step for job in batch.jobs}
         try:
             with torch.no_grad():
-                self._decode_step(cohort, state, model)
+                self._decode_step(batch, model)
         except Exception as error:  # a broken step fails the requests in it, not the server
-            log.exception("a step of %d request(s) failed", len(cohort.jobs))
-            self.cohorts.remove(cohort)
-            for job in cohort.jobs:
+            log.exception("a step of %d request(s) failed", len(batch.jobs))
+            self.batches.remove(batch)
+            for job in batch.jobs:
                 self._finish_error(job, f"{type(error).__name__}: {error}")
             return
         self.stats.forward_passes += 1
         self.stats.rows_stepped += len(state.tokens)
-        if state.done:
-            self.cohorts.remove(cohort)
-            for job, tokens in zip(cohort.jobs, self._job_tokens(cohort), strict=True):
-                self._finish(job, tokens)
-        else:
-            for job, (tokens, filled) in zip(cohort.jobs, self._job_rows(cohort), strict=True):
-                if job.request.previews and not job.cancelled:
-                    with torch.no_grad():
-                        preview = job.pipeline.tokenizer.decode_partial(tokens, filled).clamp(-1, 1).cpu()
-                    job.on_event(Event("preview", state.step, state.num_steps, preview))
+        self.stats.mixed_passes += len(steps) > 1
+        done = []
+        for job, lo, _ in batch.spans():
+            tokens, filled = state.tokens[lo : lo + job.n], state.filled[lo : lo + job.n]
+            if job.step >= job.num_steps:
+                done.append(job)
+                self._finish(job, tokens.clone())
+            elif job.request.previews and not job.cancelled:
+                with torch.no_grad():
+                    preview = job.pipeline.tokenizer.decode_partial(tokens, filled).clamp(-1, 1).cpu()
+                job.on_event(Event("preview", job.step, job.num_steps, preview))
+        if done:
+            self._drop(batch, done)
 
-    def _decode_step(self, cohort: Cohort, state: DecodeState, model: Any) -> None:
-        # as argen.sampling.decode.decode_steps, with the sampling done request by request
-        asked = cohort.jobs[0].policy.positions(state) if len(cohort.jobs) == 1 else None
-        job0 = cohort.jobs[0]
-        copies = 2 if job0.schedule is not None else 1
-        prediction = model.predict(state, None if asked is None else asked.repeat(copies, 1))
-        check_finite(prediction.logits, f"logits at step {state.step}")
-        all_positions, all_values, offset = [], [], 0
-        for job in cohort.jobs:
-            config, copies = job.request.config, 2 if job.schedule is not None else 1
-            logits = prediction.logits[offset : offset + job.rows]
+    def _decode_step(self, batch: Batch, model: Any) -> None:
+        # as argen.sampling.decode.decode_steps, with the sampling done request by request, each on a view of its
+        # own rows at its own step
+        state = batch.state
+        views = [(job, lo, batching.rows(state, lo, hi, job.step, job.num_steps)) for job, lo, hi in batch.spans()]
+        asked = [job.policy.positions(view) for job, _, view in views]
+        positions = None
+        if any(a is not None for a in asked):  # every request of the batch asks (one order, one step)
+            rows = [a.repeat(job.rows // job.n, 1) for (job, _, _), a in zip(views, asked, strict=True)]
+            positions = torch.cat(rows)
+        prediction = model.predict(state, positions)
+        check_finite(prediction.logits, "logits")
+        chosen = []
+        for job, lo, view in views:
+            config, copies = job.request.config, job.rows // job.n
+            logits = prediction.logits[lo : lo + job.rows]
             if job.schedule is not None:
-                logits = guidance.guide(logits, job.schedule(state.progress))
+                logits = guidance.guide(logits, job.schedule(view.progress))
             logits = process(logits, config.temperature, config.top_k, config.top_p)
             values = draw(logits, job.generators, config.greedy)
-            positions = prediction.positions[offset : offset + job.n]
-            positions, values = job.policy.select(state, positions, logits, values)
-            all_positions.append(positions.repeat(copies, 1))
-            all_values.append(values.repeat(copies, 1))
-            offset += job.rows
-        model.advance(state, torch.cat(all_positions), torch.cat(all_values))
-
-    def _job_rows(self, cohort: Cohort):
-        """Each request's conditional rows: (tokens, filled), (n, L) each."""
-        offset = 0
-        for job in cohort.jobs:
-            yield cohort.state.tokens[offset : offset + job.n], cohort.state.filled[offset : offset + job.n]
-            offset += job.rows
-
-    def _job_tokens(self, cohort: Cohort) -> list[torch.Tensor]:
-        return [tokens.clone() for tokens, _ in self._job_rows(cohort)]
+            positions, values = job.policy.select(view, prediction.positions[lo : lo + job.n], logits, values)
+            chosen.append((view, positions.repeat(copies, 1), values.repeat(copies, 1)))
+            job.step += 1
+        if batch.mixed:  # each request commits its own rows (a row_steps order's advance reads only those)
+            for view, positions, values in chosen:
+                model.advance(view, positions, values)
+        else:  # one commit for all: the order may keep batch-wide bookkeeping (next-scale's residual map)
+            model.advance(state, torch.cat([p for _, p, _ in chosen]), torch.cat([v for _, _, v in chosen]))
 
     def _finish(self, job: Job, tokens: torch.Tensor) -> None:
         if job.cancelled:
@@ -391,8 +436,8 @@ class Scheduler:
         job.on_event(Event("error", message=message))
 
     def _fail_all(self, message: str) -> None:
-        for job in [*self.waiting, *(j for c in self.cohorts for j in c.jobs)]:
+        for job in [*self.waiting, *(j for b in self.batches for j in b.jobs)]:
             if not job.cancelled:
                 job.on_event(Event("error", message=message))
         self.waiting.clear()
-        self.cohorts.clear()
+        self.batches.clear()
