@@ -4,7 +4,8 @@
     images = pipe([3, 7], generator=torch.Generator().manual_seed(0)).images   # PIL images
 
 A pipeline folder holds `tokenizer/` and `generator/` (pretrained folders) and `pipeline.json`
-(class names and sampler defaults).
+(class names and sampler defaults). The tokenizer decodes what the generator's order samples: ids through a VQ
+decoder, or continuous latents (MAR) through a KL decoder, whose scale factor is the one the generator trained at.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from argen.data.images import to_pil, to_uint8
+from argen.data.shards import token_values
 from argen.models.interface import Condition
 from argen.pretrained import atomic_write, load_pretrained
 from argen.sampling.config import SamplerConfig, Speculative
@@ -46,6 +48,8 @@ SHIPPED = {
     "random-order": "random-order-mnist",
     "random-order-mnist": "random-order-mnist",
 }
+if (ASSETS / "mar-mnist").is_dir():  # MAR (continuous tokens): packed by scripts/make_mar.sh
+    SHIPPED.update({"mar": "mar-mnist", "mar-mnist": "mar-mnist"})
 PIPELINE_NAME = "pipeline.json"
 
 
@@ -66,7 +70,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 class PipelineOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor
     labels: torch.Tensor  # (N,)
-    tokens: torch.Tensor  # (N, seq_len)
+    tokens: torch.Tensor  # (N, seq_len) ids, or (N, seq_len, D) latents of a continuous order (MAR)
     speculative: SpeculativeStats | None = None  # target passes, drafts and acceptances (speculative sampling)
 
 
@@ -79,12 +83,20 @@ class ARPipeline:
         sampler: SamplerConfig | None = None,
         draft: torch.nn.Module | None = None,
     ):
+        values = token_values(tokenizer)
+        if values != generator.order.values:
+            raise ValueError(
+                f"the tokenizer gives {values} tokens, the {generator.order.name} order models "
+                f"{generator.order.values} ones"
+            )
         if tokenizer.vocab_size != generator.vocab_size:
             raise ValueError(
                 f"tokenizer vocabulary {tokenizer.vocab_size} != generator vocabulary {generator.vocab_size}"
             )
         if tokenizer.seq_len != generator.seq_len:
             raise ValueError(f"tokenizer makes {tokenizer.seq_len} tokens, generator expects {generator.seq_len}")
+        if values == "continuous" and tokenizer.token_dim != generator.token_dim:
+            raise ValueError(f"tokenizer latents have {tokenizer.token_dim} values, generator {generator.token_dim}")
         if generator.order.reads_tokenizer:  # next-scale generators read their inputs through the tokenizer
             generator.bind(tokenizer)
         self.tokenizer = tokenizer.eval()

@@ -97,7 +97,9 @@ class MARConfig:
     def data_fields(seq_len: int, tokenizer: Any | None) -> dict[str, Any]:
         """What the training data fixes: the latent grid and channels of the KL tokenizer whose latents the
         shards hold (one token per latent position)."""
-        if tokenizer is None or getattr(tokenizer, "values", "discrete") != "continuous":
+        from argen.data.shards import token_values
+
+        if tokenizer is None or token_values(tokenizer) != "continuous":
             raise ConfigError("MAR trains on a KL tokenizer's latents: pass that tokenizer with --tokenizer")
         if tokenizer.seq_len != seq_len:
             raise ConfigError(f"the tokenizer makes {tokenizer.seq_len} latents per image, the shards hold {seq_len}")
