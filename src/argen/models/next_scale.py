@@ -149,8 +149,15 @@ class AdaLNSelfAttn(nn.Module):
         return h * keep / (1 - self.drop_path)
 
     def forward(self, x, cond, mask, cache, layer, start):
+        # The class does not change between scales: a decode computes the 6D-wide projection (a third of the
+        # block's weights) once and keeps it in its cache.
+        ada = cache.modulation[layer] if cache is not None else None
+        if ada is None:
+            ada = self.ada_lin(cond).view(-1, 1, 6, self.dim)
+            if cache is not None:
+                cache.modulation[layer] = ada
         # VAR's split order of the 6C conditioning vector
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         h = self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, mask, cache, layer, start)
         x = x + self._residual(h * gamma1)
         h = self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2)

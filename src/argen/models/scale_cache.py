@@ -26,6 +26,9 @@ class ScaleKVCache:
             raise ValueError(f"kv_drafters must be in 0..{num_layers}, got {drafters}")
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        # Each layer's AdaLN gains/shifts/gates (B, 1, 6, D): they depend on the class alone, so one decode computes
+        # them once. A cache rebuilt from others (batching rows) starts without them and recomputes them.
+        self.modulation: list[torch.Tensor | None] = [None] * num_layers
         self.budget, self.num_drafters = budget, drafters
         self.drafters: set[int] | None = None  # chosen at the first compression
         self._scores: dict[int, torch.Tensor] = {}
