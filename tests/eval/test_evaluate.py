@@ -66,3 +66,22 @@ def test_bench_counts_forward_passes_and_flops(setup):
     assert plain.nfe == cfg.nfe == pipe.generator.seq_len  # raster: one pass per token
     assert cfg.flops_per_image > 1.5 * plain.flops_per_image  # guidance doubles the generator's batch
     assert plain.seconds_per_image > 0 and plain.peak_ratio > 0
+
+
+def test_bench_holds_each_run_to_the_peak_of_its_own_dtype(setup, monkeypatch):
+    import argen.eval.speed as speed
+
+    measured = []
+
+    def fake_peak(n=1024, repeats=10, device="cpu", dtype=torch.float32):
+        measured.append(dtype)
+        return 1e10 if dtype == torch.float32 else 2e10
+
+    monkeypatch.setattr(speed, "matmul_peak_flops", fake_peak)
+    fp32 = setup[0]
+    bf16 = ARPipeline.from_pretrained("default", torch_dtype=torch.bfloat16)
+    a, b = bench_sampling({"fp32": (fp32, {}), "bf16": (bf16, {})}, [1], repeats=1)
+    assert sorted(measured, key=str) == [torch.bfloat16, torch.float32]  # once per dtype
+    # the same FLOPs (the count does not depend on the dtype); the share is of that dtype's own peak
+    assert a.peak_ratio == pytest.approx(a.flops_per_image / a.seconds_per_image / 1e10)
+    assert b.peak_ratio == pytest.approx(b.flops_per_image / b.seconds_per_image / 2e10)

@@ -158,9 +158,18 @@ def bench_sampling(
     progress=None,
 ) -> list[SpeedResult]:
     """Time every (pipeline, sampler overrides) run at every batch size, interleaving the runs within each repeat
-    so that machine load affects them alike. `peak`: the matmul peak of the runs' device (measured if None)."""
-    first = next(iter(runs.values()))[0]
-    peak = peak or matmul_peak_flops(device=first.device, dtype=next(first.generator.parameters()).dtype)
+    so that machine load affects them alike. `peak`: the matmul peak of the runs' device; if None, each run's is
+    measured on its own device in its own weights' dtype (an fp32 and a bf16 run are each held to their own)."""
+    peaks: dict[tuple[torch.device, torch.dtype], float] = {}
+
+    def peak_of(pipe: ARPipeline) -> float:
+        if peak is not None:
+            return peak
+        key = (pipe.device, next(pipe.generator.parameters()).dtype)
+        if key not in peaks:
+            peaks[key] = matmul_peak_flops(device=key[0], dtype=key[1])
+        return peaks[key]
+
     results = []
     for bs in batch_sizes:
         times = {name: [] for name in runs}
@@ -195,7 +204,7 @@ def bench_sampling(
                     1 / med,
                     mem[name],
                     flops[name] / bs,
-                    flops[name] / bs / med / peak,
+                    flops[name] / bs / med / peak_of(runs[name][0]),
                     t,
                     statistics.mean(accepted[name]) if accepted[name] else None,
                 )
