@@ -52,8 +52,9 @@ class DiffusionSchedule:
         self.sqrt_recip_alphas_cumprod = (1.0 / ac).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / ac - 1).sqrt()
         self.posterior_variance = pv = b * (1.0 - ac_prev) / (1.0 - ac)
-        # The posterior variance is 0 at t = 0: its log is clipped to the next one's.
-        self.posterior_log_variance_clipped = torch.cat([pv[1:2], pv[1:]]).log()
+        # The posterior variance is 0 at t = 0: its log is clipped to the next one's (a one-step process has none:
+        # beta's, the largest variance, which only enters a step that adds no noise).
+        self.posterior_log_variance_clipped = (torch.cat([pv[1:2], pv[1:]]) if len(b) > 1 else b).log()
         self.posterior_mean_coef1 = b * ac_prev.sqrt() / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac)
         self.log_betas = b.log()

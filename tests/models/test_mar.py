@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from argen.convert.mar import load_transformer, transformer_config
+from argen.errors import ConfigError
 from argen.models.interface import Condition
 from argen.models.mar import MARConfig, MAROptions, MARTransformer
 from argen.sampling import diffusion
@@ -215,3 +216,49 @@ def test_ragged_known_tokens_keep_every_sample_to_itself():
             known=KnownTokens(source[b : b + 1], known[b : b + 1]),
         )
         torch.testing.assert_close(batch[b : b + 1], alone, rtol=1e-4, atol=1e-2)
+
+
+def _head_calls(model: MARTransformer, config: SamplerConfig, labels: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Sampled tokens and the calls of the head's network at each AR step (a forward hook counts them)."""
+    from argen.sampling.decode import seeded_generators
+
+    total = [0]
+    hook = model.diffloss.net.register_forward_hook(lambda *_: total.__setitem__(0, total[0] + 1))
+    counts, tokens = [], None
+    try:
+        for step in decode_steps(model, Condition.classes(labels), config, seeded_generators(range(len(labels)))):
+            counts.append(total[0] - sum(counts))
+            tokens = step.tokens
+    finally:
+        hook.remove()
+    return tokens, counts
+
+
+@pytest.mark.parametrize(
+    "annealing, expected",
+    [("linear", [9, 7, 6, 4, 2]), ("cosine", [9, 8, 6, 3, 2]), ("two-stage", [9, 9, 2, 2, 2])],
+)
+def test_disa_anneals_the_heads_steps_as_specified(annealing, expected):
+    """DiSA: the head's steps go from head_steps at the first AR step to head_steps_last at the last, along the
+    chosen annealing; each head step is one call of the head's network (the guided rows ride in the same call).
+    The 9 tokens' cosine schedule reveals some at each of the 5 steps, so every step calls the head."""
+    options = MAROptions(steps=5, head_steps=9, head_steps_last=2, head_annealing=annealing)
+    assert [options.head_steps_at(k, 5) for k in range(5)] == expected
+    fields = {"steps": 5, "head_steps": 9, "head_steps_last": 2, "head_annealing": annealing}
+    config = SamplerConfig(cfg_scale=2.0, cfg_schedule="linear", order_options=fields)
+    assert _head_calls(tiny_mar().eval(), config, [0, 2])[1] == expected
+
+
+def test_disa_off_is_plain_mar_and_on_changes_the_samples():
+    model = tiny_mar().eval()
+    plain = SamplerConfig(order_options={"steps": 4, "head_steps": 8})
+    base, base_calls = _head_calls(model, plain, [0, 1, 2])
+    for off in ({"head_steps_last": 0}, {"head_steps_last": 8, "head_annealing": "cosine"}):
+        same, calls = _head_calls(model, plain.with_overrides(**off), [0, 1, 2])
+        assert torch.equal(same, base) and calls == base_calls == [8, 8, 8, 8]
+    annealed, calls = _head_calls(model, plain.with_overrides(head_steps_last=2), [0, 1, 2])
+    assert calls == [8, 6, 4, 2] and not torch.equal(annealed, base)
+    with pytest.raises(ConfigError, match="head_annealing 'quadratic' unknown"):
+        plain.with_overrides(head_steps_last=2, head_annealing="quadratic").options_for(model.order)
+    one_step, calls = _head_calls(model, plain.with_overrides(head_steps=1), [0])  # a one-step head is finite
+    assert calls == [1, 1, 1, 1] and bool(one_step.isfinite().all())

@@ -31,17 +31,45 @@ from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec
 from argen.models.layers import attention
 from argen.pretrained import Pretrained, register
 
+# DiSA ("Diffusion Step Annealing in Autoregressive Image Generation", Zhao et al. 2025, §4): how the head's steps
+# move from `head_steps` at the first AR step to `head_steps_last` at the last, as a function of the step's progress
+# u = k / (K - 1) in [0, 1]; the weight given to `head_steps`.
+HEAD_ANNEALING = {
+    "linear": lambda u: 1.0 - u,
+    "cosine": lambda u: 0.5 * (1.0 + math.cos(math.pi * u)),
+    "two-stage": lambda u: 1.0 if u < 0.5 else 0.0,
+}
+
 
 @dataclass(frozen=True)
 class MAROptions:
-    """Sampler options of the MAR order (MAR §3.4): how many transformer steps, how many head steps."""
+    """Sampler options of the MAR order (MAR §3.4): how many transformer steps, how many head steps.
+
+    DiSA (diffusion step annealing): later tokens follow narrower distributions given the ones already known, so
+    the head needs fewer steps for them. With `head_steps_last` > 0 the head's steps go from `head_steps` at the
+    first AR step to `head_steps_last` at the last along `head_annealing`; 0 keeps `head_steps` throughout (plain
+    MAR). Training-free: the head is respaced per step from the same 1000-step process.
+    """
 
     steps: int = 64  # autoregressive steps (MAR's num_iter); tokens per step follow a cosine schedule
     head_steps: int = 100  # the diffusion head's sampling steps, respaced from its 1000 (num_sampling_steps)
+    head_steps_last: int = 0  # DiSA: the head's steps at the last AR step (0: no annealing)
+    head_annealing: str = "linear"  # DiSA: a key of HEAD_ANNEALING
 
     def __post_init__(self) -> None:
         check_int(self, "steps")
         check_int(self, "head_steps")
+        check_int(self, "head_steps_last", minimum=0)
+        if self.head_annealing not in HEAD_ANNEALING:
+            raise ConfigError(f"head_annealing {self.head_annealing!r} unknown; choose from {sorted(HEAD_ANNEALING)}")
+
+    def head_steps_at(self, step: int, num_steps: int) -> int:
+        """The head's sampling steps at AR step `step` of `num_steps`: `head_steps`, or DiSA's annealed count
+        (rounded, at least 1)."""
+        if not self.head_steps_last or num_steps < 2:
+            return self.head_steps
+        weight = HEAD_ANNEALING[self.head_annealing](step / (num_steps - 1))
+        return max(1, round(self.head_steps_last + weight * (self.head_steps - self.head_steps_last)))
 
     def masked_after(self, step: int, num_steps: int, masked_at_start: torch.Tensor) -> torch.Tensor:
         """(B,) tokens still masked after `step`: floor(n cos(pi/2 (step + 1) / T)) of the n masked at the start
