@@ -83,8 +83,9 @@ def decode_steps(
             if schedule is not None:
                 scales = torch.tensor([schedule(float(t)) for t in policy.guidance_progress(state)])
             logits = None
+            head_steps = options.head_steps_at(state.step, state.num_steps)  # the order's (DiSA anneals them)
             values = diffusion.sample_values(
-                model, state, prediction, B, options.head_steps, config.temperature, scales, generators
+                model, state, prediction, B, head_steps, config.temperature, scales, generators
             )
         else:
             check_finite(prediction.logits, f"logits at step {state.step}")
