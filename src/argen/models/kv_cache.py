@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-
-@dataclass
-class RowSpans:
-    """Where each row of a batch stands when rows sit at different steps (a server's requests joining mid-way):
-    consecutive rows whose T new positions start at the same place form a span (lo, hi, start, mask), and each
-    span attends over its own prefix with the causal mask (T, start + T) it would get in a batch of its own.
-    The projections and the feed-forward still run once over every row; only attention is split by span."""
-
-    spans: list[tuple[int, int, int, torch.Tensor]]
 
 
 class KVCache:
@@ -33,26 +21,25 @@ class KVCache:
         # mask the holes with it.
         self.written = torch.zeros(batch, max_len, dtype=torch.bool, device=like.device)
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, rows: slice = slice(None)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, hd) of some rows (all by default) at positions start..start+T; return those rows'
-        entries up to there. A slice of rows keeps the layout (strides) a batch of only those rows would have."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, hd) at positions start..start+T; return all entries up to there."""
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
-        self.keys[layer][rows, :, start:end] = k
-        self.values[layer][rows, :, start:end] = v
-        return self.keys[layer][rows, :, :end], self.values[layer][rows, :, :end]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def update_rows(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, hd) of row b at its own positions (B, T); return all entries up to the largest
-        position (each row masks what is not valid for it)."""
+        """Write k, v (B, H, T, hd) of row b at its own positions (B, T); return all entries up to `length`, by
+        default the largest position (each row masks what is not valid for it). A fixed length (the whole
+        cache) makes a row's attention independent of how far its neighbours have got."""
         end = int(positions.max()) + 1
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing at {end - 1}")
+        end = max(end, length or 0)
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.keys[layer][rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, H, hd)
         self.values[layer][rows, :, positions] = v.transpose(1, 2)

@@ -24,7 +24,7 @@ from argen.models.interface import (
     Prediction,
     as_condition,
 )
-from argen.models.kv_cache import KVCache, RowSpans
+from argen.models.kv_cache import KVCache
 from argen.models.layers import FeedForward, RMSNorm, attention, init_normal, swiglu_hidden_dim
 from argen.models.rope import apply_rope, rope_2d_table
 from argen.pretrained import Pretrained, register
@@ -109,35 +109,25 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
         layer: int,
-        start: int | torch.Tensor | RowSpans,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
-        """`start`: the first of T consecutive positions, a (B, T) tensor of positions per row, or spans of rows
-        that start at different positions (each span attends as a batch of its own would)."""
+        """`start`: the first of T consecutive positions, or a (B, T) tensor of positions per row (then the
+        (B, 1, T, S) mask says which of the first S cache entries each query sees)."""
         B, T, D = x.shape
         kv_dim = self.num_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([D, kv_dim, kv_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if isinstance(start, RowSpans):
-            parts = []
-            for lo, hi, first, span_mask in start.spans:
-                rows = slice(lo, hi)
-                parts.append(self._attend(q[rows], *cache.update(layer, k[rows], v[rows], first, rows), span_mask))
-            out = torch.cat(parts)
-        else:
-            if cache is not None and isinstance(start, torch.Tensor):
-                k, v = cache.update_rows(layer, k, v, start)  # (B, Hkv, max position + 1, hd)
-            elif cache is not None:
-                k, v = cache.update(layer, k, v, start)  # (B, Hkv, start+T, hd)
-            out = self._attend(q, k, v, mask)  # (B, H, T, hd)
-        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, D)))
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if cache is not None and isinstance(start, torch.Tensor):
+            k, v = cache.update_rows(layer, k, v, start, mask.shape[-1])  # (B, Hkv, S, hd)
+        elif cache is not None:
+            k, v = cache.update(layer, k, v, start)  # (B, Hkv, start+T, hd)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return attention(q, k, v, mask)
+        out = attention(q, k, v, mask)  # (B, H, T, hd)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, D)))
 
 
 class TransformerBlock(nn.Module):
@@ -201,19 +191,24 @@ class RasterTransformer(nn.Module, Pretrained):
         """Embedded inputs (B, T, D) at positions start..start+T, every earlier position cached -> logits (B, T, V)
         in float32."""
         T = x.shape[1]
+        rope = self.rope[start : start + T]
+        pos_q = torch.arange(start, start + T, device=x.device)
+        pos_k = torch.arange(start + T, device=x.device)
+        mask = pos_k[None, :] <= pos_q[:, None]  # (T, start+T) causal
         if cache is not None:
             cache.written[:, start : start + T] = True
-        return self._layers(x, self.rope[start : start + T], causal_mask(start, T, x.device), cache, start)
+        return self._layers(x, rope, mask, cache, start)
 
-    def _run_spans(self, x: torch.Tensor, positions: torch.Tensor, spans: list[tuple[int, int, int]], cache: KVCache):
-        """Embedded inputs (B, T, D) of rows at different steps, each (lo, hi, start) span of rows at positions
-        start..start+T after a complete prefix -> logits (B, T, V), every row's as a batch of its span alone
-        would compute them (a server's requests that joined a running batch mid-way)."""
-        T = x.shape[1]
-        for lo, hi, start in spans:
-            cache.written[lo:hi, start : start + T] = True
-        spans = RowSpans([(lo, hi, start, causal_mask(start, T, x.device)) for lo, hi, start in spans])
-        return self._layers(x, self.rope[positions], None, cache, spans)
+    def _run_own(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedded inputs (B, T, D) at each row's own next positions (B, T), every earlier position of its row
+        cached -> logits (B, T, V). Every row attends over the whole cache (seq_len entries) with a causal key
+        mask, whatever the other rows' positions: a row's logits are the same alone or beside rows at other
+        steps (a server's requests that join a running batch mid-way), and rows at different steps share the
+        pass."""
+        cache.written.scatter_(1, positions, True)
+        keys = torch.arange(cache.max_len, device=x.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        return self._layers(x, self.rope[positions], mask, cache, positions)
 
     def _run_rows(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embedded inputs (B, T, D) at per-row positions (B, T) -> logits (B, T, V). Each query sees the cache
@@ -287,42 +282,19 @@ class RasterTransformer(nn.Module, Pretrained):
         before = last_filled.gather(1, (positions - 1).clamp(min=0))  # (B, n)
         x = self.tok_embeddings(state.tokens.gather(1, before.clamp(min=0)))  # (B, n, D)
         x = torch.where((positions == 0)[..., None], state.extra["cls"][:, None].expand_as(x), x)
-        spans = prefix_spans(positions, state.cache.written)
-        if spans is not None and len(spans) == 1:
+        first = positions[:1, :1]
+        contiguous = torch.arange(positions.shape[1], device=positions.device) + first
+        if own:
+            logits = self._run_own(x, positions, state.cache)
+        elif bool((positions == contiguous).all()) and bool(state.cache.written[:, : int(first)].all()):
             # every row at the same consecutive positions after a complete prefix: plain slices
-            logits = self._run(x, spans[0][2], state.cache)
-        elif spans is not None and own:  # speculative and parallel decoding keep the per-row mask below
-            logits = self._run_spans(x, positions, spans, state.cache)
+            logits = self._run(x, int(first), state.cache)
         else:
             logits = self._run_rows(x, positions, state.cache)
         return Prediction(positions, logits)  # logits (B, n, V)
 
     def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
         state.commit(positions, values)
-
-
-def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
-    """(T, start + T) bool: T queries at positions start..start+T see every key up to their own position."""
-    pos_q = torch.arange(start, start + T, device=device)
-    pos_k = torch.arange(start + T, device=device)
-    return pos_k[None, :] <= pos_q[:, None]
-
-
-def prefix_spans(positions: torch.Tensor, written: torch.Tensor) -> list[tuple[int, int, int]] | None:
-    """(B, n) positions -> the (lo, hi, start) runs of consecutive rows asking for start..start+n after a complete
-    cached prefix, or None where some row does not (a row ahead of its cache: parallel or speculative decoding)."""
-    first = positions[:, :1]
-    if not bool((positions == first + torch.arange(positions.shape[1], device=positions.device)).all()):
-        return None
-    starts = first[:, 0].tolist()
-    spans, lo = [], 0
-    for b in range(1, len(starts) + 1):
-        if b == len(starts) or starts[b] != starts[lo]:
-            spans.append((lo, b, starts[lo]))
-            lo = b
-    if not all(bool(written[lo:hi, :start].all()) for lo, hi, start in spans):
-        return None
-    return spans
 
 
 # Presets are data. "mnist-small" is the shipped default; the GPT-* rows are LlamaGen's c2i sizes at 256x256.
