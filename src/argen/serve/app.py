@@ -208,6 +208,40 @@ class Service:
         return "\n".join(lines) + "\n"
 
 
+class Gate:
+    """The API key, then the queue, checked on the raw ASGI request before FastAPI reads or parses anything.
+
+    Under overload most requests are refused, so a refusal must cost next to nothing, or refusing eats the capacity
+    it protects. Measured on this 2-core machine (server CPU per refused request): 1.98 ms when the refusal came
+    from the route (an HTTP middleware, the body parsed by pydantic, the request checked against the model), 0.63 ms
+    for a bare FastAPI route that only refuses; this gate sits below both.
+    """
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> JSONResponse | None:
+        path, key = scope["path"], self.service.limits.api_key
+        if key and (path.startswith("/v1/") or path == "/metrics"):
+            headers = dict(scope["headers"])
+            given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+            if not hmac.compare_digest(given, key.encode()):
+                return _error(401, "api_key", "missing or wrong API key (header X-API-Key or Authorization: Bearer)")
+        if path == "/v1/images" and scope["method"] == "POST":
+            try:
+                self.service.scheduler.check_room()
+            except QueueFull as error:
+                return _error(503, "", str(error), {"Retry-After": str(self.service.retry_after())})
+        return None
+
+
 def _check_types(settings: dict[str, Any], pipe: ARPipeline) -> None:
     """JSON values of the types the sampler's and the order's fields default to (an order's options class need
     not check types itself: `kv_budget="x"` would fail deep inside a step)."""
@@ -273,17 +307,7 @@ def create_app(
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return _error(error.status_code, "", str(error.detail), getattr(error, "headers", None))
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        key = service.limits.api_key
-        guarded = request.url.path.startswith("/v1/") or request.url.path == "/metrics"
-        if key and guarded:
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
-                "Bearer "
-            )
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                return _error(401, "api_key", "missing or wrong API key (header X-API-Key or Authorization: Bearer)")
-        return await call_next(request)
+    app.add_middleware(Gate, service=service)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
