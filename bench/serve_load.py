@@ -128,14 +128,18 @@ def main() -> None:
     pipelines = {args.model: ARPipeline.from_pretrained(args.model)}
     results = {}
     for batching in (False, True):
-        with Server(create_app(pipelines, Limits(max_queue=64), batching=batching)) as url:
+        app = create_app(pipelines, Limits(max_queue=64), batching=batching)
+        with Server(app) as url:
             for clients in (1, 4, 16):
+                stats = app.state.service.scheduler.stats
+                passes, rows = stats.forward_passes, stats.rows_stepped
                 r = asyncio.run(closed_loop(url, args.model, clients, seconds))
                 results[(batching, clients)] = r
                 mode = "step-level batching" if batching else "one at a time"
                 print(
                     f"{mode:20s} {clients:2d} clients: {r['images_per_s']:6.2f} images/s  "
-                    f"p50 {r['p50']:.3f} s  p99 {r['p99']:.3f} s  ({r.get('n', 0)} requests, {r['errors']} errors)",
+                    f"p50 {r['p50']:.3f} s  p99 {r['p99']:.3f} s  ({r.get('n', 0)} requests, {r['errors']} errors; "
+                    f"{(stats.rows_stepped - rows) / max(stats.forward_passes - passes, 1):.1f} rows/pass)",
                     flush=True,
                 )
     speedup = results[(True, 16)]["images_per_s"] / results[(False, 16)]["images_per_s"]
@@ -152,7 +156,8 @@ def main() -> None:
         f"overload at 4x capacity ({4 * capacity:.1f} requests/s for {seconds:g} s): offered {r['offered']}, served "
         f"{r['served']}, 503 {r['refused_503']} (Retry-After on {r['with_retry_after']}), other {r['other']}; "
         f"goodput {r['goodput']:.2f} images/s = {r['goodput'] / capacity:.0%} of capacity; p50 {r['p50']:.3f} s "
-        f"p99 {r['p99']:.3f} s; rows/pass {passes.rows_stepped / max(passes.forward_passes, 1):.1f}; "
+        f"p99 {r['p99']:.3f} s; rows/pass {passes.rows_stepped / max(passes.forward_passes, 1):.1f} "
+        f"({passes.mixed_passes} of {passes.forward_passes} passes held rows at different steps); "
         f"RSS {before:.0f} -> {after:.0f} MiB",
         flush=True,
     )

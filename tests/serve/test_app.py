@@ -50,7 +50,12 @@ def test_models_health_and_metrics(client):
     assert client.get("/readyz").status_code == 200
     client.post("/v1/images", json={"model": "raster", "labels": [1]})
     text = client.get("/metrics").text
-    for name in ("argen_queue_depth", "argen_batch_occupancy", "argen_images_per_second"):
+    for name in (
+        "argen_queue_depth",
+        "argen_batch_occupancy",
+        "argen_images_per_second",
+        "argen_mixed_step_passes_total",
+    ):
         assert re.search(rf"^{name} [0-9.]+$", text, re.M), name
     assert re.search(r'^argen_request_latency_seconds_bucket\{le="\+Inf"\} [1-9]', text, re.M)
 
@@ -170,6 +175,18 @@ def test_overload_gets_503_with_retry_after_on_a_real_socket(pipelines):
             if r.status_code == 503:
                 assert int(r.headers["retry-after"]) >= 1 and "queue" in r.json()["error"]
         assert httpx.get(s.url + "/readyz").status_code == 200  # all served: ready again
+
+
+def test_a_full_queue_refuses_before_reading_the_request(pipelines):
+    """Under overload a refusal must cost next to nothing: the gate answers 503 before the body is parsed (a
+    malformed one too), after the API key and only for generation."""
+    with TestClient(create_app(pipelines, Limits(max_queue=0, api_key="k"))) as c:
+        key = {"X-API-Key": "k", "content-type": "application/json"}
+        r = c.post("/v1/images", content=b"{not json", headers=key)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "queue" in r.json()["error"]
+        assert c.post("/v1/images", json={"labels": [1]}).status_code == 401  # no key: refused as before
+        assert c.get("/v1/models", headers=key).status_code == 200  # only generation waits for the queue
+        assert c.app.state.service.scheduler.stats.rejected == 1
 
 
 def test_a_client_that_disconnects_cancels_its_work(pipelines):

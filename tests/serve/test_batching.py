@@ -1,0 +1,46 @@
+"""Rows at different steps in one pass: each row's logits are the ones it gets alone, to the last bit.
+
+This is the mechanism under continuous batching (`batching.stack(..., aligned=False)` and `OrderSpec.row_steps`),
+checked below the scheduler. Every state here has at least 4 rows: BLAS computes a product of 1-3 rows with
+another kernel than a larger one, so only from 4 rows on is a linear layer's output independent of the batch.
+"""
+
+import pytest
+import torch
+
+from argen.pipeline import ARPipeline
+from argen.serve import batching
+
+
+@pytest.fixture(scope="module", params=["raster", "masked"])
+def model(request):
+    return ARPipeline.from_pretrained(request.param).generator
+
+
+def advanced(model, labels, steps):
+    """A state of `labels` standing at step `steps`: each step commits each row's first unfilled position (raster's
+    own next one; any position will do for the masked order) with some token."""
+    state = model.start(torch.tensor(labels), None)
+    for _ in range(steps):
+        model.predict(state)  # raster writes its cache as it predicts
+        free = (~state.filled).float().argmax(1, keepdim=True)
+        model.advance(state, free, (free * 37 + torch.tensor(labels)[:, None]) % model.vocab_size)
+    return state
+
+
+@torch.no_grad()
+def test_rows_at_different_steps_get_their_own_logits_bit_for_bit(model):
+    assert model.order.row_steps
+    ahead, behind = advanced(model, [1, 2, 3, 4], 9), advanced(model, [5, 6, 7, 8, 9], 2)
+    alone_ahead = model.predict(advanced(model, [1, 2, 3, 4], 9)).logits
+    alone_behind = model.predict(advanced(model, [5, 6, 7, 8, 9], 2)).logits
+    mixed = batching.stack([behind, ahead], aligned=False)
+    logits = model.predict(mixed).logits
+    assert torch.equal(logits[:5], alone_behind)
+    assert torch.equal(logits[5:], alone_ahead)
+    assert not torch.equal(alone_ahead[:4], alone_behind[:4])  # the rows really stood elsewhere
+
+
+def test_aligned_stacking_refuses_states_at_different_steps(model):
+    with pytest.raises(AssertionError):
+        batching.stack([advanced(model, [1, 2, 3, 4], 1), advanced(model, [1, 2, 3, 4], 2)])
