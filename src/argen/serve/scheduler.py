@@ -321,26 +321,22 @@ class Scheduler:
         # continuous orders (MAR) sample through their head, which this scheduler does not run batched
         shares = batching.stackable(state) and model.order.values == "discrete"
         job.key = self._key(request) if shares else (request.model, options, job.id)
-        mixed = shares and model.order.row_steps
-        for batch in self.batches:
-            if batch.key == job.key and (batch.mixed or batch.step == 0):
-                batch.state = batching.stack([batch.state, state], aligned=not batch.mixed)
-                batch.jobs.append(job)
-                return
-        self.batches.append(Batch(job.key, [job], state, mixed))
+        # a batch of its own until `_merge` stacks it into the running one: one copy of the running rows per
+        # step however many requests join at that step
+        self.batches.append(Batch(job.key, [job], state, shares and model.order.row_steps))
 
     def _merge(self) -> None:
         """Batches of one key become one where the order allows: any two of a `row_steps` order, others at the
         same step."""
-        merged: list[Batch] = []
+        groups: dict[tuple, list[Batch]] = {}
         for batch in self.batches:
-            into = next((m for m in merged if m.key == batch.key and (m.mixed or m.step == batch.step)), None)
-            if into is None:
-                merged.append(batch)
-                continue
-            into.state = batching.stack([into.state, batch.state], aligned=not into.mixed)
-            into.jobs.extend(batch.jobs)
-        self.batches = merged
+            groups.setdefault((batch.key,) if batch.mixed else (batch.key, batch.step), []).append(batch)
+        self.batches = []
+        for first, *others in groups.values():
+            if others:
+                first.state = batching.stack([first.state, *(b.state for b in others)], aligned=not first.mixed)
+                first.jobs = [*first.jobs, *(job for b in others for job in b.jobs)]
+            self.batches.append(first)
 
     def _retire_cancelled(self) -> None:
         for batch in list(self.batches):
@@ -389,8 +385,7 @@ class Scheduler:
             self._drop(batch, done)
 
     def _decode_step(self, batch: Batch, model: Any) -> None:
-        # as argen.sampling.decode.decode_steps, with the sampling done request by request, each on a view of its
-        # own rows at its own step
+        # as argen.sampling.decode.decode_steps, each request on a view of its own rows at its own step
         state = batch.state
         views = [(job, lo, batching.rows(state, lo, hi, job.step, job.num_steps)) for job, lo, hi in batch.spans()]
         asked = [job.policy.positions(view) for job, _, view in views]
@@ -400,22 +395,52 @@ class Scheduler:
             positions = torch.cat(rows)
         prediction = model.predict(state, positions)
         check_finite(prediction.logits, "logits")
+        drawn = self._draw(views, prediction.logits)
         chosen = []
-        for job, lo, view in views:
-            config, copies = job.request.config, job.rows // job.n
-            logits = prediction.logits[lo : lo + job.rows]
-            if job.schedule is not None:
-                logits = guidance.guide(logits, job.schedule(view.progress))
-            logits = process(logits, config.temperature, config.top_k, config.top_p)
-            values = draw(logits, job.generators, config.greedy)
-            positions, values = job.policy.select(view, prediction.positions[lo : lo + job.n], logits, values)
-            chosen.append((view, positions.repeat(copies, 1), values.repeat(copies, 1)))
+        for (job, lo, view), (logits, values) in zip(views, drawn, strict=True):
+            chosen.append(job.policy.select(view, prediction.positions[lo : lo + job.n], logits, values))
             job.step += 1
-        if batch.mixed:  # each request commits its own rows (a row_steps order's advance reads only those)
-            for view, positions, values in chosen:
-                model.advance(view, positions, values)
-        else:  # one commit for all: the order may keep batch-wide bookkeeping (next-scale's residual map)
-            model.advance(state, torch.cat([p for _, p, _ in chosen]), torch.cat([v for _, _, v in chosen]))
+        if batch.mixed and len({p.shape[1] for p, _ in chosen}) > 1:
+            # ragged commits (the masked order's counts follow each request's own schedule): each request commits
+            # its own rows (a row_steps order's advance reads only those)
+            for (job, _, view), (positions, values) in zip(views, chosen, strict=True):
+                copies = job.rows // job.n
+                model.advance(view, positions.repeat(copies, 1), values.repeat(copies, 1))
+        else:  # one commit for all rows: the order may keep batch-wide bookkeeping (next-scale's residual map)
+            # each row's image among the batch's images (guidance's unconditional rows follow the conditional ones)
+            firsts = itertools.accumulate((job.n for job, _, _ in views), initial=0)
+            image = [
+                first + row % job.n
+                for first, (job, _, _) in zip(firsts, views, strict=False)
+                for row in range(job.rows)
+            ]
+            image = torch.tensor(image, device=state.tokens.device)
+            model.advance(state, torch.cat([p for p, _ in chosen])[image], torch.cat([v for _, v in chosen])[image])
+
+    def _draw(self, views, logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each request's (processed logits, drawn values) of its n images. Requests with the same sampling
+        settings (and guidance scale at their own step) are guided, processed and drawn in one go: every op is
+        per row and each image draws from its own generator, so this is what each would get on its own."""
+        groups: dict[tuple, list] = {}
+        for job, lo, view in views:
+            c = job.request.config
+            scale = job.schedule(view.progress) if job.schedule is not None else None
+            groups.setdefault((c.temperature, c.top_k, c.top_p, c.greedy, scale), []).append((job, lo))
+        out = {}
+        for (temperature, top_k, top_p, greedy, scale), members in groups.items():
+            rows = torch.cat([torch.arange(lo, lo + job.n) for job, lo in members])
+            if scale is not None:  # the conditional rows, then the unconditional ones (guidance.with_null_rows)
+                uncond = torch.cat([torch.arange(lo + job.n, lo + 2 * job.n) for job, lo in members])
+                guided = guidance.guide(logits[torch.cat([rows, uncond]).to(logits.device)], scale)
+            else:
+                guided = logits[rows.to(logits.device)]
+            guided = process(guided, temperature, top_k, top_p)
+            values = draw(guided, [g for job, _ in members for g in job.generators], greedy)
+            offset = 0
+            for job, _ in members:
+                out[job.id] = guided[offset : offset + job.n], values[offset : offset + job.n]
+                offset += job.n
+        return [out[job.id] for job, _, _ in views]
 
     def _finish(self, job: Job, tokens: torch.Tensor) -> None:
         if job.cancelled:
