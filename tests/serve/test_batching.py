@@ -3,6 +3,7 @@
 This is the mechanism under continuous batching (`batching.stack(..., aligned=False)` and `OrderSpec.row_steps`),
 checked below the scheduler. Every state here has at least 4 rows: BLAS computes a product of 1-3 rows with
 another kernel than a larger one, so only from 4 rows on is a linear layer's output independent of the batch.
+Random-order is exact except in a newcomer's first pass (below).
 """
 
 import pytest
@@ -12,9 +13,17 @@ from argen.pipeline import ARPipeline
 from argen.serve import batching
 
 
-@pytest.fixture(scope="module", params=["raster", "masked"])
+@pytest.fixture(scope="module", params=["raster", "masked", "random-order"])
 def model(request):
     return ARPipeline.from_pretrained(request.param).generator
+
+
+def predict(model, state):
+    """The order's prediction for each row's first unfilled position (random-order is told it; raster predicts
+    its own next one; the masked order predicts every position)."""
+    if model.order.policy == "random":
+        return model.predict(state, (~state.filled).float().argmax(1, keepdim=True))
+    return model.predict(state)
 
 
 def advanced(model, labels, steps):
@@ -22,7 +31,7 @@ def advanced(model, labels, steps):
     own next one; any position will do for the masked order) with some token."""
     state = model.start(torch.tensor(labels), None)
     for _ in range(steps):
-        model.predict(state)  # raster writes its cache as it predicts
+        predict(model, state)  # raster and random-order write their caches as they predict
         free = (~state.filled).float().argmax(1, keepdim=True)
         model.advance(state, free, (free * 37 + torch.tensor(labels)[:, None]) % model.vocab_size)
     return state
@@ -31,13 +40,19 @@ def advanced(model, labels, steps):
 @torch.no_grad()
 def test_rows_at_different_steps_get_their_own_logits_bit_for_bit(model):
     assert model.order.row_steps
-    ahead, behind = advanced(model, [1, 2, 3, 4], 9), advanced(model, [5, 6, 7, 8, 9], 2)
-    alone_ahead = model.predict(advanced(model, [1, 2, 3, 4], 9)).logits
-    alone_behind = model.predict(advanced(model, [5, 6, 7, 8, 9], 2)).logits
-    mixed = batching.stack([behind, ahead], aligned=False)
-    logits = model.predict(mixed).logits
+    ahead = advanced(model, [1, 2, 3, 4], 9)
+    alone_ahead = predict(model, advanced(model, [1, 2, 3, 4], 9)).logits
+    alone_behind = predict(model, advanced(model, [5, 6, 7, 8, 9], 0)).logits  # its first pass: cls not cached
+    mixed = batching.stack([advanced(model, [5, 6, 7, 8, 9], 0), ahead], aligned=False)
+    logits = predict(model, mixed).logits
     assert torch.equal(logits[:5], alone_behind)
-    assert torch.equal(logits[5:], alone_ahead)
+    if model.order.policy == "random":
+        # The newcomer's first pass adds a cls entry to every row's entries (3 per row instead of 2), and the
+        # fused CPU attention kernel rounds a query differently when its row holds another number of queries:
+        # equal to ~1e-7 here, not to the bit (tokens and images in tests/serve/test_scheduler.py are).
+        torch.testing.assert_close(logits[5:], alone_ahead, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(logits[5:], alone_ahead)
     assert not torch.equal(alone_ahead[:4], alone_behind[:4])  # the rows really stood elsewhere
 
 

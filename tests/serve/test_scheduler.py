@@ -27,8 +27,8 @@ class Recorder:
         return next(e for e in self.events if e.kind == "done")
 
 
-def steps_of(pipe):
-    return pipe.generator.start(torch.tensor([0]), pipe.config().options_for(pipe.generator.order)).num_steps
+def steps_of(pipe, **options):
+    return pipe.generator.start(torch.tensor([0]), pipe.config(**options).options_for(pipe.generator.order)).num_steps
 
 
 def run_until_idle(scheduler):
@@ -82,19 +82,24 @@ def test_request_among_strangers_is_bit_identical_to_alone(pipelines, name):
     assert torch.equal(stayer.done.tokens, stayer_alone.tokens)
 
 
-@pytest.mark.parametrize("name", ["raster", "masked"])
-def test_a_request_joining_mid_way_shares_passes_with_rows_at_other_steps(pipelines, name):
+@pytest.mark.parametrize(
+    "name, options",
+    [("raster", {}), ("masked", {}), ("random-order", {}), ("random-order", {"steps": 20})],
+    ids=["raster", "masked", "random-order", "random-order-20-steps"],
+)
+def test_a_request_joining_mid_way_shares_passes_with_rows_at_other_steps(pipelines, name, options):
     """Continuous batching proper: an arrival joins the running batch at its own step 0 beside rows many steps
-    ahead, stays while they leave, and gets the images it gets alone."""
+    ahead, stays while they leave, and gets the images it gets alone. (Random-order in 20 steps: rows at
+    different steps ask different numbers of positions in the same pass.)"""
     pipe = pipelines[name]
-    mine = Request(name, [2, 8], seed=21, config=pipe.config(cfg_scale=1.5), previews=True)
+    mine = Request(name, [2, 8], seed=21, config=pipe.config(cfg_scale=1.5, **options), previews=True)
     alone = Recorder()
     scheduler = Scheduler(pipelines)
     scheduler.submit(mine, alone)
     run_until_idle(scheduler)
 
     scheduler, crowd, ahead, behind = Scheduler(pipelines), Recorder(), Recorder(), Recorder()
-    scheduler.submit(Request(name, [4, 4, 1], seed=7, config=pipe.config(temperature=0.8)), ahead)
+    scheduler.submit(Request(name, [4, 4, 1], seed=7, config=pipe.config(temperature=0.8, **options)), ahead)
     for _ in range(5):
         scheduler.iterate()
     scheduler.submit(mine, crowd)
@@ -104,12 +109,12 @@ def test_a_request_joining_mid_way_shares_passes_with_rows_at_other_steps(pipeli
     assert scheduler.stats.forward_passes == 6 and scheduler.stats.mixed_passes == 1
     for _ in range(3):
         scheduler.iterate()
-    scheduler.submit(Request(name, [0], seed=3, config=pipe.config(cfg_scale=1.0)), behind)  # joins after us
+    scheduler.submit(Request(name, [0], seed=3, config=pipe.config(cfg_scale=1.0, **options)), behind)  # after us
     run_until_idle(scheduler)
 
     # one batch throughout: the last request ends 9 passes after the first, and every pass while two requests
     # ran held rows at different steps (passes 6..N with the first, N+1..N+5 with the last): nothing waited to align
-    N = steps_of(pipe)
+    N = steps_of(pipe, **options)
     assert scheduler.stats.forward_passes == N + 9 and scheduler.stats.mixed_passes == N
     assert ahead.done.tokens.shape[0] == 3 and behind.done.tokens.shape[0] == 1
     assert torch.equal(crowd.done.tokens, alone.done.tokens)
@@ -120,20 +125,22 @@ def test_a_request_joining_mid_way_shares_passes_with_rows_at_other_steps(pipeli
         strict=True,
     ):
         assert torch.equal(a, b)
-    assert torch.equal(crowd.done.tokens, pipe([2, 8], seed=21, output_type="pt", cfg_scale=1.5).tokens)
-    assert torch.equal(ahead.done.tokens, pipe([4, 4, 1], seed=7, output_type="pt", temperature=0.8).tokens)
+    assert torch.equal(crowd.done.tokens, pipe([2, 8], seed=21, output_type="pt", cfg_scale=1.5, **options).tokens)
+    reference = pipe([4, 4, 1], seed=7, output_type="pt", temperature=0.8, **options)
+    assert torch.equal(ahead.done.tokens, reference.tokens)
 
 
-def test_same_step_orders_never_mix_steps(pipelines):
-    """Next-scale and random-order rows share a pass at the same step only: an arrival waits for its own batch."""
+def test_next_scale_never_mixes_steps(pipelines):
+    """Next-scale rows share a pass at the same scale only: an arrival opens a batch of its own at step 0, and
+    batches of different options never merge."""
+    pipe = pipelines["next-scale"]
     scheduler = Scheduler(pipelines, max_batches=4)
-    for name in ("next-scale", "random-order"):
-        scheduler.submit(Request(name, [1], seed=0, config=pipelines[name].config()), Recorder())
+    scheduler.submit(Request("next-scale", [1], seed=0, config=pipe.config()), Recorder())
     scheduler.iterate()
-    for name in ("next-scale", "random-order"):
-        scheduler.submit(Request(name, [2], seed=1, config=pipelines[name].config()), Recorder())
+    scheduler.submit(Request("next-scale", [2], seed=1, config=pipe.config()), Recorder())
+    scheduler.submit(Request("next-scale", [3], seed=2, config=pipe.config()), Recorder())  # joins the one above
     scheduler.iterate()
-    assert len(scheduler.batches) == 4
+    assert [len(b.jobs) for b in scheduler.batches] == [1, 2]
     run_until_idle(scheduler)
     assert scheduler.stats.mixed_passes == 0
 

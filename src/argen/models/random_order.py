@@ -83,7 +83,11 @@ class RandomOrderTransformer(nn.Module, Pretrained):
     config_class = RandomOrderConfig
     # light guidance, as measured on the shipped model (docs/quality.md): cfg 1.2 trades little FD for accuracy
     order = OrderSpec(
-        "random-order", policy="random", options_class=RandomOrderOptions, default_sampler=(("cfg_scale", 1.2),)
+        "random-order",
+        policy="random",
+        options_class=RandomOrderOptions,
+        row_steps=True,
+        default_sampler=(("cfg_scale", 1.2),),
     )
 
     def __init__(self, config: RandomOrderConfig):
@@ -180,7 +184,7 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         tokens = torch.zeros((B, L), dtype=torch.long, device=weight.device)
         extra = {
             "cls": self._cls(condition.to(weight.device)),  # (B, D), cached by the first pass
-            "cls_cached": False,
+            "cls_cached": torch.zeros(B, dtype=torch.bool, device=weight.device),  # (B,) per row: rows may join late
             "rank": torch.zeros_like(tokens),  # (B, L) commit index of each filled position: its slot - 1
             "cached": torch.zeros_like(tokens, dtype=torch.bool),  # (B, L) filled tokens whose t(p) is cached
         }
@@ -192,7 +196,9 @@ class RandomOrderTransformer(nn.Module, Pretrained):
 
         One pass: the tokens committed since the last pass (their t(p) at slot 1 + rank) and the n queries
         (at slots after them, masked for everyone and overwritten later). A query sees cls and every filled
-        token; the queries of one pass do not see each other (RandAR's parallel decoding)."""
+        token; the queries of one pass do not see each other (RandAR's parallel decoding). Rows may stand at
+        different steps (a server's requests joining mid-way): each caches cls in its own first pass, and every
+        entry attends over the whole cache with a key mask, so a row's logits do not depend on its neighbours."""
         if positions is None:
             raise ValueError(
                 "the random order has no positions of its own: pass positions (B, n), e.g. from "
@@ -218,16 +224,17 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         limits = [torch.where(real, token_slot, 0), filled.expand(B, n)]
         rope_rows = [torch.where(real, 1 + new, 0), 1 + positions]
         x = [self._token_entries(state.tokens, new), self._query_entries(positions)]
-        if not state.extra["cls_cached"]:
+        first = ~state.extra["cls_cached"][:, None]  # (B, 1)
+        if bool(first.any()):  # cls at slot 0 where a row's first pass; elsewhere padding, seen by no one
             zero = torch.zeros_like(filled)
-            slots, limits, rope_rows = [zero, *slots], [zero, *limits], [zero, *rope_rows]
+            slots, limits, rope_rows = [torch.where(first, 0, L + 1), *slots], [zero, *limits], [zero, *rope_rows]
             x = [state.extra["cls"][:, None], *x]
         slots, limits, rope_rows, x = (torch.cat(parts, dim=1) for parts in (slots, limits, rope_rows, x))
-        keys = torch.arange(int(slots.max()) + 1, device=slots.device)
-        mask = (keys[None, None, :] <= limits[:, :, None])[:, None]  # (B, 1, T, S)
+        keys = torch.arange(state.cache.max_len, device=slots.device)
+        mask = (keys[None, None, :] <= limits[:, :, None])[:, None]  # (B, 1, T, L + 2)
         logits = self._layers(x, rope_rows, mask, state.cache, slots)[:, -n:]  # (B, n, V)
         state.extra["cached"] |= pending
-        state.extra["cls_cached"] = True
+        state.extra["cls_cached"].fill_(True)
         return Prediction(positions, logits)
 
     def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:

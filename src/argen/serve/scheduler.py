@@ -13,15 +13,17 @@ Between steps (one iteration of `_loop`), the scheduler
 - merges batches that may share a pass, and runs one step of every batch.
 
 Where an arrival joins depends on the order (`OrderSpec.row_steps`):
-- raster and masked read each row's progress from the state (raster's next position is the length of the row's
-  filled prefix, and attention runs per span of rows at the same position over that span's own prefix; masked
-  predicts the whole canvas, no cache): an arrival joins the running batch at once, at its own step 0, beside
-  rows at any step.
-- next-scale (a different map size per step) and random-order (a different number of queries per step, a cache
-  whose slot layout follows the step) share a pass at the same step only: an arrival opens a batch at step 0
-  (at most `max_batches` run at once, so arrivals gather into full batches) and batches that meet at a step
-  merge.
-States whose cache is not stackable (a ScaleKV budget) and continuous orders (MAR) run as batches of one.
+- raster, masked and random-order read each row's progress from the state (raster's next position is the length
+  of the row's filled prefix; masked predicts the whole canvas; random-order is told each row's positions and
+  caches cls in each row's own first pass), and a row attends over the whole cache with a key mask, so its
+  logits do not depend on how far its neighbours have got: an arrival joins the running batch at once, at its
+  own step 0, beside rows at any step. A request asking fewer positions than its neighbours (random-order with
+  `steps`: the count follows each request's own step) is padded with its first and draws only its own.
+- next-scale (a map of another size at every step) shares a pass at the same step only: an arrival opens a batch
+  at step 0 (at most `max_batches` run at once, so arrivals gather into full batches) and batches that meet at
+  a step merge.
+States whose cache is not stackable (a ScaleKV budget) run as batches of one; continuous orders (MAR) too (their
+diffusion head is not run here).
 """
 
 from __future__ import annotations
@@ -390,15 +392,19 @@ class Scheduler:
         views = [(job, lo, batching.rows(state, lo, hi, job.step, job.num_steps)) for job, lo, hi in batch.spans()]
         asked = [job.policy.positions(view) for job, _, view in views]
         positions = None
-        if any(a is not None for a in asked):  # every request of the batch asks (one order, one step)
-            rows = [a.repeat(job.rows // job.n, 1) for (job, _, _), a in zip(views, asked, strict=True)]
-            positions = torch.cat(rows)
+        if any(a is not None for a in asked):  # every request of the batch asks (one order)
+            # a request asking fewer positions than its neighbours (random-order's count follows its own step)
+            # repeats its first one; the extra predictions are dropped before its draw
+            width = max(a.shape[1] for a in asked)
+            pad = [torch.cat([a, a[:, :1].expand(-1, width - a.shape[1])], dim=1) for a in asked]
+            positions = torch.cat([a.repeat(job.rows // job.n, 1) for (job, _, _), a in zip(views, pad, strict=True)])
         prediction = model.predict(state, positions)
         check_finite(prediction.logits, "logits")
-        drawn = self._draw(views, prediction.logits)
+        widths = [prediction.positions.shape[1] if a is None else a.shape[1] for a in asked]
+        drawn = self._draw(views, prediction.logits, widths)
         chosen = []
-        for (job, lo, view), (logits, values) in zip(views, drawn, strict=True):
-            chosen.append(job.policy.select(view, prediction.positions[lo : lo + job.n], logits, values))
+        for (job, lo, view), (logits, values), k in zip(views, drawn, widths, strict=True):
+            chosen.append(job.policy.select(view, prediction.positions[lo : lo + job.n, :k], logits, values))
             job.step += 1
         if batch.mixed and len({p.shape[1] for p, _ in chosen}) > 1:
             # ragged commits (the masked order's counts follow each request's own schedule): each request commits
@@ -417,24 +423,25 @@ class Scheduler:
             image = torch.tensor(image, device=state.tokens.device)
             model.advance(state, torch.cat([p for p, _ in chosen])[image], torch.cat([v for _, v in chosen])[image])
 
-    def _draw(self, views, logits: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each request's (processed logits, drawn values) of its n images. Requests with the same sampling
-        settings (and guidance scale at their own step) are guided, processed and drawn in one go: every op is
-        per row and each image draws from its own generator, so this is what each would get on its own."""
+    def _draw(self, views, logits: torch.Tensor, widths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each request's (processed logits, drawn values) of its n images at its own `widths` positions.
+        Requests with the same sampling settings, guidance scale at their own step and width are guided,
+        processed and drawn in one go: every op is per row and each image draws from its own generator, so this
+        is what each would get on its own."""
         groups: dict[tuple, list] = {}
-        for job, lo, view in views:
+        for (job, lo, view), k in zip(views, widths, strict=True):
             c = job.request.config
             scale = job.schedule(view.progress) if job.schedule is not None else None
-            groups.setdefault((c.temperature, c.top_k, c.top_p, c.greedy, scale), []).append((job, lo))
+            groups.setdefault((c.temperature, c.top_k, c.top_p, c.greedy, scale, k), []).append((job, lo))
         out = {}
-        for (temperature, top_k, top_p, greedy, scale), members in groups.items():
+        for (temperature, top_k, top_p, greedy, scale, k), members in groups.items():
             rows = torch.cat([torch.arange(lo, lo + job.n) for job, lo in members])
             if scale is not None:  # the conditional rows, then the unconditional ones (guidance.with_null_rows)
                 uncond = torch.cat([torch.arange(lo + job.n, lo + 2 * job.n) for job, lo in members])
                 guided = guidance.guide(logits[torch.cat([rows, uncond]).to(logits.device)], scale)
             else:
                 guided = logits[rows.to(logits.device)]
-            guided = process(guided, temperature, top_k, top_p)
+            guided = process(guided[:, :k], temperature, top_k, top_p)
             values = draw(guided, [g for job, _ in members for g in job.generators], greedy)
             offset = 0
             for job, _ in members:
