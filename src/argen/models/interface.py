@@ -172,7 +172,8 @@ class OrderSpec:
     reads_tokenizer: the generator builds its inputs through the tokenizer's codebook (`bind(tokenizer)`).
     row_steps: rows at different steps of their own decoding may share one `predict` (each row's progress is
         read from `filled`, not from `state.step`: raster's next position is its filled prefix's length, the
-        masked order predicts the whole canvas): what lets a server's requests join a running batch mid-way.
+        masked order predicts the whole canvas, random-order is told each row's positions), and `advance` reads
+        only the rows it is given: what lets a server's requests join a running batch mid-way.
     default_sampler: the documented sampler defaults of a freshly trained model of this order (guidance).
     """
 

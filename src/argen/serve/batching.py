@@ -3,9 +3,9 @@
 States of the same model hold rows that one forward pass can serve together: every per-row tensor is concatenated
 along the batch dimension (tokens, filled, the condition, the order's extras and the KV cache), and a request's
 rows are taken back out when it leaves. States at the same step stack for every order; states at different steps
-stack for orders that read each row's progress from the state itself (`OrderSpec.row_steps`: raster, masked).
-Nothing here changes a row's values, so a request's logits do not depend on its neighbours (up to the float
-kernels' batch invariance, which `tests/serve` checks bit for bit).
+stack for orders that read each row's progress from the state itself (`OrderSpec.row_steps`: raster, masked,
+random-order). Nothing here changes a row's values, so a request's logits do not depend on its neighbours (up to
+the float kernels' batch invariance, which `tests/serve` checks bit for bit).
 
 A cache type is stackable when it has an entry in `CACHES`; a state whose cache is not (or whose rows depend on
 the rest of the batch, like a ScaleKV budget that picks its layers from batch-averaged attention) runs alone.

@@ -176,10 +176,10 @@ class Scheduler:
 
     max_rows: decode-state rows running at once (guided images count twice); max_queue: requests waiting beyond
     them, past which `submit` raises QueueFull; batching=False runs one request at a time (the baseline).
-    max_batches: batches running at once. An order with `row_steps` (raster, masked) keeps one batch per model and
-    options, which an arrival joins at once, whatever step its rows stand at. The others share a pass only at the
-    same step, so an arrival opens a batch at step 0; past this bound such arrivals wait and start together (the
-    next batch at step 0 takes every waiting request that fits), which keeps passes full under load.
+    max_batches: batches running at once. An order with `row_steps` (all shipped ones but next-scale) keeps one
+    batch per model and options, which an arrival joins at once, whatever step its rows stand at. The others share
+    a pass only at the same step, so an arrival opens a batch at step 0; past this bound such arrivals wait and
+    start together (the next batch at step 0 takes every waiting request that fits), which keeps passes full.
     """
 
     def __init__(
