@@ -145,6 +145,18 @@ def test_next_scale_never_mixes_steps(pipelines):
     assert scheduler.stats.mixed_passes == 0
 
 
+def test_the_batch_bound_holds_back_same_step_orders_only(pipelines):
+    """max_batches gathers same-step arrivals into full batches; a raster request has nothing to wait for."""
+    scheduler = Scheduler(pipelines, max_batches=1)
+    scheduler.submit(Request("next-scale", [1], seed=0, config=pipelines["next-scale"].config()), Recorder())
+    scheduler.iterate()
+    scheduler.submit(Request("raster", [2], seed=0, config=pipelines["raster"].config()), Recorder())
+    scheduler.submit(Request("next-scale", [3], seed=0, config=pipelines["next-scale"].config()), Recorder())
+    scheduler.iterate()
+    assert [b.key[0] for b in scheduler.batches] == ["next-scale", "raster"] and len(scheduler.waiting) == 1
+    run_until_idle(scheduler)
+
+
 def test_budgeted_next_scale_cache_runs_alone_and_matches(pipelines):
     pipe = pipelines["next-scale"]
     scheduler = Scheduler(pipelines)

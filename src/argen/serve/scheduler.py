@@ -95,7 +95,6 @@ class Job:
     generators: list[torch.Generator] | None = None
     schedule: guidance.Schedule | None = None
     policy: PositionPolicy | None = None
-    key: tuple = ()  # what must match for requests to share a pass
     step: int = 0  # the request's own step, whatever the batch's other rows stand at
     num_steps: int = 0
 
@@ -176,10 +175,11 @@ class Scheduler:
 
     max_rows: decode-state rows running at once (guided images count twice); max_queue: requests waiting beyond
     them, past which `submit` raises QueueFull; batching=False runs one request at a time (the baseline).
-    max_batches: batches running at once. An order with `row_steps` (all shipped ones but next-scale) keeps one
-    batch per model and options, which an arrival joins at once, whatever step its rows stand at. The others share
-    a pass only at the same step, so an arrival opens a batch at step 0; past this bound such arrivals wait and
-    start together (the next batch at step 0 takes every waiting request that fits), which keeps passes full.
+    max_batches: same-step batches running at once. An order with `row_steps` (all shipped ones but next-scale)
+    keeps one batch per model and options, which an arrival joins at once, whatever step its rows stand at. The
+    others share a pass only at the same step, so an arrival opens a batch at step 0; past this bound such
+    arrivals wait and start together (the next batch at step 0 takes every waiting request that fits), which keeps
+    passes full.
     """
 
     def __init__(
@@ -299,8 +299,10 @@ class Scheduler:
             key = self._key(job.request)
         except Exception:  # a bad setting: let it start (and fail) now rather than wait
             return True
-        joinable = any(b.key == key and (b.mixed or b.step == 0) for b in self.batches)
-        return joinable or len(self.batches) < self.max_batches
+        if self.pipelines[job.request.model].generator.order.row_steps:
+            return True  # joins its batch now, or opens it
+        joinable = any(b.key == key and b.step == 0 for b in self.batches)
+        return joinable or sum(not b.mixed for b in self.batches) < self.max_batches
 
     def _key(self, request: Request) -> tuple:
         """What two requests must share to share a pass: the model and the order's options."""
@@ -322,10 +324,10 @@ class Scheduler:
         job.num_steps = state.num_steps
         # continuous orders (MAR) sample through their head, which this scheduler does not run batched
         shares = batching.stackable(state) and model.order.values == "discrete"
-        job.key = self._key(request) if shares else (request.model, options, job.id)
+        key = self._key(request) if shares else (request.model, options, job.id)
         # a batch of its own until `_merge` stacks it into the running one: one copy of the running rows per
         # step however many requests join at that step
-        self.batches.append(Batch(job.key, [job], state, shares and model.order.row_steps))
+        self.batches.append(Batch(key, [job], state, shares and model.order.row_steps))
 
     def _merge(self) -> None:
         """Batches of one key become one where the order allows: any two of a `row_steps` order, others at the
