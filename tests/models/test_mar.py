@@ -262,3 +262,15 @@ def test_disa_off_is_plain_mar_and_on_changes_the_samples():
         plain.with_overrides(head_steps_last=2, head_annealing="quadratic").options_for(model.order)
     one_step, calls = _head_calls(model, plain.with_overrides(head_steps=1), [0])  # a one-step head is finite
     assert calls == [1, 1, 1, 1] and bool(one_step.isfinite().all())
+
+
+def test_loss_takes_tokens_or_the_tokenizers_latents():
+    """MAR's forward patchifies the tokenizer's (B, C, H, W) latents; the loss takes those or (B, L, D) tokens (what
+    `argen eval` passes through the order's loss)."""
+    model = tiny_mar().eval()
+    latents = torch.randn(2, 4, 3, 3)
+    torch.manual_seed(5)
+    from_latents = model.loss(latents, Condition.classes([0, 1]))
+    torch.manual_seed(5)
+    from_tokens = model.loss(model.patchify(latents), Condition.classes([0, 1]))
+    assert torch.equal(from_latents.loss, from_tokens.loss) and from_latents.nll_sum is None

@@ -336,8 +336,11 @@ class MARTransformer(nn.Module, Pretrained):
         return (rows * weight).sum() / weight.sum()
 
     def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
-        """The diffusion loss on the masked tokens of (B, L, D) latents (MAR eq. 2 and §3.4); the condition
-        becomes fake_latent at the configured rate in training. No exact likelihood: `nll_sum` is None."""
+        """The diffusion loss on the masked tokens of (B, L, D) latent tokens, or of the tokenizer's (B, C, H, W)
+        latents, patchified first as MAR's forward does (MAR eq. 2 and §3.4); the condition becomes fake_latent at
+        the configured rate in training. No exact likelihood: `nll_sum` is None."""
+        if tokens.dim() == 4:
+            tokens = self.patchify(tokens)
         condition = as_condition(condition).to(tokens.device)
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
