@@ -16,6 +16,7 @@ import json
 import torch
 from tqdm import tqdm
 
+from argen.cli.common import print_table
 from argen.eval.evaluate import evaluate, reference_sets
 from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
 from argen.eval.speed import bench_sampling, matmul_peak_flops
@@ -120,9 +121,7 @@ def render(run: dict, markdown: str | None) -> None:
         f"\n{run['model']}: {run['threads']} threads, {run['repeats']} interleaved repeats; seconds per image = "
         f"generation + decode; quality: N={run['n']}, seeds {run['seeds']}, FD against held-out mnist:test digits"
     )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(header, rows)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
