@@ -172,8 +172,34 @@ def test_invalid_configs_options_and_inputs_are_named():
     state = model.start([0])
     with pytest.raises(ValueError, match="no positions of its own"):
         model.predict(state)
-    model.advance(state, torch.tensor([[3]]), torch.tensor([[1]]))
-    with pytest.raises(ValueError, match="filled position"):
-        model.predict(state, torch.tensor([[3]]))
     with pytest.raises(ValueError, match="permutation"):
         model(torch.zeros(1, 9, dtype=torch.long), [0], torch.zeros(9, dtype=torch.long))
+
+
+def test_a_query_at_a_filled_position_sees_only_what_was_committed_before_it():
+    """Teacher forcing along the commit order inside decoding (what speculative verification reads): asking for a
+    committed position gives the logits it had before it was committed, whatever came after it."""
+    model = tiny_random_order()
+    state = model.start([1])
+    before = model.predict(state, torch.tensor([[3, 5]])).logits  # first pass: cls only
+    model.advance(state, torch.tensor([[3]]), torch.tensor([[7]]))
+    between = model.predict(state, torch.tensor([[5]])).logits  # sees token 7 at position 3
+    model.advance(state, torch.tensor([[5, 0]]), torch.tensor([[2, 4]]))
+    again = model.predict(state, torch.tensor([[3, 5, 1]])).logits
+    torch.testing.assert_close(again[:, 0], before[:, 0], rtol=1e-5, atol=1e-5)  # rank 0: cls only
+    torch.testing.assert_close(again[:, 1], between[:, 0], rtol=1e-5, atol=1e-5)  # rank 1: cls + position 3
+    assert not torch.allclose(again[:, 2], between[:, 0], atol=1e-3)  # unfilled: sees all three
+
+
+def test_the_cache_notices_a_rewritten_token():
+    """A sampler that rewrites a committed token (a draft it did not accept) gets logits as if the new token had
+    been committed all along: the stale cache entry and everything above it are recomputed."""
+    model = tiny_random_order()
+    fresh = model.start([0])
+    model.advance(fresh, torch.tensor([[4, 2]]), torch.tensor([[9, 3]]))
+    want = model.predict(fresh, torch.tensor([[6]])).logits
+    state = model.start([0])
+    model.advance(state, torch.tensor([[4, 2]]), torch.tensor([[1, 3]]))
+    model.predict(state, torch.tensor([[6]]))  # caches tokens 1 and 3
+    state.tokens[0, 4] = 9  # rewrite the first, keep the rank
+    torch.testing.assert_close(model.predict(state, torch.tensor([[6]])).logits, want, rtol=1e-5, atol=1e-5)

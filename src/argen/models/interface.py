@@ -104,6 +104,10 @@ class DecodeState:
     num_steps: int = 0
     cache: Any = None  # the model's KV cache, if the order has one
     extra: dict[str, Any] = field(default_factory=dict)  # order-specific bookkeeping
+    # (B, L) commit index of each filled position, for orders that fill positions in an order of the sampler's
+    # choosing (random-order): `commit` numbers new positions after the filled ones, and a sampler that rewrites
+    # positions (speculative drafts) numbers them itself. None: the order's positions say it (raster).
+    rank: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -113,6 +117,9 @@ class DecodeState:
         """Write (B, n) values (or (B, n, D) vectors) at (B, n) positions, mark them filled and count the step:
         what every order's `advance` does before its own bookkeeping."""
         index = positions if self.tokens.dim() == 2 else positions[..., None].expand(-1, -1, self.tokens.shape[-1])
+        if self.rank is not None:
+            count = self.filled.sum(1, keepdim=True)
+            self.rank.scatter_(1, positions, count + torch.arange(positions.shape[1], device=count.device))
         self.tokens.scatter_(1, index, values)
         self.filled.scatter_(1, positions, True)
         self.step += 1

@@ -16,8 +16,9 @@ last pass plus the next n queries; with n = 1 that is teacher forcing exactly, w
 do not see each other (RandAR's parallel decoding with KV cache: ~2.5x fewer steps at equal FID).
 
 The order itself (which permutation, how many positions per step) is drawn in `argen.sampling.random_order`,
-from the per-sample generators. Not done yet: speculative verification, which would check a drafted block at
-each sample's own positions through `predict(state, positions)` with one query per drafted position.
+from the per-sample generators. Speculative decoding (`argen.sampling.speculative`) checks a drafted block along
+each sample's permutation in one pass: queries at drafted (filled) positions see only the tokens committed before
+them, and the cache notices which drafts were not accepted (see `_pending`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class RandomOrderTransformer(nn.Module, Pretrained):
     order = OrderSpec(
         "random-order",
         policy="random",
+        accelerations=frozenset({"speculative"}),
         options_class=RandomOrderOptions,
         row_steps=True,
         default_sampler=(("cfg_scale", 1.2),),
@@ -182,21 +184,42 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         num_kv = self.config.num_kv_heads or self.config.num_heads
         cache = KVCache(len(self.layers), B, num_kv, self.config.dim // self.config.num_heads, L + 2, like=weight)
         tokens = torch.zeros((B, L), dtype=torch.long, device=weight.device)
+        none = torch.full((B, L + 1), -1, dtype=torch.long, device=weight.device)  # column L: a write-off
         extra = {
             "cls": self._cls(condition.to(weight.device)),  # (B, D), cached by the first pass
             "cls_cached": torch.zeros(B, dtype=torch.bool, device=weight.device),  # (B,) per row: rows may join late
-            "rank": torch.zeros_like(tokens),  # (B, L) commit index of each filled position: its slot - 1
-            "cached": torch.zeros_like(tokens, dtype=torch.bool),  # (B, L) filled tokens whose t(p) is cached
+            # What the cache holds at slot 1 + r: the position and token committed r-th when it was computed. A
+            # slot is valid while it and every slot below still match the state (a speculative sampler rewrites
+            # drafts it did not accept).
+            "slot_position": none,
+            "slot_token": none.clone(),
         }
         filled = torch.zeros_like(tokens, dtype=torch.bool)
-        return DecodeState(condition, tokens, filled, num_steps=steps, cache=cache, extra=extra)
+        rank = torch.zeros_like(tokens)  # its slot - 1
+        return DecodeState(condition, tokens, filled, num_steps=steps, cache=cache, extra=extra, rank=rank)
+
+    def _pending(self, state: DecodeState) -> torch.Tensor:
+        """(B, L) filled positions whose t(p) the cache lacks: those from the first rank (in commit order) whose
+        slot no longer holds this position with this token, on."""
+        B, L = state.tokens.shape
+        rank, filled = state.rank, state.filled
+        at_rank = torch.full((B, L + 1), -1, dtype=torch.long, device=rank.device)  # position committed r-th
+        at_rank.scatter_(1, torch.where(filled, rank, L), torch.arange(L, device=rank.device).expand(B, L))
+        at_rank = at_rank[:, :L]
+        token_at_rank = torch.where(at_rank >= 0, state.tokens.gather(1, at_rank.clamp(min=0)), -1)
+        match = (at_rank >= 0) & (state.extra["slot_position"][:, :L] == at_rank)
+        match &= state.extra["slot_token"][:, :L] == token_at_rank
+        valid = match.long().cumprod(1).sum(1, keepdim=True)  # (B, 1) leading ranks whose slots hold them
+        return filled & (rank >= valid)
 
     def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:
-        """Logits (B, n, V) for the queries at positions (B, n), each row its own unfilled positions.
+        """Logits (B, n, V) for the queries at positions (B, n), each row its own positions.
 
         One pass: the tokens committed since the last pass (their t(p) at slot 1 + rank) and the n queries
-        (at slots after them, masked for everyone and overwritten later). A query sees cls and every filled
-        token; the queries of one pass do not see each other (RandAR's parallel decoding). Rows may stand at
+        (at slots after them, masked for everyone and overwritten later). A query at an unfilled position sees
+        cls and every filled token; the queries of one pass do not see each other (RandAR's parallel decoding).
+        A query at a filled position sees the tokens committed before it: teacher forcing along the commit
+        order, which is how a speculative sampler checks a drafted block in one pass. Rows may stand at
         different steps (a server's requests joining mid-way): each caches cls in its own first pass, and every
         entry attends over the whole cache with a key mask, so a row's logits do not depend on its neighbours."""
         if positions is None:
@@ -209,19 +232,19 @@ class RandomOrderTransformer(nn.Module, Pretrained):
             raise ValueError(f"positions must be (B, n) with B = {B}, got {tuple(positions.shape)}")
         if int(positions.min()) < 0 or int(positions.max()) >= L:
             raise ValueError(f"positions {int(positions.min())}..{int(positions.max())} outside 0..{L - 1}")
-        if state.filled.gather(1, positions).any():
-            raise ValueError("a query asks for a filled position: it would see its own token")
-        pending = state.filled & ~state.extra["cached"]  # (B, L)
+        pending = self._pending(state)  # (B, L)
         m = int(pending.sum(1).max())
-        rank = state.extra["rank"]
+        rank = state.rank
         new = torch.where(pending, rank, L).argsort(dim=1, stable=True)[:, :m]  # (B, m) pending, commit order
         real = pending.gather(1, new)  # (B, m) False where a row has fewer pending tokens: padding
         filled = state.filled.sum(1, keepdim=True)  # (B, 1)
         n = positions.shape[1]
         # Per entry: its slot, the highest slot it may see (the same rule as teacher_forcing_mask), its rope row.
         token_slot = torch.where(real, 1 + rank.gather(1, new), L + 1)
-        slots = [token_slot, filled + 1 + torch.arange(n, device=filled.device)]
-        limits = [torch.where(real, token_slot, 0), filled.expand(B, n)]
+        # Queries are never cached: their slots (past every filled one; drafts may fill the block) are scratch.
+        slots = [token_slot, (filled + 1 + torch.arange(n, device=filled.device)).clamp(max=L + 1)]
+        asked_filled = state.filled.gather(1, positions)
+        limits = [torch.where(real, token_slot, 0), torch.where(asked_filled, rank.gather(1, positions), filled)]
         rope_rows = [torch.where(real, 1 + new, 0), 1 + positions]
         x = [self._token_entries(state.tokens, new), self._query_entries(positions)]
         first = ~state.extra["cls_cached"][:, None]  # (B, 1)
@@ -233,7 +256,9 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         keys = torch.arange(state.cache.max_len, device=slots.device)
         mask = (keys[None, None, :] <= limits[:, :, None])[:, None]  # (B, 1, T, L + 2)
         logits = self._layers(x, rope_rows, mask, state.cache, slots)[:, -n:]  # (B, n, V)
-        state.extra["cached"] |= pending
+        written = torch.where(real, rank.gather(1, new), L)  # (B, m) the ranks cached now; padding: column L
+        state.extra["slot_position"].scatter_(1, written, new)
+        state.extra["slot_token"].scatter_(1, written, state.tokens.gather(1, new))
         state.extra["cls_cached"].fill_(True)
         return Prediction(positions, logits)
 
@@ -241,9 +266,7 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         """Commit (B, n) values at (B, n) positions; the next pass caches them in this order."""
         if state.filled.gather(1, positions).any():
             raise ValueError("advance commits a position that is already filled")
-        count = state.filled.sum(1, keepdim=True)  # (B, 1) committed so far
-        state.extra["rank"].scatter_(1, positions, count + torch.arange(positions.shape[1], device=count.device))
-        state.commit(positions, values)
+        state.commit(positions, values)  # numbers them after the filled ones: their rank
 
 
 def _sized_like(config: DecoderConfig) -> RandomOrderConfig:

@@ -100,11 +100,6 @@ class SamplerConfig:
             raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.acceleration is not None and self.order_options:
-            raise ConfigError(
-                f"the order options {sorted(self.order_options)} are not combined with {self.acceleration.name} "
-                "decoding"
-            )
 
     # --- the flat namespace of files and the CLI ---
 

@@ -77,6 +77,12 @@ class PositionPolicy:
         """(B, n) positions the next step predicts for the B samples, or None for the model's own."""
         return None
 
+    def order(self) -> torch.Tensor | None:
+        """(B, L) the order each sample's positions will be filled in, where the policy fixes it at `begin`
+        (random order: what speculative decoding drafts along); None: the model's own (raster), or decided step
+        by step (masked)."""
+        return None
+
     def select(
         self, state: DecodeState, positions: torch.Tensor, logits: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,9 @@ class RandomOrderPolicy(PositionPolicy):
         counts = tokens_per_step(L, state.num_steps)
         self.counts, self.offsets = counts, [sum(counts[:i]) for i in range(len(counts))]
 
+    def order(self) -> torch.Tensor:
+        return self.orders
+
     def positions(self, state: DecodeState) -> torch.Tensor:
         """(B, n) the next n positions of each sample's order, n = tokens_per_step's count for this step."""
         start = self.offsets[state.step]

@@ -11,10 +11,12 @@ norm(max(0, p - q)). Whatever q is, the kept tokens are distributed exactly as t
   new prediction allows), so drafts stop changing once the context settles.
 - `draft`: a small generator of the same order proposes the block autoregressively.
 
-A batch is decoded together: every forward pass checks each sample's block at that sample's own position
-(acceptance lengths differ), while drafting and acceptance use the sample's own random generator, so a seed
-gives the same image whatever the batch. Guidance rows (conditional, unconditional) of one sample share
-tokens, as in the plain sampler.
+Blocks follow each sample's generation order: raster's positions in turn, or the random order's per-sample
+permutation (drawn by its position policy from the sample's generator, as the plain sampler draws it; the model
+verifies drafted positions along the commit order). A batch is decoded together: every forward pass checks each
+sample's block at that sample's own place in its order (acceptance lengths differ), while drafting and
+acceptance use the sample's own random generator, so a seed gives the same image whatever the batch. Guidance
+rows (conditional, unconditional) of one sample share tokens, as in the plain sampler.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from argen.models.interface import Condition, DecodeState, Generator, as_conditi
 from argen.sampling import guidance
 from argen.sampling.config import SamplerConfig, Speculative
 from argen.sampling.logits import check_finite, process
+from argen.sampling.positions import policy_class
 from argen.sampling.relaxed import code_neighbours, relaxed_mass
 
 
@@ -177,17 +180,23 @@ def _propose(draft_model, dstate, progress: list[_Progress], ks: list[int], L, s
         s.q = torch.cat(q) if k else s.q[:0]
 
 
-def _block(starts: torch.Tensor, length: int) -> torch.Tensor:
-    """(R,) first positions -> (R, length) consecutive positions of each row's block."""
-    return starts[:, None] + torch.arange(length, device=starts.device)
+def _block(starts: torch.Tensor, length: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """(R,) first indices -> (R, length) positions of each row's block: consecutive, or along `order` (R, L)."""
+    block = starts[:, None] + torch.arange(length, device=starts.device)
+    return block if order is None else order.gather(1, block)
 
 
-def _write(state: DecodeState, rows: list[int], start: int, values: torch.Tensor) -> None:
-    """Put (n,) values (drafts or accepted tokens) at start..start+n of the sample's rows; what comes after is
-    not filled (a draft not accepted must not be read as a chosen token)."""
-    state.tokens[rows, start : start + len(values)] = values
-    state.filled[rows, start : start + len(values)] = True
-    state.filled[rows, start + len(values) :] = False
+def _write(state: DecodeState, rows: list[int], order: torch.Tensor, start: int, values: torch.Tensor) -> None:
+    """Put (n,) values (drafts or accepted tokens) at the sample's order positions start..start+n of its rows,
+    numbered start.. in commit order; what comes after in its order is not filled (a draft not accepted must not
+    be read as a chosen token)."""
+    rows_ = torch.tensor(rows, device=order.device)[:, None]
+    positions = order[start : start + len(values)]
+    state.tokens[rows_, positions] = values
+    state.filled[rows_, positions] = True
+    state.filled[rows_, order[start + len(values) :]] = False
+    if state.rank is not None:
+        state.rank[rows_, positions] = torch.arange(start, start + len(values), device=order.device)
 
 
 @torch.no_grad()
@@ -224,8 +233,23 @@ def generate_speculative(
     guided = schedule is not None
     rows = guidance.with_null_rows(condition) if guided else condition
     window = min(spec.window, L - 1)
-    state = model.start(rows)
+    options = config.options_for(model.order)
+    state = model.start(rows, options)
+    if state.num_steps != L:
+        raise ConfigError(
+            f"speculative decoding verifies one position per draft: the order's {state.num_steps} parallel steps "
+            "do not combine with it (unset steps)"
+        )
     device = state.tokens.device
+    # Each sample's generation order, drawn first from its generator as the plain sampler does (random order);
+    # None: the raster order, position by position.
+    policy = policy_class(model.order.policy)(model, options, B, generators)
+    policy.begin(state)
+    order = policy.order()
+    if order is not None and draft_model is not None:
+        raise ConfigError("speculative='draft' follows the raster order; the random order drafts with sjd or mc-sjd")
+    order_of = order if order is not None else torch.arange(L, device=device).expand(B, L)
+    row_order = None if order is None else order.to(device).repeat(len(rows) // B, 1)  # (R, L)
     dstate = draft_model.start(rows) if draft_model is not None else None
     # state.tokens: each row's chosen tokens, followed during a pass by its drafts
     empty = torch.empty(0, dtype=torch.long, device=device)
@@ -250,9 +274,9 @@ def generate_speculative(
         starts = torch.empty(len(rows), dtype=torch.long, device=device)
         for s in progress:
             if s.n < L:
-                _write(state, s.rows, s.n, s.drafts)
+                _write(state, s.rows, order_of[s.rows[0]], s.n, s.drafts)
             starts[s.rows] = min(s.n, L - 1 - window)  # a block always spans window + 1 positions
-        logits = model.predict(state, _block(starts, window + 1)).logits  # (R, window + 1, V)
+        logits = model.predict(state, _block(starts, window + 1, row_order)).logits  # (R, window + 1, V)
         stats.target_passes += 1
         for s, k in zip(progress, ks, strict=True):
             if s.n >= L:
@@ -261,7 +285,7 @@ def generate_speculative(
             p = _probs(logits[s.rows, at : at + k + 1], range(s.n, s.n + k + 1), L, schedule, config)  # (k+1, V)
             new = _accept(s.drafts, s.q, p, s.g, config, stats, neighbours)
             m = len(new)
-            _write(state, s.rows, s.n, new)
+            _write(state, s.rows, order_of[s.rows[0]], s.n, new)
             if draft_model is None:
                 _next_jacobi_drafts(s, p, m, k, config)
             else:

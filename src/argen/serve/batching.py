@@ -1,11 +1,11 @@
 """Stacking decode states row-wise and taking rows back out: what lets strangers share one forward pass.
 
 States of the same model hold rows that one forward pass can serve together: every per-row tensor is concatenated
-along the batch dimension (tokens, filled, the condition, the order's extras and the KV cache), and a request's
-rows are taken back out when it leaves. States at the same step stack for every order; states at different steps
-stack for orders that read each row's progress from the state itself (`OrderSpec.row_steps`: raster, masked,
-random-order). Nothing here changes a row's values, so a request's logits do not depend on its neighbours (up to
-the float kernels' batch invariance, which `tests/serve` checks bit for bit).
+along the batch dimension (tokens, filled, commit ranks, the condition, the order's extras and the KV cache), and
+a request's rows are taken back out when it leaves. States at the same step stack for every order; states at
+different steps stack for orders that read each row's progress from the state itself (`OrderSpec.row_steps`:
+raster, masked, random-order). Nothing here changes a row's values, so a request's logits do not depend on its
+neighbours (up to the float kernels' batch invariance, which `tests/serve` checks bit for bit).
 
 A cache type is stackable when it has an entry in `CACHES`; a state whose cache is not (or whose rows depend on
 the rest of the batch, like a ScaleKV budget that picks its layers from batch-averaged attention) runs alone.
@@ -134,6 +134,7 @@ def stack(states: list[DecodeState], aligned: bool = True) -> DecodeState:
         num_steps=first.num_steps,
         cache=cache,
         extra=extra,
+        rank=None if first.rank is None else torch.cat([s.rank for s in states]),
     )
 
 
@@ -149,6 +150,7 @@ def take(state: DecodeState, rows: Rows) -> DecodeState:
         num_steps=state.num_steps,
         cache=cache,
         extra={key: _take_value(value, rows, total) for key, value in state.extra.items()},
+        rank=None if state.rank is None else state.rank[rows],
     )
 
 
@@ -165,6 +167,7 @@ def rows(state: DecodeState, lo: int, hi: int, step: int, num_steps: int) -> Dec
         num_steps=num_steps,
         cache=None,  # a request's rows predict only through the stacked state
         extra={key: _view_value(value, lo, hi, total) for key, value in state.extra.items()},
+        rank=None if state.rank is None else state.rank[lo:hi],
     )
 
 
