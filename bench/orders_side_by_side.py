@@ -1,8 +1,8 @@
 """Every generation order, and the fast options of each, on the same data, tokenizer family and evaluation, in one run.
 
-    python bench/orders_side_by_side.py [--models raster next-scale masked random-order] [--n 1000] [--seeds 0 1 2]
+    python bench/orders_side_by_side.py [--models raster next-scale masked random-order mar] [--n 1000] [--seeds 0 1 2]
         [--batch-sizes 1 8] [--repeats 5] [--threads 2] [--markdown t.md] [--json run.json] [--svg plot.svg]
-        [--model NAME=PIPELINE_FOLDER ...] [--quick]
+        [--model NAME=PIPELINE_FOLDER ...] [--quick] [--update saved.json]
 
 For each order: parameters, NFE (sequential forward passes of the generator), seconds per image (generation +
 decode) at each batch size with all settings interleaved within every repeat (machine load hits them alike), FD
@@ -33,7 +33,13 @@ SETTINGS = {
     },
     "next-scale": {"plain": {}, "FastVAR prune 0.25": {"prune": 0.25, "prune_scales": 1}},
     "masked": {"plain": {}, "8 steps": {"steps": 8}},
-    "random-order": {"plain": {}, "20 steps (parallel)": {"steps": 20}, "raster order": {"order": "raster"}},
+    "random-order": {
+        "plain": {},
+        "20 steps (parallel)": {"steps": 20},
+        "raster order": {"order": "raster"},
+        "MC-SJD, window 8 (lossless)": {"speculative": "mc-sjd", "window": 8},
+    },
+    "mar": {"plain": {}, "DiSA, head steps to 5": {"head_steps_last": 5}, "half the AR steps": {"steps": 8}},
 }
 
 
@@ -137,6 +143,11 @@ def main() -> None:
     p.add_argument("--json", help="also save the measurements")
     p.add_argument("--svg", help="also draw FD (× floor) against seconds per image at the largest batch")
     p.add_argument("--from-json", help="render a saved run instead of measuring")
+    p.add_argument(
+        "--update",
+        help="a saved run: measure only --models and put their rows in it (replacing theirs), keeping the others; "
+        "its speed figures then come from two runs, not one",
+    )
     p.add_argument("--quick", action="store_true", help="N=100, one seed, 1 repeat: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -147,6 +158,14 @@ def main() -> None:
     else:
         where = dict(item.split("=", 1) for item in args.model)
         run = json.loads(json.dumps(measure(args, where)))  # batch sizes become string keys, as when loaded
+        if args.update:
+            with open(args.update) as f:
+                saved = json.load(f)
+            if saved["batch_sizes"] != run["batch_sizes"] or saved["n"] != run["n"]:
+                raise SystemExit(f"--update {args.update}: its batch sizes and N differ from this run's")
+            kept = [r for r in saved["results"] if r["order"] not in args.models]
+            run = {**saved, "results": kept + run["results"], "updated": sorted(args.models)}
+            args.json = args.json or args.update
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(run, f, indent=2)
