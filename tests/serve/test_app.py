@@ -233,3 +233,13 @@ def test_sigterm_drains_in_flight_requests_and_stops_within_5_s(tmp_path):
     assert "Traceback" not in proc.stderr.read()
     assert result["response"].status_code == 200  # drained, not dropped
     assert result["response"].headers["content-type"] == "image/png"
+
+
+def test_the_default_models_are_every_shipped_order_the_scheduler_draws_for():
+    from argen.cli.serve import parse_models
+    from argen.pipeline import ARPipeline
+
+    served = parse_models(None)
+    orders = {ARPipeline.from_pretrained(path).generator.order.name for path in served.values()}
+    assert orders == {"raster", "next-scale", "masked", "random-order"}
+    assert all(ARPipeline.from_pretrained(p).generator.order.values == "discrete" for p in served.values())

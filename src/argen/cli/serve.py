@@ -12,7 +12,7 @@ from argen.cli.common import check_device, positive_int, shipped_models
 from argen.errors import ConfigError
 
 log = logging.getLogger(__name__)
-DEFAULT_MODELS = ["raster", "next-scale"]
+DEFAULT_MODELS = ["raster", "next-scale", "masked", "random-order"]  # every shipped order the scheduler draws for
 
 
 def positive_float(text: str) -> float:
