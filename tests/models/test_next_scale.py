@@ -149,10 +149,12 @@ def test_kv_budget_caps_refiner_layers(shipped):
     assert torch.isfinite(capped).all() and not torch.allclose(capped, base)
 
 
-def test_generator_options_are_checked():
+def test_generator_options_are_checked(shipped):
     from tests.conftest import tiny_raster
 
     with pytest.raises(ValueError, match=r"unknown sampler setting\(s\) \['prune'\] for the raster order"):
         generate(tiny_raster(), torch.tensor([0]), SamplerConfig.from_flat({"prune": 0.5}))
-    with pytest.raises(ValueError, match="not combined"):
-        SamplerConfig.from_flat({"kv_budget": 8, "speculative": "sjd"})
+    # the config alone no longer refuses order options beside an acceleration (random-order combines them); the
+    # next-scale order refuses speculative decoding when the two meet
+    with pytest.raises(ValueError, match="does not fit the next-scale order"):
+        generate(shipped, torch.tensor([0]), SamplerConfig.from_flat({"kv_budget": 8, "speculative": "sjd"}))
