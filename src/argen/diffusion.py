@@ -96,9 +96,10 @@ class DiffusionSchedule:
         mean = self.take(self.posterior_mean_coef1, t) * x_start + self.take(self.posterior_mean_coef2, t) * x_t
         return mean, self.take(self.posterior_log_variance_clipped, t) + torch.zeros_like(x_t)
 
-    def p_mean_variance(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
+    def p_mean_variance(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip: float = 0.0):
         """The network's (N, 2C) output (eps, variance value in [-1, 1]) at x_t -> the mean and log-variance of
-        p(x_{t-1} | x_t) (no clipping of the x_0 prediction: latents are unbounded)."""
+        p(x_{t-1} | x_t). clip > 0 clamps the x_0 prediction to [-clip, clip] (0: unclipped, as MAR: latents are
+        unbounded)."""
         eps, var_values = model_output.split(x.shape[1], dim=1)
         min_log = self.take(self.posterior_log_variance_clipped, t)
         max_log = self.take(self.log_betas, t)
@@ -107,5 +108,7 @@ class DiffusionSchedule:
         pred_xstart = (
             self.take(self.sqrt_recip_alphas_cumprod, t) * x - self.take(self.sqrt_recipm1_alphas_cumprod, t) * eps
         )
+        if clip > 0:
+            pred_xstart = pred_xstart.clamp(-clip, clip)
         mean, _ = self.q_posterior(pred_xstart, x, t)
         return mean, log_variance

@@ -141,9 +141,10 @@ def test_sample_tokens_parity(official, mar_fixture, monkeypatch, case, cfg):
 
     heads = []
 
-    def recording_head(head, z, schedule, noise, temperature, cfg_scale, z_null):
+    def recording_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip):
         heads.append(z if z_null is None else torch.cat([z, z_null]))
-        return sample_head(head, z, schedule, noise, temperature, cfg_scale, z_null)
+        assert clip == 0.0  # the official sampler does not clip
+        return sample_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip)
 
     monkeypatch.setattr(MARPolicy, "draw_order", draw_order)
     monkeypatch.setattr(diffusion, "per_sample_noise", replay)

@@ -61,3 +61,21 @@ def test_spaced_timesteps_match_iddpm():
     """IDDPM's space_timesteps(1000, "8"): round(i * 999 / 7)."""
     assert DiffusionSchedule.cosine(1000).respaced(8).timestep_map.tolist() == [round(i * 999 / 7) for i in range(8)]
     assert not math.isnan(float(DiffusionSchedule.cosine(1000).posterior_log_variance_clipped[0]))
+
+
+def test_clip_clamps_the_x0_prediction_and_zero_leaves_it():
+    """With clip > 0 the mean is the posterior mean of the clamped x0; clip 0 is the unclipped (official) mean."""
+    from argen.diffusion import DiffusionSchedule
+
+    s = DiffusionSchedule.cosine(1000).respaced(50)
+    x = torch.full((3, 2), 0.5)
+    t = torch.full((3,), 49)  # the first sampling step: x0 = x / sqrt(abar) - ... is huge for any eps error
+    out = torch.cat([torch.full((3, 2), -0.3), torch.zeros(3, 2)], dim=1)
+    free, _ = s.p_mean_variance(out, x, t)
+    clipped, log_var = s.p_mean_variance(out, x, t, clip=4.0)
+    x0 = s.take(s.sqrt_recip_alphas_cumprod, t) * x - s.take(s.sqrt_recipm1_alphas_cumprod, t) * out[:, :2]
+    assert x0.abs().min() > 4.0  # the case clipping is for
+    want, _ = s.q_posterior(x0.clamp(-4.0, 4.0), x, t)
+    torch.testing.assert_close(clipped, want)
+    assert not torch.allclose(free, clipped)
+    torch.testing.assert_close(s.p_mean_variance(out, x, t, clip=0.0)[0], free)

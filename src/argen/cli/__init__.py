@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate every combination of these sampler values (repeatable) and print the FD-vs-accuracy frontier "
         "(default: the one sampler setting)",
     )
-    p.add_argument("--plot", type=output_file, default=None, help="with --sweep: write the frontier as SVG (default: no)")
+    p.add_argument(
+        "--plot", type=output_file, default=None, help="with --sweep: write the frontier as SVG (default: no)"
+    )
     p.add_argument(
         "--npz",
         type=output_file,

@@ -55,9 +55,14 @@ class MAROptions:
     head_steps: int = 100  # the diffusion head's sampling steps, respaced from its 1000 (num_sampling_steps)
     head_steps_last: int = 0  # DiSA: the head's steps at the last AR step (0: no annealing)
     head_annealing: str = "linear"  # DiSA: a key of HEAD_ANNEALING
+    # Clamp the head's x0 prediction to ±head_clip at every step (latents are normalised to unit std); 0 = off, as
+    # MAR. Near t = 1000 the cosine schedule multiplies the eps error by up to ~300 in x0, and a first respaced step
+    # carries a fraction of it into x_t: a small head's values then diverge (docs/quality.md, MAR).
+    head_clip: float = 0.0
 
     def __post_init__(self) -> None:
         check_int(self, "steps")
+        check_number(self, "head_clip", at_least=0.0)
         check_int(self, "head_steps")
         check_int(self, "head_steps_last", minimum=0)
         if self.head_annealing not in HEAD_ANNEALING:

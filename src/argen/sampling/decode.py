@@ -85,7 +85,7 @@ def decode_steps(
             logits = None
             head_steps = options.head_steps_at(state.step, state.num_steps)  # the order's (DiSA anneals them)
             values = diffusion.sample_values(
-                model, state, prediction, B, head_steps, config.temperature, scales, generators
+                model, state, prediction, B, head_steps, config.temperature, scales, generators, options.head_clip
             )
         else:
             check_finite(prediction.logits, f"logits at step {state.step}")

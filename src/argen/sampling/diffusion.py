@@ -29,6 +29,7 @@ def sample_head(
     temperature: float = 1.0,
     cfg_scale: float | torch.Tensor = 1.0,
     z_null: torch.Tensor | None = None,
+    clip: float = 0.0,
 ) -> torch.Tensor:
     """Sample (N, C) values given z (N, Dz) through the `schedule`'s steps (a respaced process). With `z_null`
     (N, Dz), the noise prediction is guided: uncond + cfg_scale (cond - uncond), cfg_scale one number or (N,)."""
@@ -46,7 +47,7 @@ def sample_head(
             both = head(torch.cat([x, x]), torch.cat([net_t, net_t]), torch.cat([z, z_null])).float()
             cond, uncond = both[:N, :C], both[N:, :C]
             out = torch.cat([uncond + cfg_scale * (cond - uncond), both[:N, C:]], dim=1)
-        mean, log_variance = schedule.p_mean_variance(out, x, t)
+        mean, log_variance = schedule.p_mean_variance(out, x, t, clip)
         # DDPM: no noise is added by the last step (t = 0).
         x = mean + torch.exp(0.5 * log_variance) * noise(steps - i).float() * temperature if i > 0 else mean
     return x
@@ -108,6 +109,7 @@ def sample_values(
     temperature: float,
     cfg_scales: torch.Tensor | None,
     generators: list[torch.Generator] | None,
+    clip: float = 0.0,
 ) -> torch.Tensor:
     """A continuous order's step: its prediction's z ((copies * B, n, Dz), conditional rows first) -> values
     (B, n, D) sampled by the order's head (`model.head`, `model.head_schedule`). cfg_scales: (B,) guidance
@@ -126,7 +128,7 @@ def sample_values(
     scales = cfg_scales.to(z.device)[owners] if guided else 1.0
     noise = per_sample_noise(generators, owners, D, z.device)
     schedule = model.head_schedule.respaced(head_steps)
-    sampled = sample_head(padded_head(model.head), z, schedule, noise, temperature, scales, z_null)
+    sampled = sample_head(padded_head(model.head), z, schedule, noise, temperature, scales, z_null, clip)
     values = torch.zeros(B, positions.shape[1], D, device=z.device)
     values[rows] = sampled
     # Padding keeps what the state holds there, or repeats the sample's first row (then the same position).
