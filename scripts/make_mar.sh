@@ -30,4 +30,7 @@ time argen train --tokens "$runs/latents" --tokenizer "$runs/tok/final" --preset
     --steps "$steps" --batch-size "$batch" --lr 1e-3 --warmup-steps 100 --weight-decay 0.02 --grad-clip 3.0 \
     --ema-decay 0.995 --save-every 250 --preview-every 0
 
-python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg "$cfg"
+# Sampling defaults: 16 AR steps and 50 head steps (49 tokens; MAR's 64 x 100 is for 256), and the head's x0
+# prediction clamped to 4 (latents have unit std): unclamped, this small head's values diverge (docs/quality.md).
+python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg "$cfg" \
+    --set steps=16 --set head_steps=50 --set head_clip=4
