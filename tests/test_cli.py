@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from argen.cli import build_parser, main
@@ -60,7 +61,7 @@ SURFACE = {
     },
     "train-tokenizer": {"--data", "--preset", "--restart-every"},
     "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--device"},
-    "train": {"--tokens", "--tokenizer", "--preset"},
+    "train": {"--tokens", "--tokenizer", "--preset", "--init"},
     "train-classifier": {"--data", "--eval-data", "--image-size", "--channels"},
     "eval": {
         "--model",
@@ -262,6 +263,28 @@ def test_end_to_end_on_an_image_folder(tmp_path, capsys):
         main(["sample", "--model", str(run / "gen" / "pipeline"), "--labels", "d3", "-n", "2", "--out", str(out)]) == 0
     )
     assert np.load(out)["images"].shape == (2, 28, 28, 1)
+
+    # Fine-tuning: --init starts from the trained weights (a near-zero lr keeps them), takes the initial
+    # generator's architecture over the preset's, applies a --set of a weightless field, and refuses another order.
+    from argen.pretrained import load_safetensors
+
+    tune = ["train", "--tokens", str(run / "tokens"), "--steps", "1", "--batch-size", "8", "--lr", "1e-12"]
+    assert (
+        main([*tune, "--out", str(run / "tuned"), "--init", str(run / "gen" / "final"), "--set", "resid_dropout=0.2"])
+        == 0
+    )
+    before = load_safetensors(run / "gen" / "final" / "model.safetensors")
+    after = load_safetensors(run / "tuned" / "final" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name].float(), before[name].float(), rtol=0, atol=1e-6)
+    tuned = json.loads((run / "tuned" / "final" / "config.json").read_text())["config"]
+    assert (tuned["dim"], tuned["num_layers"], tuned["resid_dropout"]) == (32, 1, 0.2)
+    masked = [*tune, "--out", str(run / "m"), "--preset", "mnist-masked", "--init", str(run / "gen" / "final")]
+    assert main(masked) == 2
+    assert (
+        "holds a RasterTransformer (raster order), but --preset trains a MaskedTransformer" in capsys.readouterr().err
+    )
 
 
 def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys):

@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(generator_presets()),
         help=generator_preset_help(),
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="GENERATOR",
+        help="fine-tune: start from this generator folder's weights (a run's final/, a pipeline's generator/) "
+        "instead of a fresh initialisation; its config replaces the preset's, --set still applies "
+        "(e.g. dropout); it must be of the preset's order and fit the shards (default: none)",
+    )
     add_train_args(p, steps=3000, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train)
 

@@ -201,9 +201,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"num_classes={len(shards.class_names)}")
     fields = model_cls.config_class.data_fields(shards.seq_len, tokenizer)  # what the data fixes (grid, scales)
     overrides += [f"{k}={json.dumps(v)}" for k, v in fields.items()]
-    config = _model_config(generator_presets(), args.preset, overrides, args.overrides)
+    init = _load_init(args.init, model_cls) if args.init else None
+    # Fine-tuning keeps the initial generator's architecture: its config stands in for the preset's.
+    presets_now = {args.preset: init.config} if init is not None else generator_presets()
+    config = _model_config(presets_now, args.preset, overrides, args.overrides)
     torch.manual_seed(args.seed)
     model = model_cls(config)
+    if init is not None:
+        _copy_weights(init, model, args.init)
     if shards.values == "continuous":
         _match_latents(model, shards, tokenizer)
     if model_cls.order.reads_tokenizer:
@@ -223,6 +228,34 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"{pipe.generator.order.name} order's default guidance: cfg {pipe.sampler.cfg_scale} "
                 f"({pipe.sampler.cfg_schedule} schedule); argen sample --cfg overrides it"
             )
+
+
+def _load_init(path: str, model_cls):
+    """The generator `--init` names, checked to be of the preset's order."""
+    from argen.pretrained import load_pretrained
+
+    init = load_pretrained(path)
+    if not isinstance(init, model_cls):
+        raise ConfigError(
+            f"--init {path} holds a {type(init).__name__} ({getattr(init, 'order', None) and init.order.name} order), "
+            f"but --preset trains a {model_cls.__name__} ({model_cls.order.name} order)"
+        )
+    return init
+
+
+def _copy_weights(init, model, path: str) -> None:
+    """Load `init`'s weights into `model` (built from the same config up to --set fields such as dropout, which
+    hold no weights); a shape change (a --set of dim, depth, vocab, a different grid) is refused by name."""
+    from argen.errors import CheckpointError
+    from argen.pretrained import load_state_dict_strict
+
+    try:
+        load_state_dict_strict(model, init.state_dict(), source=f"--init {path}")
+    except CheckpointError as e:  # the strict loader names missing, unexpected and mis-shaped tensors
+        raise ConfigError(
+            f"--init {path} does not fit the generator being trained (the data or --set changed its shape): {e}"
+        ) from e
+    log.info("initialised from %s (fine-tuning)", path)
 
 
 def _match_latents(model, shards, tokenizer) -> None:
