@@ -101,11 +101,9 @@ def _train_config(args: argparse.Namespace):
 
 
 def tokenizer_presets() -> dict:
-    from argen.tokenizers.kl import KL_PRESETS
-    from argen.tokenizers.multiscale import MULTISCALE_PRESETS
-    from argen.tokenizers.vq import VQ_PRESETS
+    from argen.tokenizers.registry import presets
 
-    return {**VQ_PRESETS, **MULTISCALE_PRESETS, **KL_PRESETS}
+    return presets()
 
 
 def generator_presets() -> dict:
@@ -126,16 +124,14 @@ def generator_preset_help() -> str:
 
 
 def _tokenizer_task(config, preview: torch.Tensor, restart_every: int):
-    """A tokenizer config dataclass -> the training task of the tokenizer it configures: a VQ tokenizer (codebook
-    restarts) or a KL autoencoder (reconstruction + KL, nothing to restart)."""
-    from argen.tokenizers.kl import KLConfig, KLTokenizer
-    from argen.tokenizers.multiscale import MultiScaleVQ, MultiScaleVQConfig
-    from argen.tokenizers.vq import VQConfig, VQTokenizer
+    """A tokenizer config -> the training task of the tokenizer it configures: codebook ids train with the VQ
+    objective (dead codes restarted), continuous latents with reconstruction + KL (nothing to restart)."""
+    from argen.tokenizers.registry import build
     from argen.train.tasks import AutoencoderTask, TokenizerTask
 
-    if isinstance(config, KLConfig):
-        return AutoencoderTask(KLTokenizer(config), preview)
-    model = {VQConfig: VQTokenizer, MultiScaleVQConfig: MultiScaleVQ}[type(config)](config)
+    model = build(config)
+    if model.values == "continuous":
+        return AutoencoderTask(model, preview)
     return TokenizerTask(model, preview, restart_every)
 
 

@@ -199,6 +199,7 @@ class MultiScaleVQ(nn.Module, Pretrained):
 
     component_type = "multiscale_vq_tokenizer"
     config_class = MultiScaleVQConfig
+    values = "discrete"  # tokens are codebook ids, as the orders' OrderSpec.values
 
     def __init__(self, config: MultiScaleVQConfig):
         super().__init__()

@@ -152,6 +152,7 @@ class VQTokenizer(nn.Module, Pretrained):
 
     component_type = "vq_tokenizer"
     config_class = VQConfig
+    values = "discrete"  # tokens are codebook ids, as the orders' OrderSpec.values
 
     def __init__(self, config: VQConfig):
         super().__init__()

@@ -1,0 +1,34 @@
+"""The one registry of tokenizer kinds: name -> tokenizer class, with its presets (as `models/registry.py` is for
+generation orders). What a kind trains with follows from the class itself: `values` says whether its tokens are
+codebook ids (a VQ objective with dead-code restarts) or continuous latents (reconstruction + KL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from argen.errors import ConfigError
+from argen.tokenizers.kl import KL_PRESETS, KLTokenizer
+from argen.tokenizers.multiscale import MULTISCALE_PRESETS, MultiScaleVQ
+from argen.tokenizers.vq import VQ_PRESETS, VQTokenizer
+
+# name -> (tokenizer class, presets: preset name -> config)
+TOKENIZERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "vq": (VQTokenizer, VQ_PRESETS),
+    "multiscale": (MultiScaleVQ, MULTISCALE_PRESETS),
+    "kl": (KLTokenizer, KL_PRESETS),
+}
+
+
+def presets() -> dict[str, Any]:
+    """Every tokenizer preset: preset name -> config."""
+    return {preset: config for _, table in TOKENIZERS.values() for preset, config in table.items()}
+
+
+def build(config: Any) -> nn.Module:
+    """A fresh tokenizer of the kind whose config this is."""
+    for cls, _ in TOKENIZERS.values():
+        if type(config) is cls.config_class:
+            return cls(config)
+    raise ConfigError(f"{type(config).__name__} is not the config of any tokenizer ({sorted(TOKENIZERS)})")
