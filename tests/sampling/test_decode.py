@@ -3,7 +3,7 @@ import torch
 
 from argen.convert.llamagen import load_gpt, raster_config
 from argen.models.raster import RasterTransformer
-from argen.sampling import guidance
+from argen.sampling import guidance, values
 from argen.sampling.decode import SamplerConfig, generate, seeded_generators
 from tests.conftest import PARITY, assert_close_ref, tiny_raster
 
@@ -14,21 +14,18 @@ def official_gpt(llamagen_fixture):
     return load_gpt(PARITY / "LlamaGen_transformer.safetensors", raster_config(fields))
 
 
-def test_greedy_cfg_parity(official_gpt, llamagen_fixture):
+def test_greedy_cfg_parity(official_gpt, llamagen_fixture, monkeypatch):
     _, ref, meta, _ = llamagen_fixture
     seen = []
-    original = guidance.guide
+    original = values.guide_rows  # the decode loop's guidance: one scale per sample
 
-    def spy(logits, scale):
-        out = original(logits, scale)
+    def spy(logits, scales):
+        out = original(logits, scales)
         seen.append(out)
         return out
 
-    guidance.guide = spy
-    try:
-        ids = generate(official_gpt, ref["greedy_cond"], SamplerConfig(cfg_scale=4.0, greedy=True))
-    finally:
-        guidance.guide = original
+    monkeypatch.setattr(values, "guide_rows", spy)
+    ids = generate(official_gpt, ref["greedy_cond"], SamplerConfig(cfg_scale=4.0, greedy=True))
     assert_close_ref(torch.cat(seen, dim=1), "greedy_logits", ref, meta)
     assert_close_ref(ids, "greedy_idx", ref, meta)
 

@@ -11,10 +11,10 @@ import torch
 
 from argen.errors import ConfigError
 from argen.models.interface import Condition, Generator, as_condition
-from argen.sampling import diffusion, guidance
+from argen.sampling import guidance
 from argen.sampling.config import ParallelRows, SamplerConfig
-from argen.sampling.logits import check_finite, draw, process
 from argen.sampling.positions import KnownTokens, policy_class
+from argen.sampling.values import StepRows, value_sampler
 
 if TYPE_CHECKING:  # speculative imports this module's config at run time
     from argen.sampling.speculative import SpeculativeStats
@@ -41,7 +41,10 @@ def _rows(model: Generator, condition: Condition, known: KnownTokens | None) -> 
     B, L = len(condition), model.seq_len
     shape = (B, L) if model.order.values == "discrete" else (B, L, model.token_dim)
     if known is not None and (tuple(known.tokens.shape) != shape or known.known.shape != (B, L)):
-        raise ValueError(f"known tokens must be {shape} and their mask ({B}, {L})")
+        raise ValueError(
+            f"known tokens must be {shape} and their mask ({B}, {L}), got {tuple(known.tokens.shape)} and "
+            f"{tuple(known.known.shape)}: build them with the generator's tokenizer (its encode and token_mask)"
+        )
 
 
 @torch.no_grad()
@@ -69,32 +72,21 @@ def decode_steps(
     _rows(model, condition, known)
     schedule = schedule or config.schedule()
     options = config.options_for(model.order)
-    rows = guidance.with_null_rows(condition) if schedule is not None else condition
+    conditions = guidance.with_null_rows(condition) if schedule is not None else condition
     B, copies = len(condition), 2 if schedule is not None else 1
-    state = model.start(rows.to(model_device(model)), options)
+    state = model.start(conditions.to(model_device(model)), options)
     policy = policy_class(model.order.policy)(model, options, B, generators, known)
     policy.begin(state)
+    sampler = value_sampler(model.order)  # ids from logits, or vectors from the order's diffusion head
     while not state.done:
         asked = policy.positions(state)
         prediction = model.predict(state, None if asked is None else asked.repeat(copies, 1))
-        if model.order.values == "continuous":  # the order's diffusion head turns z into values
-            check_finite(prediction.z, f"the head's conditions z at step {state.step}")
-            scales = None
-            if schedule is not None:
-                scales = torch.tensor([schedule(float(t)) for t in policy.guidance_progress(state)])
-            logits = None
-            head_steps = options.head_steps_at(state.step, state.num_steps)  # the order's (DiSA anneals them)
-            values = diffusion.sample_values(
-                model, state, prediction, B, head_steps, config.temperature, scales, generators, options.head_clip
-            )
-        else:
-            check_finite(prediction.logits, f"logits at step {state.step}")
-            logits = prediction.logits
-            if schedule is not None:
-                logits = guidance.guide(logits, schedule(state.progress))
-            logits = process(logits, config.temperature, config.top_k, config.top_p)
-            values = draw(logits, generators, config.greedy)
-        positions, values = policy.select(state, prediction.positions[:B], logits, values)
+        scales = None  # one guidance scale per sample, at the progress its policy reads (MAR: its own schedule)
+        if schedule is not None:
+            scales = torch.tensor([schedule(float(t)) for t in policy.guidance_progress(state)])
+        rows = StepRows(prediction, state.tokens[:B], state.filled[:B], scales, state.step, state.num_steps)
+        drawn = sampler.draw(model, rows, config, options, generators)
+        positions, values = policy.select(state, prediction.positions[:B], drawn.logits, drawn.values)
         if known is not None:
             values = known.apply(values, positions)
         model.advance(state, positions.repeat(copies, 1), values.repeat(copies, *([1] * (values.dim() - 1))))

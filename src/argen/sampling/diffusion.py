@@ -11,11 +11,14 @@ recorded draws back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from argen.diffusion import DiffusionSchedule
-from argen.models.interface import DecodeState, Prediction
+
+if TYPE_CHECKING:  # values imports this module
+    from argen.sampling.values import StepRows
 
 Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Noise = Callable[[int], torch.Tensor]  # draw index (0: x_T; i: the noise added by the i-th step) -> (N, C)
@@ -35,8 +38,8 @@ def sample_head(
     (N, Dz), the noise prediction is guided: uncond + cfg_scale (cond - uncond), cfg_scale one number or (N,)."""
     x = noise(0).float()  # x_T, (N, C)
     N, C = x.shape
-    if isinstance(cfg_scale, torch.Tensor):
-        cfg_scale = cfg_scale.to(device=x.device, dtype=torch.float32)[:, None]
+    if z_null is not None:  # one scale per row; a row at exactly 1 keeps its conditional prediction bit for bit
+        cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=x.device).expand(N)[:, None]
     steps = schedule.num_timesteps
     for i in reversed(range(steps)):
         t = torch.full((N,), i, dtype=torch.long, device=x.device)
@@ -46,7 +49,8 @@ def sample_head(
         else:
             both = head(torch.cat([x, x]), torch.cat([net_t, net_t]), torch.cat([z, z_null])).float()
             cond, uncond = both[:N, :C], both[N:, :C]
-            out = torch.cat([uncond + cfg_scale * (cond - uncond), both[:N, C:]], dim=1)
+            eps = torch.where(cfg_scale == 1.0, cond, uncond + cfg_scale * (cond - uncond))
+            out = torch.cat([eps, both[:N, C:]], dim=1)
         mean, log_variance = schedule.p_mean_variance(out, x, t, clip)
         # DDPM: no noise is added by the last step (t = 0).
         x = mean + torch.exp(0.5 * log_variance) * noise(steps - i).float() * temperature if i > 0 else mean
@@ -92,46 +96,45 @@ def per_sample_noise(
     return draw
 
 
-def padding_rows(state: DecodeState, positions: torch.Tensor) -> torch.Tensor:
-    """(B, n) bool: rows a policy added to pad ragged counts (a position already filled, or a repeat of the
-    sample's first position); they get no value of their own."""
-    B, n = positions.shape
+def padding_rows(positions: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: rows a policy added to pad ragged counts (a position already `filled` (B, L), or a repeat of
+    the sample's first position); they get no value of their own."""
+    n = positions.shape[1]
     repeat = (positions == positions[:, :1]) & (torch.arange(n, device=positions.device) > 0)
-    return repeat | state.filled[:B].gather(1, positions)
+    return repeat | filled.gather(1, positions)
 
 
 def sample_values(
     model,
-    state: DecodeState,
-    prediction: Prediction,
-    num_samples: int,
+    rows: StepRows,
     head_steps: int,
     temperature: float,
-    cfg_scales: torch.Tensor | None,
     generators: list[torch.Generator] | None,
     clip: float = 0.0,
 ) -> torch.Tensor:
-    """A continuous order's step: its prediction's z ((copies * B, n, Dz), conditional rows first) -> values
-    (B, n, D) sampled by the order's head (`model.head`, `model.head_schedule`). cfg_scales: (B,) guidance
-    scales, or None without unconditional rows; all ones runs the conditional rows alone."""
-    B = num_samples
-    positions = prediction.positions[:B]
+    """A continuous order's step for B samples: their prediction's z ((copies B, n, Dz), conditional rows first)
+    -> values (B, n, D) sampled by the order's head (`model.head`, `model.head_schedule`), sample b's noise from
+    generators[b]. rows.scales: (B,) guidance scales, or None without unconditional rows; all ones runs the
+    conditional rows alone."""
+    B = len(rows)
+    positions, z_all = rows.prediction.positions[:B], rows.prediction.z
     D = model.token_dim
     if positions.numel() == 0:  # a step that reveals nothing (more steps than tokens): no head call
-        return torch.zeros(B, 0, D, device=prediction.z.device)
-    pad = padding_rows(state, positions)
-    rows = ~pad
-    z = prediction.z[:B][rows]  # (N, Dz) row-major over (sample, position)
-    owners = torch.arange(B, device=positions.device)[:, None].expand_as(positions)[rows]
-    guided = cfg_scales is not None and bool((cfg_scales != 1.0).any())
-    z_null = prediction.z[B : 2 * B][rows] if guided else None
-    scales = cfg_scales.to(z.device)[owners] if guided else 1.0
+        return torch.zeros(B, 0, D, device=z_all.device)
+    filled = rows.filled.to(positions.device)
+    pad = padding_rows(positions, filled)
+    keep = ~pad
+    z = z_all[:B][keep]  # (N, Dz) row-major over (sample, position)
+    owners = torch.arange(B, device=positions.device)[:, None].expand_as(positions)[keep]
+    guided = rows.scales is not None and bool((rows.scales != 1.0).any())
+    z_null = z_all[B : 2 * B][keep] if guided else None
+    scales = rows.scales.to(z.device)[owners] if guided else 1.0
     noise = per_sample_noise(generators, owners, D, z.device)
     schedule = model.head_schedule.respaced(head_steps)
     sampled = sample_head(padded_head(model.head), z, schedule, noise, temperature, scales, z_null, clip)
     values = torch.zeros(B, positions.shape[1], D, device=z.device)
-    values[rows] = sampled
-    # Padding keeps what the state holds there, or repeats the sample's first row (then the same position).
-    held = state.tokens[:B].gather(1, positions[..., None].expand(-1, -1, D)).to(values.dtype)
-    filled = state.filled[:B].gather(1, positions)[..., None]
-    return torch.where(pad[..., None], torch.where(filled, held, values[:, :1]), values)
+    values[keep] = sampled
+    # Padding keeps what the samples hold there, or repeats the sample's first row (then the same position).
+    held = rows.tokens.to(z.device).gather(1, positions[..., None].expand(-1, -1, D)).to(values.dtype)
+    known = filled.gather(1, positions)[..., None]
+    return torch.where(pad[..., None], torch.where(known, held, values[:, :1]), values)

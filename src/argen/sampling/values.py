@@ -1,0 +1,109 @@
+"""How a step's prediction becomes token values: the one place that chooses by the order's kind of values.
+
+A discrete order predicts logits, and its ids are drawn from them (guidance, temperature, top-k/p, the per-sample
+draw of `logits.py`); a continuous order (MAR) predicts the conditions z of its diffusion head, and its vectors
+are sampled by the head's loop with per-sample noise (`diffusion.py`). An order declares which in
+`OrderSpec.values`; the decode loop and the server's scheduler both call `value_sampler(order).draw`, so neither
+branches on it.
+
+A call serves the rows of B samples, possibly of several requests: guidance scales are one per sample (MAR's
+samples stand at their own point of its schedule; a server's requests at their own step), a scale of exactly 1
+gives the conditional prediction bit for bit, and every draw comes from the sample's own generator. A sample's
+values are therefore the same alone or among any others that share the call (`key` says what they must share).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from argen.models.interface import OrderSpec, Prediction
+from argen.sampling import diffusion
+from argen.sampling.config import SamplerConfig
+from argen.sampling.logits import check_finite, draw, process
+
+
+@dataclass
+class StepRows:
+    """What B samples bring to one step's draw."""
+
+    # positions (B, n), and logits (copies B, n, V) or z (copies B, n, Dz): the conditional rows, then one
+    # unconditional row per sample when `scales` is given
+    prediction: Prediction
+    tokens: torch.Tensor  # (B, L) ids or (B, L, D) vectors: the samples' values so far (what padding keeps)
+    filled: torch.Tensor  # (B, L) bool
+    scales: torch.Tensor | None  # (B,) guidance scale per sample; None: no unconditional rows
+    step: int  # the samples' step of `num_steps`
+    num_steps: int
+
+    def __len__(self) -> int:
+        return self.filled.shape[0]
+
+
+@dataclass
+class Drawn:
+    """B samples' values at their n positions."""
+
+    values: torch.Tensor  # (B, n) ids or (B, n, D) vectors
+    logits: torch.Tensor | None = None  # (B, n, V) the processed logits the ids were drawn from (what MaskGIT's
+    # confidence reads); None for continuous values
+
+
+def guide_rows(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(2B, ...) conditional rows first -> (B, ...) uncond + s (cond - uncond) with s = scales (B,) per row, and the
+    conditional rows themselves, bit for bit, where s = 1."""
+    cond, uncond = out.chunk(2, dim=0)
+    s = scales.to(out.device, out.dtype).reshape(-1, *([1] * (out.dim() - 1)))
+    return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
+
+
+class LogitValues:
+    """Discrete ids drawn from logits: guidance, then temperature, top-k and top-p, then each sample's draw."""
+
+    @staticmethod
+    def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
+        """The settings a draw reads besides the per-sample scales and generators: samples that agree on them may
+        share one call."""
+        return (config.temperature, config.top_k, config.top_p, config.greedy)
+
+    @staticmethod
+    def draw(
+        model: Any, rows: StepRows, config: SamplerConfig, options: Any, generators: list[torch.Generator] | None
+    ) -> Drawn:
+        logits = rows.prediction.logits
+        check_finite(logits, f"logits at step {rows.step}")
+        if rows.scales is not None:
+            logits = guide_rows(logits, rows.scales)
+        logits = process(logits, config.temperature, config.top_k, config.top_p)
+        return Drawn(draw(logits, generators, config.greedy), logits)
+
+
+class HeadValues:
+    """Continuous vectors sampled by the order's diffusion head (`model.head`, `model.head_schedule`) from its
+    conditions z, with the order's head options (`head_steps_at`, DiSA's annealing, and `head_clip`)."""
+
+    @staticmethod
+    def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
+        return (config.temperature, options.head_steps_at(step, num_steps), options.head_clip)
+
+    @staticmethod
+    def draw(
+        model: Any, rows: StepRows, config: SamplerConfig, options: Any, generators: list[torch.Generator] | None
+    ) -> Drawn:
+        check_finite(rows.prediction.z, f"the head's conditions z at step {rows.step}")
+        head_steps = options.head_steps_at(rows.step, rows.num_steps)
+        return Drawn(
+            diffusion.sample_values(model, rows, head_steps, config.temperature, generators, options.head_clip)
+        )
+
+
+VALUES = {"discrete": LogitValues, "continuous": HeadValues}
+
+
+def value_sampler(order: OrderSpec) -> type[LogitValues] | type[HeadValues]:
+    """How the order's predictions become values (`OrderSpec.values`)."""
+    if order.values not in VALUES:
+        raise ValueError(f"the {order.name} order has {order.values!r} values; argen samples {sorted(VALUES)}")
+    return VALUES[order.values]
