@@ -56,8 +56,9 @@ def test_save_load_and_seeded_encode(tmp_path):
     loaded = load_pretrained(tmp_path / "kl")
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     with torch.no_grad():
-        assert torch.equal(model.encode(images, g1), loaded.encode(images, g2))
-        latents = model.encode(images, sample=False)
+        assert torch.equal(model.encode(images, g1, sample=True), loaded.encode(images, g2, sample=True))
+        assert torch.equal(model.encode(images), loaded.encode(images))  # the posterior means: no randomness
+        latents = model.latents(images)
         assert latents.shape == (2, 4, 4, 4)
         assert model.decode(latents).shape == images.shape
 
@@ -103,8 +104,9 @@ def test_tokens_are_latent_positions_in_raster_order():
     model = tiny_kl().eval()
     images = torch.rand(2, 1, 8, 8) * 2 - 1
     with torch.no_grad():
-        latents = model.encode(images, sample=False)  # (B, D, h, w)
-        tokens = model.to_tokens(latents)
+        latents = model.latents(images)  # (B, D, h, w)
+        tokens = model.encode(images)  # what a generator reads: (B, L, D)
+        assert torch.equal(tokens, model.to_tokens(latents))
         assert tokens.shape == (2, model.seq_len, model.token_dim)
         assert torch.equal(tokens[:, 1], latents[:, :, 0, 1])  # position (0, 1) is token 1
         assert torch.equal(model.from_tokens(tokens), latents)

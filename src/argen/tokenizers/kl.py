@@ -11,8 +11,9 @@ The generator sees latents multiplied by `scale_factor` (MAR: 0.2325, about one 
 factor lives here, on the component that owns it, and nowhere else. `argen tokenize` measures it on the data it
 encodes (one over the std of the posterior means) and `argen train` stores it in the pipeline's tokenizer.
 
-As a generator's tokenizer it speaks tokens: (B, L, D) scaled latents, one token per latent position in raster
-order (D = embed_dim; MAR's patchify at patch size 1), where a VQ tokenizer speaks (B, L) ids.
+As a generator's tokenizer it speaks tokens: `encode` gives (B, L, D) scaled posterior means, one token per latent
+position in raster order (D = embed_dim; MAR's patchify at patch size 1), and `token_mask` the (B, L) positions of
+a pixel region, where a VQ tokenizer speaks (B, L) ids: known tokens for editing are built the same way for both.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class KLOutput:
 
 @register
 class KLTokenizer(nn.Module, Pretrained):
-    """Pixels (B, C, H, W) in [-1, 1] <-> scaled latents (B, embed_dim, h, w)."""
+    """Pixels (B, C, H, W) in [-1, 1] <-> scaled latent tokens (B, L, embed_dim) (or latents (B, embed_dim, h, w))."""
 
     component_type = "kl_tokenizer"
     config_class = KLConfig
@@ -155,9 +156,19 @@ class KLTokenizer(nn.Module, Pretrained):
     def posterior(self, images: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian.from_moments(self.moments(images))
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
-        """(B, C, H, W) -> scaled latents (B, embed_dim, h, w): a posterior sample (noise from `generator`), or
-        its mean when `sample` is false."""
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> scaled tokens (B, L, embed_dim), what a generator reads and samples (as a VQ tokenizer's
+        encode gives ids): the posterior means, as the latent shards a generator trains on hold them, times
+        `scale_factor`; with `sample`, a posterior sample instead (noise from `generator`, else the global RNG)."""
+        return self.to_tokens(self.latents(images, generator, sample))
+
+    def latents(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
+        """(B, C, H, W) -> scaled latents (B, embed_dim, h, w): the posterior's mean, or a sample of it with
+        `sample` (noise from `generator`)."""
         posterior = self.posterior(images)
         if not sample:
             return posterior.mean * self.config.scale_factor
@@ -174,8 +185,8 @@ class KLTokenizer(nn.Module, Pretrained):
         return self.to_tokens(self.posterior(images).mean)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, embed_dim, h, w), as `encode` gives, or scaled tokens (B, L, embed_dim), as the
-        generator samples -> images (B, C, H, W), not clamped."""
+        """Scaled tokens (B, L, embed_dim), as `encode` gives and the generator samples, or scaled latents
+        (B, embed_dim, h, w), as `latents` gives -> images (B, C, H, W), not clamped."""
         if latents.dim() == 3:
             latents = self.from_tokens(latents)
         if latents.dim() != 4 or latents.shape[1] != self.config.embed_dim:
