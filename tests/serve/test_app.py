@@ -29,7 +29,7 @@ from argen.serve.app import Limits, create_app  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pipelines():
-    return {name: ARPipeline.from_pretrained(name) for name in ("raster", "next-scale")}
+    return {name: ARPipeline.from_pretrained(name) for name in ("raster", "next-scale", "mar")}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_models_health_and_metrics(client):
     assert re.search(r'^argen_request_latency_seconds_bucket\{le="\+Inf"\} [1-9]', text, re.M)
 
 
-@pytest.mark.parametrize("name", ["raster", "next-scale"])
+@pytest.mark.parametrize("name", ["raster", "next-scale", "mar"])
 def test_images_are_the_pipelines_for_the_same_seed(client, pipelines, name):
     response = client.post("/v1/images", json={"model": name, "labels": [3, "7"], "n": 2, "seed": 4, "output": "json"})
     assert response.status_code == 200, response.text
@@ -100,6 +100,10 @@ BAD = [
     ({"model": "next-scale", "labels": [1], "prune": 2}, 422, "prune"),
     ({"model": "next-scale", "labels": [1], "prune": 0.5, "prune_scales": 99}, 422, "prune_scales"),
     ({"model": "next-scale", "labels": [1], "kv_budget": "x"}, 422, "kv_budget"),
+    ({"model": "mar", "labels": [1], "head_steps": 65}, 422, "head_steps"),  # over --max-steps
+    ({"model": "mar", "labels": [1], "steps": 65}, 422, "steps"),
+    ({"model": "mar", "labels": [1], "head_annealing": "wild"}, 422, "head_annealing"),
+    ({"model": "mar", "labels": [1], "prune": 0.5}, 422, "prune"),  # another order's option
 ]
 
 
@@ -235,11 +239,10 @@ def test_sigterm_drains_in_flight_requests_and_stops_within_5_s(tmp_path):
     assert result["response"].headers["content-type"] == "image/png"
 
 
-def test_the_default_models_are_every_shipped_order_the_scheduler_draws_for():
+def test_the_default_models_are_every_shipped_order():
     from argen.cli.serve import parse_models
     from argen.pipeline import ARPipeline
 
     served = parse_models(None)
     orders = {ARPipeline.from_pretrained(path).generator.order.name for path in served.values()}
-    assert orders == {"raster", "next-scale", "masked", "random-order"}
-    assert all(ARPipeline.from_pretrained(p).generator.order.values == "discrete" for p in served.values())
+    assert orders == {"raster", "next-scale", "masked", "random-order", "mar"}

@@ -1,5 +1,6 @@
 """The scheduler's contract: a request's images are bit-identical whether it ran alone or among strangers that
-joined and left mid-way, for every shipped order; cancellation, bounds and per-request failures."""
+joined and left mid-way, for every shipped order (MAR's continuous values included); cancellation, bounds and
+per-request failures."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from argen.pipeline import ARPipeline
 from argen.serve.scheduler import QueueFull, Request, Scheduler
 
-ORDERS = ("raster", "next-scale", "masked", "random-order")
+ORDERS = ("raster", "next-scale", "masked", "random-order", "mar")
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +146,55 @@ def test_next_scale_never_mixes_steps(pipelines):
     assert scheduler.stats.mixed_passes == 0
 
 
+def test_mar_requests_at_one_step_share_the_pass_and_the_head(pipelines, monkeypatch):
+    """MAR rows at the same step share the transformer's pass, and requests that agree on the head's settings share
+    its sampling loop (each image's noise from its own generator, each request's guidance scale per row); a request
+    arriving later opens a batch of its own (MAR joins at the same step only). Every request gets its images
+    alone, bit for bit."""
+    from argen.sampling import diffusion
+
+    pipe, fast = pipelines["mar"], {"steps": 6, "head_steps": 10}
+    head_calls = []
+    sample_head = diffusion.sample_head
+
+    def counting(head, z, *args, **kwargs):
+        head_calls.append(len(z))
+        return sample_head(head, z, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "sample_head", counting)
+    settings = [  # (labels, seed, sampler overrides)
+        ([3, 7], 11, {}),
+        ([1], 4, {"cfg_scale": 2.0}),  # another guidance scale: the same head call
+        ([5], 6, {"cfg_scale": 1.0}),  # unguided: a call of its own (no unconditional rows)
+        ([2, 2], 8, {"temperature": 0.8}),  # another temperature: a call of its own
+    ]
+    scheduler, recorders = Scheduler(pipelines), []
+    for labels, seed, overrides in settings:
+        recorders.append(Recorder())
+        scheduler.submit(Request("mar", labels, seed, pipe.config(**fast, **overrides)), recorders[-1])
+    scheduler.iterate()
+    (batch,) = scheduler.batches
+    assert len(batch.jobs) == 4 and scheduler.stats.forward_passes == 1
+    assert sorted(head_calls) == [2, 4, 6]  # 2 positions a sample at the first of 6 steps: 3, 1 and 2 samples
+    for _ in range(2):
+        scheduler.iterate()
+    late = Recorder()
+    scheduler.submit(Request("mar", [9], 0, pipe.config(**fast)), late)
+    scheduler.iterate()
+    assert [len(b.jobs) for b in scheduler.batches] == [4, 1] and scheduler.stats.forward_passes == 5
+    run_until_idle(scheduler)
+    assert scheduler.stats.mixed_passes == 0 and scheduler.stats.forward_passes == 6 + 6
+    monkeypatch.undo()
+    for (labels, seed, overrides), recorder in zip(settings, recorders, strict=True):
+        alone = pipe(labels, seed=seed, output_type="pt", **fast, **overrides)
+        assert torch.equal(recorder.done.tokens, alone.tokens)
+        assert torch.equal(recorder.done.images, alone.images)
+    assert torch.equal(late.done.tokens, pipe([9], seed=0, output_type="pt", **fast).tokens)
+
+
 def test_the_batch_bound_holds_back_same_step_orders_only(pipelines):
-    """max_batches gathers same-step arrivals into full batches; a raster request has nothing to wait for."""
+    """max_batches gathers same-step arrivals into full batches; a raster request has nothing to wait for, nor has
+    a request of another model."""
     scheduler = Scheduler(pipelines, max_batches=1)
     scheduler.submit(Request("next-scale", [1], seed=0, config=pipelines["next-scale"].config()), Recorder())
     scheduler.iterate()
@@ -154,6 +202,12 @@ def test_the_batch_bound_holds_back_same_step_orders_only(pipelines):
     scheduler.submit(Request("next-scale", [3], seed=0, config=pipelines["next-scale"].config()), Recorder())
     scheduler.iterate()
     assert [b.key[0] for b in scheduler.batches] == ["next-scale", "raster"] and len(scheduler.waiting) == 1
+    # the bound is per model, and a request it holds back does not hold back other models' requests behind it
+    scheduler.submit(Request("mar", [4], seed=0, config=pipelines["mar"].config(steps=4, head_steps=5)), Recorder())
+    scheduler.submit(Request("masked", [5], seed=0, config=pipelines["masked"].config()), Recorder())
+    scheduler.iterate()
+    assert [b.key[0] for b in scheduler.batches] == ["next-scale", "raster", "mar", "masked"]
+    assert [job.request.model for job in scheduler.waiting] == ["next-scale"]
     run_until_idle(scheduler)
 
 

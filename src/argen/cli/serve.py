@@ -12,7 +12,7 @@ from argen.cli.common import check_device, positive_int, shipped_models
 from argen.errors import ConfigError
 
 log = logging.getLogger(__name__)
-DEFAULT_MODELS = ["raster", "next-scale", "masked", "random-order"]  # every shipped order the scheduler draws for
+DEFAULT_MODELS = ["raster", "next-scale", "masked", "random-order", "mar"]  # every shipped order (mar where packed)
 
 
 def positive_float(text: str) -> float:
@@ -36,7 +36,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free one)")
     p.add_argument("--api-key", default=None, help="require this key (default: $ARGEN_API_KEY, else no key)")
     p.add_argument("--max-images", type=positive_int, default=16, help="images per request")
-    p.add_argument("--max-steps", type=positive_int, default=64, help="cap on an order's own steps option")
+    p.add_argument(
+        "--max-steps", type=positive_int, default=64, help="cap on an order's own step counts (steps, head_steps)"
+    )
     p.add_argument("--max-rows", type=positive_int, default=64, help="decode rows running at once (guided x2)")
     p.add_argument("--max-queue", type=positive_int, default=32, help="waiting requests; beyond them 503")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds a request may take")
@@ -49,7 +51,7 @@ def add_serve_parser(sub) -> None:
 def parse_models(items: list[str] | None) -> dict[str, str]:
     """['raster', 'mine=runs/x/pipeline'] -> {served name: shipped name or folder}."""
     out = {}
-    for item in items or DEFAULT_MODELS:
+    for item in items or [name for name in DEFAULT_MODELS if name in shipped_models()]:
         name, _, path = item.partition("=")
         if not name or (not path and "/" in name):
             raise ConfigError(f"--model {item!r}: give a shipped name or NAME=PATH")

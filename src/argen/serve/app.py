@@ -48,7 +48,7 @@ STATIC = Path(__file__).parent / "static"
 @dataclass
 class Limits:
     max_images: int = 16  # images per request (labels x n)
-    max_steps: int = 64  # cap on an order's own `steps` option (masked, random-order)
+    max_steps: int = 64  # cap on an order's own step counts (`steps` of masked, random-order, MAR; MAR's head_steps)
     max_rows: int = 64  # decode-state rows running at once
     max_queue: int = 32  # requests waiting beyond them; more get 503
     timeout: float = 60.0  # seconds a request may take in all
@@ -147,9 +147,9 @@ class Service:
             raise ClientError(
                 422, config.acceleration.name, "the server runs the plain sampler: leave accelerations unset"
             )
-        steps = config.order_options.get("steps")
-        if isinstance(steps, int) and steps > self.limits.max_steps:
-            raise ClientError(422, "steps", f"steps={steps} is over the server's cap of {self.limits.max_steps}")
+        for name, steps in config.order_options.items():  # the order's step counts: steps, MAR's head_steps
+            if name.endswith("steps") and isinstance(steps, int) and steps > self.limits.max_steps:
+                raise ClientError(422, name, f"{name}={steps} is over the server's cap of {self.limits.max_steps}")
         seed = body.seed if body.seed is not None else int(torch.randint(0, 2**31, ()).item())
         return Work(body.model, ids.repeat_interleave(body.n).tolist(), seed, config, previews)
 

@@ -2,10 +2,12 @@
 
 Each request keeps what makes its images its own: per-sample `torch.Generator`s (image i draws from seed + i, as
 `ARPipeline` does), its own guidance rows, its own step and schedule, its policy (MaskGIT's confidence, RandAR's
-permutation), temperature and top-k/p. What requests share is the forward pass: requests of the same model and
-order options are a *batch*, their rows stacked row-wise into one DecodeState (`batching.stack`), so one
-`predict` serves all of them. Guidance, logit processing, the draw and the policy's choice then run per request
-on a view of its own rows at its own step (`batching.rows`), with its own generators.
+permutation, MAR's order), temperature and top-k/p. What requests share is the forward pass: requests of the same
+model and order options are a *batch*, their rows stacked row-wise into one DecodeState (`batching.stack`), so one
+`predict` serves all of them. The policy's positions and choice run per request on a view of its own rows at its
+own step (`batching.rows`); the values come from the order's one value sampler (`argen.sampling.values`, as in
+`decode_steps`: logits guided, processed and drawn, or MAR's diffusion head run), called once for the requests
+that agree on its settings, with each request's own guidance scales and each image's own generator.
 
 Between steps (one iteration of `_loop`), the scheduler
 - retires finished, cancelled and timed-out requests (their rows are taken out of the stacked state),
@@ -19,11 +21,11 @@ Where an arrival joins depends on the order (`OrderSpec.row_steps`):
   logits do not depend on how far its neighbours have got: an arrival joins the running batch at once, at its
   own step 0, beside rows at any step. A request asking fewer positions than its neighbours (random-order with
   `steps`: the count follows each request's own step) is padded with its first and draws only its own.
-- next-scale (a map of another size at every step) shares a pass at the same step only: an arrival opens a batch
-  at step 0 (at most `max_batches` run at once, so arrivals gather into full batches) and batches that meet at
-  a step merge.
-States whose cache is not stackable (a ScaleKV budget) run as batches of one; continuous orders (MAR) too (their
-diffusion head is not run here).
+- next-scale (a map of another size at every step) and MAR (its encoder pads rows holding fewer known tokens,
+  which moves a row's z by ~1e-6, and a continuous value keeps every such change) share a pass at the same step
+  only: an arrival opens a batch at step 0 (at most `max_batches` per model run at once, so arrivals gather into
+  full batches) and batches that meet at a step merge.
+States whose cache is not stackable (a ScaleKV budget) run as batches of one.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ from typing import Any
 
 import torch
 
-from argen.models.interface import Condition, DecodeState
+from argen.models.interface import Condition, DecodeState, Prediction
 from argen.pipeline import ARPipeline
 from argen.sampling import guidance
 from argen.sampling.config import SamplerConfig
 from argen.sampling.decode import seeded_generators
-from argen.sampling.logits import check_finite, draw, process
 from argen.sampling.positions import PositionPolicy, policy_class
+from argen.sampling.values import Drawn, StepRows, value_sampler
 from argen.serve import batching
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class Job:
     generators: list[torch.Generator] | None = None
     schedule: guidance.Schedule | None = None
     policy: PositionPolicy | None = None
+    options: Any = None  # the order's own options (its `options_class`)
     step: int = 0  # the request's own step, whatever the batch's other rows stand at
     num_steps: int = 0
 
@@ -175,11 +178,11 @@ class Scheduler:
 
     max_rows: decode-state rows running at once (guided images count twice); max_queue: requests waiting beyond
     them, past which `submit` raises QueueFull; batching=False runs one request at a time (the baseline).
-    max_batches: same-step batches running at once. An order with `row_steps` (all shipped ones but next-scale)
-    keeps one batch per model and options, which an arrival joins at once, whatever step its rows stand at. The
-    others share a pass only at the same step, so an arrival opens a batch at step 0; past this bound such
-    arrivals wait and start together (the next batch at step 0 takes every waiting request that fits), which keeps
-    passes full.
+    max_batches: same-step batches running at once, per model. An order with `row_steps` (raster, masked,
+    random-order) keeps one batch per model and options, which an arrival joins at once, whatever step its rows
+    stand at. The others (next-scale, MAR) share a pass only at the same step, so an arrival opens a batch at step
+    0; past this bound such arrivals wait and start together (the next batch at step 0 takes every waiting request
+    of the model that fits), which keeps passes full, while requests of other models pass them.
     """
 
     def __init__(
@@ -272,14 +275,25 @@ class Scheduler:
             self._step(batch)
 
     def _admit(self) -> None:
+        """Start waiting requests in arrival order while rows are free. A request held back by its model's batch
+        bound alone (a same-step order) lets later requests of other models pass; those of its own model wait
+        behind it."""
+        held: set[str] = set()  # models whose first waiting request waits for a batch
+        index = 0
         while True:
             with self._wake:
-                if not self.waiting:
+                if index >= len(self.waiting):
                     return
-                job = self.waiting[0]
-                if not job.cancelled and not self._room_for(job):
-                    return
-                self.waiting.popleft()
+                job = self.waiting[index]
+                if not job.cancelled:
+                    room = self._room_for(job)
+                    if room is None:  # no rows: everything behind waits too
+                        return
+                    if not room or job.request.model in held:
+                        held.add(job.request.model)
+                        index += 1
+                        continue
+                del self.waiting[index]
             if job.cancelled:
                 self.stats.cancelled += 1
                 continue
@@ -289,12 +303,14 @@ class Scheduler:
                 log.exception("request %d failed to start", job.id)
                 self._finish_error(job, f"{type(error).__name__}: {error}")
 
-    def _room_for(self, job: Job) -> bool:
+    def _room_for(self, job: Job) -> bool | None:
+        """True: the request may start now; False: rows are free but its model's batch bound holds it back; None:
+        not enough free rows (or one request at a time without batching)."""
         if not self.batching:
-            return not self.batches
+            return None if self.batches else True
         rows = job.n * (2 if job.request.config.schedule() is not None else 1)
         if self.batches and self.running_rows + rows > self.max_rows:
-            return False
+            return None
         try:
             key = self._key(job.request)
         except Exception:  # a bad setting: let it start (and fail) now rather than wait
@@ -302,7 +318,8 @@ class Scheduler:
         if self.pipelines[job.request.model].generator.order.row_steps:
             return True  # joins its batch now, or opens it
         joinable = any(b.key == key and b.step == 0 for b in self.batches)
-        return joinable or sum(not b.mixed for b in self.batches) < self.max_batches
+        model = job.request.model  # the bound is per model: one order's batches do not hold back another's
+        return joinable or sum(not b.mixed and b.key[0] == model for b in self.batches) < self.max_batches
 
     def _key(self, request: Request) -> tuple:
         """What two requests must share to share a pass: the model and the order's options."""
@@ -315,15 +332,14 @@ class Scheduler:
         job.pipeline = pipe
         job.generators = seeded_generators([request.seed + i for i in range(job.n)])
         job.schedule = config.schedule()
-        options = config.options_for(model.order)
+        options = job.options = config.options_for(model.order)
         labels = Condition.classes(torch.tensor(request.labels, device=pipe.device))
         rows = guidance.with_null_rows(labels) if job.schedule is not None else labels
         state = model.start(rows, options)
         job.policy = policy_class(model.order.policy)(model, options, job.n, job.generators, None)
         job.policy.begin(state)
         job.num_steps = state.num_steps
-        # continuous orders (MAR) sample through their head, which this scheduler does not run batched
-        shares = batching.stackable(state) and model.order.values == "discrete"
+        shares = batching.stackable(state)
         key = self._key(request) if shares else (request.model, options, job.id)
         # a batch of its own until `_merge` stacks it into the running one: one copy of the running rows per
         # step however many requests join at that step
@@ -401,19 +417,18 @@ class Scheduler:
             pad = [torch.cat([a, a[:, :1].expand(-1, width - a.shape[1])], dim=1) for a in asked]
             positions = torch.cat([a.repeat(job.rows // job.n, 1) for (job, _, _), a in zip(views, pad, strict=True)])
         prediction = model.predict(state, positions)
-        check_finite(prediction.logits, "logits")
         widths = [prediction.positions.shape[1] if a is None else a.shape[1] for a in asked]
-        drawn = self._draw(views, prediction.logits, widths)
+        drawn = self._draw(model, state, views, prediction, widths)
         chosen = []
-        for (job, lo, view), (logits, values), k in zip(views, drawn, widths, strict=True):
-            chosen.append(job.policy.select(view, prediction.positions[lo : lo + job.n, :k], logits, values))
+        for (job, lo, view), own, k in zip(views, drawn, widths, strict=True):
+            chosen.append(job.policy.select(view, prediction.positions[lo : lo + job.n, :k], own.logits, own.values))
             job.step += 1
         if batch.mixed and len({p.shape[1] for p, _ in chosen}) > 1:
             # ragged commits (the masked order's counts follow each request's own schedule): each request commits
             # its own rows (a row_steps order's advance reads only those)
             for (job, _, view), (positions, values) in zip(views, chosen, strict=True):
                 copies = job.rows // job.n
-                model.advance(view, positions.repeat(copies, 1), values.repeat(copies, 1))
+                model.advance(view, positions.repeat(copies, 1), values.repeat(copies, *([1] * (values.dim() - 1))))
         else:  # one commit for all rows: the order may keep batch-wide bookkeeping (next-scale's residual map)
             # each row's image among the batch's images (guidance's unconditional rows follow the conditional ones)
             firsts = itertools.accumulate((job.n for job, _, _ in views), initial=0)
@@ -425,29 +440,46 @@ class Scheduler:
             image = torch.tensor(image, device=state.tokens.device)
             model.advance(state, torch.cat([p for p, _ in chosen])[image], torch.cat([v for _, v in chosen])[image])
 
-    def _draw(self, views, logits: torch.Tensor, widths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each request's (processed logits, drawn values) of its n images at its own `widths` positions.
-        Requests with the same sampling settings, guidance scale at their own step and width are guided,
-        processed and drawn in one go: every op is per row and each image draws from its own generator, so this
-        is what each would get on its own."""
+    def _draw(self, model: Any, state: DecodeState, views, prediction: Prediction, widths: list[int]) -> list[Drawn]:
+        """Each request's values of its n images at its own `widths` positions, through the order's one value
+        sampler (`argen.sampling.values`: logits drawn, or the diffusion head run). Requests that agree on what the
+        draw reads (the sampler's `key`), on guidance being on and on the width share one call, with per-sample
+        guidance scales at each request's own step and each image's own generator: every op is per row, so this is
+        what each would get on its own."""
+        sampler = value_sampler(model.order)
         groups: dict[tuple, list] = {}
         for (job, lo, view), k in zip(views, widths, strict=True):
-            c = job.request.config
-            scale = job.schedule(view.progress) if job.schedule is not None else None
-            groups.setdefault((c.temperature, c.top_k, c.top_p, c.greedy, scale, k), []).append((job, lo))
+            key = sampler.key(job.request.config, job.options, view.step, view.num_steps)
+            scales = None
+            if job.schedule is not None:
+                scales = torch.tensor([job.schedule(float(t)) for t in job.policy.guidance_progress(view)])
+            groups.setdefault((key, scales is None, k), []).append((job, lo, view, scales))
         out = {}
-        for (temperature, top_k, top_p, greedy, scale, k), members in groups.items():
-            rows = torch.cat([torch.arange(lo, lo + job.n) for job, lo in members])
-            if scale is not None:  # the conditional rows, then the unconditional ones (guidance.with_null_rows)
-                uncond = torch.cat([torch.arange(lo + job.n, lo + 2 * job.n) for job, lo in members])
-                guided = guidance.guide(logits[torch.cat([rows, uncond]).to(logits.device)], scale)
-            else:
-                guided = logits[rows.to(logits.device)]
-            guided = process(guided[:, :k], temperature, top_k, top_p)
-            values = draw(guided, [g for job, _ in members for g in job.generators], greedy)
+        for (_, unguided, k), members in groups.items():
+            cond = torch.cat([torch.arange(lo, lo + job.n) for job, lo, _, _ in members]).to(state.tokens.device)
+            rows = cond
+            if not unguided:  # the conditional rows, then the unconditional ones (guidance.with_null_rows)
+                uncond = [torch.arange(lo + job.n, lo + 2 * job.n) for job, lo, _, _ in members]
+                rows = torch.cat([cond, torch.cat(uncond).to(cond.device)])
+            first, _, view, _ = members[0]  # the key: what the draw reads of config, options and step is theirs too
+            drawn = sampler.draw(
+                model,
+                StepRows(
+                    _prediction_rows(prediction, rows, k),
+                    state.tokens[cond],
+                    state.filled[cond],
+                    None if unguided else torch.cat([scales for *_, scales in members]),
+                    view.step,
+                    view.num_steps,
+                ),
+                first.request.config,
+                first.options,
+                [g for job, *_ in members for g in job.generators],
+            )
             offset = 0
-            for job, _ in members:
-                out[job.id] = guided[offset : offset + job.n], values[offset : offset + job.n]
+            for job, *_ in members:
+                part = slice(offset, offset + job.n)
+                out[job.id] = Drawn(drawn.values[part], None if drawn.logits is None else drawn.logits[part])
                 offset += job.n
         return [out[job.id] for job, _, _ in views]
 
@@ -475,3 +507,12 @@ class Scheduler:
                 job.on_event(Event("error", message=message))
         self.waiting.clear()
         self.batches.clear()
+
+
+def _prediction_rows(prediction: Prediction, rows: torch.Tensor, width: int) -> Prediction:
+    """Some rows of a batch's prediction, at their first `width` positions."""
+
+    def part(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else values[rows, :width]
+
+    return Prediction(prediction.positions[rows, :width], logits=part(prediction.logits), z=part(prediction.z))
