@@ -59,3 +59,25 @@ def test_rows_at_different_steps_get_their_own_logits_bit_for_bit(model):
 def test_aligned_stacking_refuses_states_at_different_steps(model):
     with pytest.raises(AssertionError):
         batching.stack([advanced(model, [1, 2, 3, 4], 1), advanced(model, [1, 2, 3, 4], 2)])
+
+
+@torch.no_grad()
+def test_mar_rows_holding_different_numbers_of_latents_get_their_own_z_bit_for_bit():
+    """MAR's encoder sees only a row's known latents: rows at different steps know different numbers of them, and
+    the encoder runs each group of equal counts together, so every row's z is the one it gets alone."""
+    model = ARPipeline.from_pretrained("mar").generator
+    g = torch.Generator().manual_seed(0)
+
+    def state(known: int, label: int):
+        s = model.start(torch.tensor([label] * 4), None)
+        for row in range(4):  # 4 rows a state (see above), each knowing `known` latents of its own
+            where = torch.randperm(model.seq_len, generator=g)[:known]
+            s.tokens[row, where] = torch.randn(known, model.token_dim, generator=g)
+            s.filled[row, where] = True
+        return s
+
+    states = [state(0, 1), state(5, 2), state(20, 3), state(48, 4)]
+    alone = torch.cat([model.predict(s).z for s in states])
+    mixed = model.predict(batching.stack(states, aligned=False)).z
+    assert torch.equal(mixed, alone)
+    assert not torch.equal(alone[:4], alone[4:8])

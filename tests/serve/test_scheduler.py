@@ -85,13 +85,20 @@ def test_request_among_strangers_is_bit_identical_to_alone(pipelines, name):
 
 @pytest.mark.parametrize(
     "name, options",
-    [("raster", {}), ("masked", {}), ("random-order", {}), ("random-order", {"steps": 20})],
-    ids=["raster", "masked", "random-order", "random-order-20-steps"],
+    [
+        ("raster", {}),
+        ("masked", {}),
+        ("random-order", {}),
+        ("random-order", {"steps": 20}),
+        ("mar", {"steps": 12, "head_steps": 10}),
+    ],
+    ids=["raster", "masked", "random-order", "random-order-20-steps", "mar"],
 )
 def test_a_request_joining_mid_way_shares_passes_with_rows_at_other_steps(pipelines, name, options):
     """Continuous batching proper: an arrival joins the running batch at its own step 0 beside rows many steps
-    ahead, stays while they leave, and gets the images it gets alone. (Random-order in 20 steps: rows at
-    different steps ask different numbers of positions in the same pass.)"""
+    ahead, stays while they leave, and gets the images it gets alone. (Random-order in 20 steps and MAR: rows at
+    different steps ask different numbers of positions in the same pass; MAR's rows hold different numbers of
+    known latents.)"""
     pipe = pipelines[name]
     mine = Request(name, [2, 8], seed=21, config=pipe.config(cfg_scale=1.5, **options), previews=True)
     alone = Recorder()
@@ -146,11 +153,10 @@ def test_next_scale_never_mixes_steps(pipelines):
     assert scheduler.stats.mixed_passes == 0
 
 
-def test_mar_requests_at_one_step_share_the_pass_and_the_head(pipelines, monkeypatch):
-    """MAR rows at the same step share the transformer's pass, and requests that agree on the head's settings share
-    its sampling loop (each image's noise from its own generator, each request's guidance scale per row); a request
-    arriving later opens a batch of its own (MAR joins at the same step only). Every request gets its images
-    alone, bit for bit."""
+def test_mar_requests_share_the_pass_and_the_head(pipelines, monkeypatch):
+    """MAR rows share the transformer's pass, and requests that agree on the head's settings share its sampling
+    loop (each image's noise from its own generator, each request's guidance scale per row); a later arrival joins
+    the running batch at its own step 0. Every request gets its images alone, bit for bit."""
     from argen.sampling import diffusion
 
     pipe, fast = pipelines["mar"], {"steps": 6, "head_steps": 10}
@@ -180,10 +186,11 @@ def test_mar_requests_at_one_step_share_the_pass_and_the_head(pipelines, monkeyp
         scheduler.iterate()
     late = Recorder()
     scheduler.submit(Request("mar", [9], 0, pipe.config(**fast)), late)
-    scheduler.iterate()
-    assert [len(b.jobs) for b in scheduler.batches] == [4, 1] and scheduler.stats.forward_passes == 5
+    scheduler.iterate()  # the arrival joins the running batch at its own step 0, beside rows at step 3
+    (batch,) = scheduler.batches
+    assert [job.step for job in batch.jobs] == [4, 4, 4, 4, 1] and scheduler.stats.forward_passes == 4
     run_until_idle(scheduler)
-    assert scheduler.stats.mixed_passes == 0 and scheduler.stats.forward_passes == 6 + 6
+    assert scheduler.stats.forward_passes == 3 + 6 and scheduler.stats.mixed_passes == 3
     monkeypatch.undo()
     for (labels, seed, overrides), recorder in zip(settings, recorders, strict=True):
         alone = pipe(labels, seed=seed, output_type="pt", **fast, **overrides)
@@ -202,7 +209,7 @@ def test_the_batch_bound_holds_back_same_step_orders_only(pipelines):
     scheduler.submit(Request("next-scale", [3], seed=0, config=pipelines["next-scale"].config()), Recorder())
     scheduler.iterate()
     assert [b.key[0] for b in scheduler.batches] == ["next-scale", "raster"] and len(scheduler.waiting) == 1
-    # the bound is per model, and a request it holds back does not hold back other models' requests behind it
+    # a request the bound holds back does not hold back other models' requests behind it
     scheduler.submit(Request("mar", [4], seed=0, config=pipelines["mar"].config(steps=4, head_steps=5)), Recorder())
     scheduler.submit(Request("masked", [5], seed=0, config=pipelines["masked"].config()), Recorder())
     scheduler.iterate()

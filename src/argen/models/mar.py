@@ -148,7 +148,7 @@ class MARConfig:
 
 
 class Attention(nn.Module):
-    """timm's ViT attention: fused qkv with bias, no masking except the padding of ragged visible sets."""
+    """timm's ViT attention: fused qkv with bias, no masking."""
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float):
         super().__init__()
@@ -157,11 +157,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         dropout = self.attn_dropout if self.training else 0.0
-        out = attention(q, k, v, mask, dropout=dropout)  # (B, H, N, hd)
+        out = attention(q, k, v, None, dropout=dropout)  # (B, H, N, hd)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -178,8 +178,8 @@ class Block(nn.Module):
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.mlp_drop = nn.Dropout(proj_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
         h = self.mlp_drop(F.gelu(self.mlp.fc1(self.norm2(x))))
         return x + self.mlp_drop(self.mlp.fc2(h))
 
@@ -201,6 +201,8 @@ class MARTransformer(nn.Module, Pretrained):
         policy="mar",
         values="continuous",
         options_class=MAROptions,
+        # a pass reads each row's known tokens (the encoder runs rows of equal counts together), never the step
+        row_steps=True,
         default_sampler=(("cfg_scale", 3.0), ("cfg_schedule", "linear")),
     )
 
@@ -277,10 +279,24 @@ class MARTransformer(nn.Module, Pretrained):
         buffer = class_embedding[:, None].expand(B, self.buffer_size, E).to(x.dtype)  # all carry the class
         x = self.z_proj_ln(torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned)  # (B, S, E)
         keep = torch.cat([masked.new_zeros(B, self.buffer_size), masked], dim=1).logical_not()  # (B, S)
-        x, pad = _gather_kept(x, keep)  # (B, n, E) known tokens in position order
+        counts = keep.sum(dim=1)
+        n = int(counts.max())
+        if bool((counts == n).all()):  # MAR's own case: x[keep].reshape(B, -1, E)
+            return self._encode_kept(x[keep].reshape(B, n, E)), keep
+        # Rows keep different numbers of tokens (editing, a server's rows at different steps): each group of equal
+        # counts is encoded on its own, so a row's output is what it gets alone (padding with an attention mask
+        # would move it by ~1e-6, which a continuous value keeps).
+        out = x.new_zeros(B, n, E)
+        for count in counts.unique().tolist():
+            rows = (counts == count).nonzero().squeeze(1)
+            out[rows, :count] = self._encode_kept(x[rows][keep[rows]].reshape(len(rows), count, E))
+        return out, keep
+
+    def _encode_kept(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder blocks and norm over (B, n, E) kept tokens, as many for every row."""
         for block in self.encoder_blocks:
-            x = block(x, pad)
-        return self.encoder_norm(x), keep
+            x = block(x)
+        return self.encoder_norm(x)
 
     def forward_mae_decoder(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, n, E) and its kept positions (B, S) -> z (B, L, Dd) for every image position."""
@@ -388,19 +404,6 @@ class MARTransformer(nn.Module, Pretrained):
     def advance(self, state: DecodeState, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Commit (B, n, D) values at (B, n) positions (a repeated position carries the same value)."""
         state.commit(positions, values.to(state.tokens.dtype))
-
-
-def _gather_kept(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x (B, S, E), keep (B, S) bool -> the kept rows (B, n, E) in position order, n the largest count, and an
-    attention mask (B, 1, 1, n) hiding the padding of samples that keep fewer (None when none does; MAR itself
-    requires equal counts, and then this is its `x[keep].reshape(B, -1, E)`)."""
-    counts = keep.sum(dim=1)
-    n = int(counts.max())
-    if bool((counts == n).all()):
-        return x[keep].reshape(x.shape[0], n, x.shape[2]), None
-    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :n]  # kept positions first, in order
-    valid = torch.arange(n, device=x.device) < counts[:, None]  # (B, n)
-    return x.gather(1, order[..., None].expand(-1, -1, x.shape[2])), valid[:, None, None, :]
 
 
 # Presets are data. "mnist-mar" pairs with the "mnist-kl" tokenizer (28 / 4 = 7 x 7 latents of 8 channels).

@@ -15,16 +15,16 @@ Between steps (one iteration of `_loop`), the scheduler
 - merges batches that may share a pass, and runs one step of every batch.
 
 Where an arrival joins depends on the order (`OrderSpec.row_steps`):
-- raster, masked and random-order read each row's progress from the state (raster's next position is the length
-  of the row's filled prefix; masked predicts the whole canvas; random-order is told each row's positions and
-  caches cls in each row's own first pass), and a row attends over the whole cache with a key mask, so its
-  logits do not depend on how far its neighbours have got: an arrival joins the running batch at once, at its
-  own step 0, beside rows at any step. A request asking fewer positions than its neighbours (random-order with
-  `steps`: the count follows each request's own step) is padded with its first and draws only its own.
-- next-scale (a map of another size at every step) and MAR (its encoder pads rows holding fewer known tokens,
-  which moves a row's z by ~1e-6, and a continuous value keeps every such change) share a pass at the same step
-  only: an arrival opens a batch at step 0 (at most `max_batches` per model run at once, so arrivals gather into
-  full batches) and batches that meet at a step merge.
+- raster, masked, random-order and MAR read each row's progress from the state (raster's next position is the
+  length of the row's filled prefix; masked predicts the whole canvas; random-order is told each row's positions
+  and caches cls in each row's own first pass; MAR's encoder runs the rows holding equally many known latents
+  together), and a row attends over the whole cache with a key mask, so its prediction does not depend on how far
+  its neighbours have got: an arrival joins the running batch at once, at its own step 0, beside rows at any
+  step. A request asking fewer positions than its neighbours (random-order with `steps`, MAR: the count follows
+  each request's own step) is padded with its first and draws only its own.
+- next-scale (a map of another size at every step) shares a pass at the same step only: an arrival opens a batch
+  at step 0 (at most `max_batches` per model run at once, so arrivals gather into full batches) and batches that
+  meet at a step merge.
 States whose cache is not stackable (a ScaleKV budget) run as batches of one.
 """
 
@@ -178,11 +178,11 @@ class Scheduler:
 
     max_rows: decode-state rows running at once (guided images count twice); max_queue: requests waiting beyond
     them, past which `submit` raises QueueFull; batching=False runs one request at a time (the baseline).
-    max_batches: same-step batches running at once, per model. An order with `row_steps` (raster, masked,
-    random-order) keeps one batch per model and options, which an arrival joins at once, whatever step its rows
-    stand at. The others (next-scale, MAR) share a pass only at the same step, so an arrival opens a batch at step
-    0; past this bound such arrivals wait and start together (the next batch at step 0 takes every waiting request
-    of the model that fits), which keeps passes full, while requests of other models pass them.
+    max_batches: same-step batches running at once, per model. An order with `row_steps` (all shipped ones but
+    next-scale) keeps one batch per model and options, which an arrival joins at once, whatever step its rows stand
+    at. The others share a pass only at the same step, so an arrival opens a batch at step 0; past this bound such
+    arrivals wait and start together (the next batch at step 0 takes every waiting request of the model that
+    fits), which keeps passes full, while requests of other models pass them.
     """
 
     def __init__(
