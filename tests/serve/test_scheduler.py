@@ -186,9 +186,12 @@ def test_mar_requests_share_the_pass_and_the_head(pipelines, monkeypatch):
         scheduler.iterate()
     late = Recorder()
     scheduler.submit(Request("mar", [9], 0, pipe.config(**fast)), late)
+    before = len(head_calls)
     scheduler.iterate()  # the arrival joins the running batch at its own step 0, beside rows at step 3
     (batch,) = scheduler.batches
     assert [job.step for job in batch.jobs] == [4, 4, 4, 4, 1] and scheduler.stats.forward_passes == 4
+    # it reveals another number of positions than the rows at step 3 and still shares their head call
+    assert len(head_calls) - before == 3
     run_until_idle(scheduler)
     assert scheduler.stats.forward_passes == 3 + 6 and scheduler.stats.mixed_passes == 3
     monkeypatch.undo()

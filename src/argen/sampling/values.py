@@ -62,6 +62,10 @@ def guide_rows(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 class LogitValues:
     """Discrete ids drawn from logits: guidance, then temperature, top-k and top-p, then each sample's draw."""
 
+    # Samples asking fewer positions than others share a call only at their own width: a padding position would
+    # take a draw from the sample's generator.
+    ragged = False
+
     @staticmethod
     def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
         """The settings a draw reads besides the per-sample scales and generators: samples that agree on them may
@@ -83,6 +87,10 @@ class LogitValues:
 class HeadValues:
     """Continuous vectors sampled by the order's diffusion head (`model.head`, `model.head_schedule`) from its
     conditions z, with the order's head options (`head_steps_at`, DiSA's annealing, and `head_clip`)."""
+
+    # Samples asking fewer positions than others share a call: their padding (a repeat of the first position) gets
+    # no row of the head and no noise (`diffusion.padding_rows`).
+    ragged = True
 
     @staticmethod
     def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:

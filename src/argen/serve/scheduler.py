@@ -443,9 +443,9 @@ class Scheduler:
     def _draw(self, model: Any, state: DecodeState, views, prediction: Prediction, widths: list[int]) -> list[Drawn]:
         """Each request's values of its n images at its own `widths` positions, through the order's one value
         sampler (`argen.sampling.values`: logits drawn, or the diffusion head run). Requests that agree on what the
-        draw reads (the sampler's `key`), on guidance being on and on the width share one call, with per-sample
-        guidance scales at each request's own step and each image's own generator: every op is per row, so this is
-        what each would get on its own."""
+        draw reads (the sampler's `key`), on guidance being on and, unless the sampler takes ragged widths, on the
+        width share one call, with per-sample guidance scales at each request's own step and each image's own
+        generator: every op is per row, so this is what each would get on its own."""
         sampler = value_sampler(model.order)
         groups: dict[tuple, list] = {}
         for (job, lo, view), k in zip(views, widths, strict=True):
@@ -453,22 +453,24 @@ class Scheduler:
             scales = None
             if job.schedule is not None:
                 scales = torch.tensor([job.schedule(float(t)) for t in job.policy.guidance_progress(view)])
-            groups.setdefault((key, scales is None, k), []).append((job, lo, view, scales))
+            width = None if sampler.ragged else k
+            groups.setdefault((key, scales is None, width), []).append((job, lo, view, scales, k))
         out = {}
-        for (_, unguided, k), members in groups.items():
-            cond = torch.cat([torch.arange(lo, lo + job.n) for job, lo, _, _ in members]).to(state.tokens.device)
+        for (_, unguided, _), members in groups.items():
+            cond = torch.cat([torch.arange(lo, lo + job.n) for job, lo, *_ in members]).to(state.tokens.device)
             rows = cond
             if not unguided:  # the conditional rows, then the unconditional ones (guidance.with_null_rows)
-                uncond = [torch.arange(lo + job.n, lo + 2 * job.n) for job, lo, _, _ in members]
+                uncond = [torch.arange(lo + job.n, lo + 2 * job.n) for job, lo, *_ in members]
                 rows = torch.cat([cond, torch.cat(uncond).to(cond.device)])
-            first, _, view, _ = members[0]  # the key: what the draw reads of config, options and step is theirs too
+            first, _, view, _, _ = members[0]  # the key: what the draw reads of config, options and step is theirs
             drawn = sampler.draw(
                 model,
                 StepRows(
-                    _prediction_rows(prediction, rows, k),
+                    # past a request's own width, its positions are padded with its first (`_decode_step`)
+                    _prediction_rows(prediction, rows, max(k for *_, k in members)),
                     state.tokens[cond],
                     state.filled[cond],
-                    None if unguided else torch.cat([scales for *_, scales in members]),
+                    None if unguided else torch.cat([scales for *_, scales, _ in members]),
                     view.step,
                     view.num_steps,
                 ),
@@ -477,9 +479,10 @@ class Scheduler:
                 [g for job, *_ in members for g in job.generators],
             )
             offset = 0
-            for job, *_ in members:
+            for job, *_, k in members:
                 part = slice(offset, offset + job.n)
-                out[job.id] = Drawn(drawn.values[part], None if drawn.logits is None else drawn.logits[part])
+                logits = None if drawn.logits is None else drawn.logits[part, :k]
+                out[job.id] = Drawn(drawn.values[part, :k], logits)
                 offset += job.n
         return [out[job.id] for job, _, _ in views]
 
