@@ -1,6 +1,6 @@
 """Load bench of `argen serve` on loopback (127.0.0.1 only), bounded in time: it stops by itself.
 
-    python bench/serve_load.py [--model raster] [--seconds 5]
+    python bench/serve_load.py [--model raster|next-scale|masked|random-order|mar] [--seconds 5]
 
 Closed-loop clients (each sends its next request when the last one returns) at 1, 4 and 16 concurrent clients,
 with step-level batching and one request at a time; then an open-loop overload at 4x the measured capacity
@@ -19,7 +19,8 @@ import httpx
 import torch
 import uvicorn
 
-from argen.pipeline import ARPipeline
+from argen.cli.serve import DEFAULT_MODELS
+from argen.pipeline import SHIPPED, ARPipeline
 from argen.serve.app import Limits, create_app
 
 
@@ -119,7 +120,8 @@ async def open_loop(url: str, model: str, rate: float, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="raster", choices=["raster", "next-scale"])
+    orders = [name for name in DEFAULT_MODELS if name in SHIPPED]  # every shipped order, as `argen serve` serves
+    parser.add_argument("--model", default="raster", choices=orders)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement (at most 60)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()

@@ -83,6 +83,33 @@ def test_request_among_strangers_is_bit_identical_to_alone(pipelines, name):
     assert torch.equal(stayer.done.tokens, stayer_alone.tokens)
 
 
+def test_generators_are_made_on_the_device_the_pipeline_makes_them_on(pipelines, monkeypatch):
+    """On a GPU a seed's draws depend on the generator's device, so a request's images equal ARPipeline's only if
+    both make their generators alike. CI has no second device for generators (`meta` makes none, and the draws
+    are moved to the model's device, which DeviceGuard allows); `cpu:0` stands in: tensors and generators take
+    it, and it is not `cpu`, so every device a generator was asked for is recorded and compared."""
+    made = []  # (device asked for, generator)
+    make = torch.Generator
+
+    def recorded(device="cpu"):
+        made.append((torch.device(device), make(device=device)))
+        return made[-1][1]
+
+    monkeypatch.setattr(ARPipeline, "device", property(lambda self: torch.device("cpu", 0)))
+    monkeypatch.setattr(torch, "Generator", recorded)
+    pipe = pipelines["next-scale"]
+    served, scheduler = Recorder(), Scheduler(pipelines)
+    scheduler.submit(Request("next-scale", [3, 7], seed=11, config=pipe.config()), served)
+    run_until_idle(scheduler)
+    by_scheduler = [(device, g.initial_seed()) for device, g in made]
+    made.clear()
+    reference = pipe([3, 7], seed=11, output_type="pt")
+    by_pipeline = [(device, g.initial_seed()) for device, g in made]
+
+    assert by_scheduler == by_pipeline == [(torch.device("cpu", 0), 11), (torch.device("cpu", 0), 12)]
+    assert torch.equal(served.done.tokens, reference.tokens)
+
+
 @pytest.mark.parametrize(
     "name, options",
     [

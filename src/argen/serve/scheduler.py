@@ -1,13 +1,14 @@
 """The step-level scheduler: requests join and leave running batches between steps, as vLLM does for text.
 
-Each request keeps what makes its images its own: per-sample `torch.Generator`s (image i draws from seed + i, as
-`ARPipeline` does), its own guidance rows, its own step and schedule, its policy (MaskGIT's confidence, RandAR's
-permutation, MAR's order), temperature and top-k/p. What requests share is the forward pass: requests of the same
-model and order options are a *batch*, their rows stacked row-wise into one DecodeState (`batching.stack`), so one
-`predict` serves all of them. The policy's positions and choice run per request on a view of its own rows at its
-own step (`batching.rows`); the values come from the order's one value sampler (`argen.sampling.values`, as in
-`decode_steps`: logits guided, processed and drawn, or MAR's diffusion head run), called once for the requests
-that agree on its settings, with each request's own guidance scales and each image's own generator.
+Each request keeps what makes its images its own: per-sample `torch.Generator`s on the model's device (image i
+draws from seed + i, as `ARPipeline` does), its own guidance rows, its own step and schedule, its policy (MaskGIT's
+confidence, RandAR's permutation, MAR's order), temperature and top-k/p. What requests share is the forward pass:
+requests of the same model and order options are a *batch*, their rows stacked row-wise into one DecodeState
+(`batching.stack`), so one `predict` serves all of them. The policy's positions and choice run per request on a
+view of its own rows at its own step (`batching.rows`); the values come from the order's one value sampler
+(`argen.sampling.values`, as in `decode_steps`: logits guided, processed and drawn, or MAR's diffusion head run),
+called once for the requests that agree on its settings, with each request's own guidance scales and each image's
+own generator.
 
 Between steps (one iteration of `_loop`), the scheduler
 - retires finished, cancelled and timed-out requests (their rows are taken out of the stacked state),
@@ -330,7 +331,8 @@ class Scheduler:
         pipe = self.pipelines[request.model]
         model, config = pipe.generator, request.config
         job.pipeline = pipe
-        job.generators = seeded_generators([request.seed + i for i in range(job.n)])
+        # as ARPipeline makes them: on the model's device, whose draws for a seed differ from the CPU's
+        job.generators = seeded_generators([request.seed + i for i in range(job.n)], device=pipe.device)
         job.schedule = config.schedule()
         options = job.options = config.options_for(model.order)
         labels = Condition.classes(torch.tensor(request.labels, device=pipe.device))
