@@ -1,4 +1,5 @@
-"""Render the README's pictures from the shipped models: docs/samples.png, docs/edit.png, docs/progressive.png.
+"""Render the README's pictures from the shipped models: docs/samples.png, docs/orders.png, docs/edit.png,
+docs/progressive.png.
 
 python scripts/make_figures.py
 """
@@ -24,6 +25,12 @@ def main() -> None:
     raster = ARPipeline.from_pretrained("raster")
     labels = torch.arange(10).repeat_interleave(10)
     enlarge(grid(raster(labels, seed=0, output_type="pt").images, rows=10)).save(DOCS / "samples.png")
+
+    # Every shipped order at its own defaults, the same seed: one row per order, two of each class.
+    orders = ["raster", "next-scale", "masked", "random-order", "mar"]
+    two_each = torch.arange(10).repeat_interleave(2)
+    rows = [ARPipeline.from_pretrained(name)(two_each, seed=0, output_type="pt").images for name in orders]
+    enlarge(grid(torch.cat(rows), rows=len(orders))).save(DOCS / "orders.png")
 
     # Editing real held-out digits with the next-scale model: rows = in-painting (centre), out-painting (keep
     # the centre), class-conditional editing (bottom half becomes another class); columns = source, kept
