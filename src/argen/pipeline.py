@@ -187,7 +187,7 @@ class ARPipeline:
         """
         labels = self.label_ids(labels)
         config = self.config(**sampler_overrides)
-        gens = self._generators(len(labels), generator, seed)
+        gens = self.generators(len(labels), seed, generator)
         tokens, images = [], []
         speculative = isinstance(config.acceleration, Speculative)
         if speculative and min(batch_size, len(labels)) > SPECULATIVE_BATCH_LIMIT:
@@ -260,7 +260,7 @@ class ARPipeline:
         models (a preview per scale), a partial canvas for orders that fill positions (what is known so far)."""
         labels = self.label_ids(labels)
         config = self.config(**sampler_overrides)
-        gens = self._generators(len(labels), None, seed)
+        gens = self.generators(len(labels), seed)
         for step in decode_steps(self.generator, Condition.classes(labels), config, gens):
             yield self.tokenizer.decode_partial(step.tokens, step.filled).clamp(-1, 1).float().cpu()
 
@@ -282,8 +282,12 @@ class ARPipeline:
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         return out
 
-    def _generators(self, n: int, generator, seed: int | None) -> list[torch.Generator]:
-        """One generator per image, on the kind of device the model runs on (its draws stay on the device)."""
+    def generators(
+        self, n: int, seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> list[torch.Generator]:
+        """One generator per image, on the kind of device the model runs on (its draws stay on the device): image
+        i of `seed` draws from seed + i, so anything that samples for this pipeline (the server too) reproduces
+        its images; a list is taken as given, one generator seeds them all, and with neither the seed is random."""
         if isinstance(generator, list):
             if len(generator) != n:
                 raise ValueError(f"got {len(generator)} generators for {n} images: pass one per image")

@@ -46,7 +46,6 @@ from argen.models.interface import Condition, DecodeState, Prediction
 from argen.pipeline import ARPipeline
 from argen.sampling import guidance
 from argen.sampling.config import SamplerConfig
-from argen.sampling.decode import seeded_generators
 from argen.sampling.positions import PositionPolicy, policy_class
 from argen.sampling.values import Drawn, StepRows, value_sampler
 from argen.serve import batching
@@ -332,7 +331,7 @@ class Scheduler:
         model, config = pipe.generator, request.config
         job.pipeline = pipe
         # as ARPipeline makes them: on the model's device, whose draws for a seed differ from the CPU's
-        job.generators = seeded_generators([request.seed + i for i in range(job.n)], device=pipe.device)
+        job.generators = pipe.generators(job.n, request.seed)
         job.schedule = config.schedule()
         options = job.options = config.options_for(model.order)
         labels = Condition.classes(torch.tensor(request.labels, device=pipe.device))
