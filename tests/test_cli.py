@@ -282,9 +282,8 @@ def test_end_to_end_on_an_image_folder(tmp_path, capsys):
     assert (tuned["dim"], tuned["num_layers"], tuned["resid_dropout"]) == (32, 1, 0.2)
     masked = [*tune, "--out", str(run / "m"), "--preset", "mnist-masked", "--init", str(run / "gen" / "final")]
     assert main(masked) == 2
-    assert (
-        "holds a RasterTransformer (raster order), but --preset trains a MaskedTransformer" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "holds a 'raster_transformer', not a 'masked_transformer', which --preset trains (masked order)" in err
 
 
 def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys):

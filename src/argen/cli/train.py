@@ -227,16 +227,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load_init(path: str, model_cls):
-    """The generator `--init` names, checked to be of the preset's order."""
+    """The generator `--init` names, which must be of the preset's order (the loader checks the kind)."""
+    from argen.errors import WrongComponentError
     from argen.pretrained import load_pretrained
 
-    init = load_pretrained(path)
-    if not isinstance(init, model_cls):
-        raise ConfigError(
-            f"--init {path} holds a {type(init).__name__} ({getattr(init, 'order', None) and init.order.name} order), "
-            f"but --preset trains a {model_cls.__name__} ({model_cls.order.name} order)"
-        )
-    return init
+    try:
+        return load_pretrained(path, expected_type=model_cls)
+    except WrongComponentError as e:
+        raise ConfigError(f"--init {path}: {e}, which --preset trains ({model_cls.order.name} order)") from e
 
 
 def _copy_weights(init, model, path: str) -> None:
