@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ SURFACE = {
         "--temperature",
         "--set",
     },
-    "eval-tokenizer": {"--tokenizer", "--data"},
+    "eval-tokenizer": {"--tokenizer", "--data", "--classifier", "-n", "--n"},
     "bench": {
         "--model",
         "--dtype",
@@ -341,8 +342,12 @@ def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "--setting x: unknown sampler setting(s) ['cfg']" in err and "run/s" not in err  # before any timing
 
-    assert main(["eval-tokenizer"]) == 0
-    assert "PSNR (dB)" in capsys.readouterr().out
+    assert main(["eval-tokenizer", "-n", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR (dB)" in out
+    anchor = re.search(r"reconstruction FD, N = 200 \(real-data floor [\d.]+\)\s+[\d.]+ \(([\d.]+)x floor\)", out)
+    multiple = anchor.group(1)
+    assert 0.8 < float(multiple) < 1.5  # the shipped VQ reconstructs digits about as well as real ones score
 
     assert main(["eval", "-n", "100", "--seeds", "0", "--features", "inception"]) == 0
     assert "skipping Inception FID" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from argen.data.datasets import ArrayDataset, load_dataset
-from argen.eval.evaluate import evaluate, reference_sets, reference_split
+from argen.eval.evaluate import evaluate, reconstruction_fd, reference_sets, reference_split
 from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
 from argen.eval.speed import bench_sampling
 from argen.pipeline import ARPipeline
@@ -47,6 +47,29 @@ def test_evaluate_the_shipped_model(setup):
     # Unguided sampling with a flattened distribution is worse by every measure the suite has.
     hot = evaluate(pipe, reference, rest, features, seeds=[0], classifier=features, cfg_scale=1.0, temperature=1.5)
     assert hot.fd.mean > report.fd.mean and hot.class_accuracy.mean < report.class_accuracy.mean
+
+
+def test_reconstruction_fd_is_the_tokenizer_anchor(setup):
+    pipe, reference, rest, features = setup
+    fd, floor = reconstruction_fd(pipe.tokenizer, reference, rest, features)
+    report = evaluate(pipe, reference, rest, features, seeds=[0], classifier=features)
+    assert floor == pytest.approx(report.fd_real_floor)  # the same real images and reference as `evaluate`
+    # The shipped VQ reconstructs held-out digits close to the floor, closer than its generator samples.
+    assert floor * 0.9 < fd < floor * 1.3 and fd < report.fd.mean
+
+    class Blur(torch.nn.Module):  # a "tokenizer" that loses the strokes' detail: 4x4 average pooling
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def encode(self, x):
+            return torch.nn.functional.avg_pool2d(x, 4)
+
+        def decode(self, z):
+            return torch.nn.functional.interpolate(z, scale_factor=4, mode="nearest")
+
+    blurred, _ = reconstruction_fd(Blur(), reference, rest, features)
+    assert blurred > 2 * fd
 
 
 def test_features_are_torchmetrics_compatible(setup):

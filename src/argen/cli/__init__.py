@@ -214,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-tokenizer", help="reconstruction MSE/PSNR, codebook usage and perplexity")
     p.add_argument("--tokenizer", default="default", help="tokenizer folder, or a pipeline name/folder")
     p.add_argument("--data", default="mnist:test", help="images to reconstruct: a built-in split or a folder")
+    p.add_argument(
+        "--classifier",
+        default="default",
+        help="features of the reconstruction FD (the generators' anchor, beside the real-data floor): 'default' "
+        "(the MNIST classifier), a classifier folder, or 'none' to skip it",
+    )
+    p.add_argument("-n", "--n", type=int, default=1000, help="reference set size of the reconstruction FD")
     p.set_defaults(func=cmd_eval_tokenizer)
 
     p = sub.add_parser("bench", help="sampling speed (NFE, s/image, memory, FLOP/s) and training throughput")

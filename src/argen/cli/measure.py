@@ -143,6 +143,19 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
     data = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
     r = evaluate_tokenizer(tokenizer, data)
     rows = [["images", r.num_images], ["MSE (pixels in [0, 1])", f"{r.mse:.5f}"], ["PSNR (dB)", f"{r.psnr:.2f}"]]
+    if args.classifier != "none":
+        # The anchor for generators on this tokenizer: their FD against the same reference can at best reach it.
+        from argen.eval.evaluate import reconstruction_fd, reference_sets
+        from argen.eval.features import ClassifierFeatures
+
+        reference, rest = reference_sets(
+            args.data, args.n, tokenizer.config.image_size, tokenizer.config.image_channels
+        )
+        features = ClassifierFeatures(load_pretrained(classifier_path(args.classifier)))
+        fd, floor = reconstruction_fd(tokenizer, reference, rest, features)
+        rows.append(
+            [f"reconstruction FD, N = {args.n} (real-data floor {floor:.4g})", f"{fd:.4g} ({fd / floor:.2f}x floor)"]
+        )
     if isinstance(r, LatentReport):  # a KL tokenizer: how its latents are spread
         stats = zip(r.channel_mean, r.channel_std, strict=True)
         rows += [[f"latent channel {i} mean / std", f"{m:+.3f} / {s:.3f}"] for i, (m, s) in enumerate(stats)]

@@ -123,6 +123,36 @@ def reference_sets(data: str, n: int, size: int, channels: int) -> tuple[ArrayDa
     return reference_split(ArrayDataset.of(load_dataset(data, size, channels)), n)
 
 
+def floor_images(train_split: ArrayDataset, n: int) -> torch.Tensor:
+    """The n training-split images (a fixed draw) that the real-data floor compares with the reference set."""
+    g = torch.Generator().manual_seed(12345)
+    return train_split.images[torch.randperm(len(train_split), generator=g)[:n]]
+
+
+@torch.no_grad()
+def reconstruction_fd(
+    tokenizer: nn.Module,
+    reference: ArrayDataset,
+    train_split: ArrayDataset,
+    extractor: nn.Module,
+    batch_size: int = 250,
+) -> tuple[float, float]:
+    """(FD of the tokenizer's reconstructions of the floor's training-split images against the reference, the
+    floor): the anchor a generator on this tokenizer can at best reach, on the same protocol as `evaluate`."""
+    n = len(reference)
+    real = floor_images(train_split, n)
+    device = next(tokenizer.parameters()).device
+    recon = torch.cat(
+        [
+            tokenizer.decode(tokenizer.encode(real[i : i + batch_size].to(device))).clamp(-1, 1).float().cpu()
+            for i in range(0, n, batch_size)
+        ]
+    )
+    ref_feat = features_of(extractor, to_uint8(reference.images))
+    floor = frechet_distance(features_of(extractor, to_uint8(real)), ref_feat)
+    return frechet_distance(features_of(extractor, to_uint8(recon)), ref_feat), floor
+
+
 @torch.no_grad()
 def features_of(extractor: nn.Module, images_uint8: np.ndarray, batch_size: int = 500) -> torch.Tensor:
     x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
@@ -222,9 +252,7 @@ def evaluate(
     if not info.is_main:
         return None
     ref_feat = features_of(extractor, to_uint8(reference.images))
-    g = torch.Generator().manual_seed(12345)
-    floor_idx = torch.randperm(len(train_split), generator=g)[:n]
-    floor = frechet_distance(features_of(extractor, to_uint8(train_split.images[floor_idx])), ref_feat)
+    floor = frechet_distance(features_of(extractor, to_uint8(floor_images(train_split, n))), ref_feat)
     fds, kids, precs, recs, accs, scores = [], [], [], [], [], []
     for samples in judged:
         feat = samples.features
