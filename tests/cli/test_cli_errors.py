@@ -151,6 +151,35 @@ def test_invalid_values_in_a_generator_config_json_name_the_file(tmp_path, capsy
     assert str(folder / "generator" / "config.json") in line and f"RasterConfig.{named}" in line
 
 
+@pytest.mark.parametrize("command", ["tokenize", "eval-tokenizer", "train"])
+def test_a_generator_given_as_tokenizer_is_refused_naming_what_it_holds(tmp_path, capsys, command):
+    generator = str(ASSETS / "raster-mnist" / "generator")
+    if command == "tokenize":
+        argv = ["tokenize", "--tokenizer", generator, "--out", str(tmp_path / "t")]
+    elif command == "eval-tokenizer":
+        argv = ["eval-tokenizer", "--tokenizer", generator]
+    else:
+        tokens = str(_tokens(tmp_path))
+        capsys.readouterr()
+        argv = ["train", "--tokens", tokens, "--tokenizer", generator, "--out", str(tmp_path / "r")]
+    line = one_error_line(capsys, argv)
+    assert "holds a 'raster_transformer', not a tokenizer" in line and "vq_tokenizer" in line
+    assert not (tmp_path / "t").exists() and not (tmp_path / "r").exists()
+
+
+def _tokens(tmp_path) -> os.PathLike:
+    """A few shipped-tokenizer token shards of real digits."""
+    out = tmp_path / "tokens"
+    assert main(["tokenize", "--tokenizer", "raster", "--data", "mnist:test", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_pipeline_name_is_a_tokenizer_for_every_command(tmp_path, capsys):
+    out = _tokens(tmp_path)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["seq_len"] == 49 and meta["vocab_size"] == 512
+
+
 def test_digit_out_of_range(capsys, tmp_path):
     line = one_error_line(capsys, ["edit", "--digit", "100000", "--box", "0,0,9,9", "--out", str(tmp_path / "e.png")])
     assert "--digit 100000 is out of range" in line

@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("tokenize", help="pre-tokenize a dataset into memory-mapped token shards")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (e.g. RUN/final)")
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer folder (e.g. RUN/final), or a pipeline's: a name or folder"
+    )
     p.add_argument("--data", default="mnist", help="mnist, fashion-mnist (optionally :train/:test) or a folder")
     p.add_argument("--out", type=run_folder, required=True, help="folder for the token shards")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images tokenized at once")
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer folder: enables previews and writes RUN/pipeline (default: none; next-scale needs it)",
+        help="tokenizer folder, or a pipeline's (a name or folder): enables previews and writes RUN/pipeline "
+        "(default: none; next-scale needs it)",
     )
     p.add_argument(
         "--preset",

@@ -235,6 +235,16 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def load_tokenizer(name: str):
+    """A tokenizer checkpoint folder as given, or the tokenizer of a pipeline (a shipped name or a folder): every
+    command that takes --tokenizer reads it the same way, and refuses a folder holding something else."""
+    from argen.pipeline import resolve
+    from argen.tokenizers.registry import load
+
+    path = Path(name)
+    return load(path if (path / "config.json").is_file() else resolve(name) / "tokenizer")
+
+
 def classifier_path(name: str) -> Path:
     from argen.eval.features import DEFAULT_CLASSIFIER
 

@@ -16,6 +16,7 @@ from argen.cli.common import (
     check_for_model,
     check_image_count,
     classifier_path,
+    load_tokenizer,
     parse_setting,
     print_table,
     sampler_overrides,
@@ -134,12 +135,9 @@ def _sweep_and_report(args, pipe, reference, rest, extractor, common, sampler, i
 def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
     from argen.data.datasets import load_dataset
     from argen.eval.tokenizer import LatentReport, evaluate_tokenizer
-    from argen.pipeline import resolve
     from argen.pretrained import load_pretrained
 
-    path = Path(args.tokenizer)
-    folder = path if (path / "config.json").is_file() else resolve(args.tokenizer) / "tokenizer"
-    tokenizer = load_pretrained(folder)
+    tokenizer = load_tokenizer(args.tokenizer)
     data = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
     r = evaluate_tokenizer(tokenizer, data)
     rows = [["images", r.num_images], ["MSE (pixels in [0, 1])", f"{r.mse:.5f}"], ["PSNR (dB)", f"{r.psnr:.2f}"]]

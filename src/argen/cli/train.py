@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.cli.common import nonnegative_int, parse_overrides, positive_int, run_folder
+from argen.cli.common import load_tokenizer, nonnegative_int, parse_overrides, positive_int, run_folder
 from argen.errors import ConfigError
 from argen.pretrained import config_from_dict
 
@@ -163,12 +163,11 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     files as one process."""
     from argen.data.datasets import load_dataset
     from argen.data.shards import write_shards
-    from argen.pretrained import load_pretrained
     from argen.train.distributed import cleanup, setup
 
     info = setup(args.device)  # before the data: an image folder is read once, by rank 0
     try:
-        tokenizer = load_pretrained(args.tokenizer).to(info.device)
+        tokenizer = load_tokenizer(args.tokenizer).to(info.device)
         dataset = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
         out = write_shards(tokenizer, dataset, args.out, batch_size=args.batch_size, hflip=args.hflip, dist_info=info)
     finally:
@@ -191,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     order = presets()[args.preset][0]
     model_cls = model_class(order)
     shards.check_order(model_cls.order)  # ids for a discrete order, latents for a continuous one
-    tokenizer = load_pretrained(args.tokenizer) if args.tokenizer else None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     overrides = [f"vocab_size={shards.vocab_size}"] if shards.values == "discrete" else []
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")

@@ -4,11 +4,13 @@ codebook ids (a VQ objective with dead-code restarts) or continuous latents (rec
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
 
-from argen.errors import ConfigError
+from argen.errors import ConfigError, WrongComponentError
+from argen.pretrained import load_pretrained, read_config
 from argen.tokenizers.kl import KL_PRESETS, KLTokenizer
 from argen.tokenizers.multiscale import MULTISCALE_PRESETS, MultiScaleVQ
 from argen.tokenizers.vq import VQ_PRESETS, VQTokenizer
@@ -32,3 +34,13 @@ def build(config: Any) -> nn.Module:
         if type(config) is cls.config_class:
             return cls(config)
     raise ConfigError(f"{type(config).__name__} is not the config of any tokenizer ({sorted(TOKENIZERS)})")
+
+
+def load(directory: str | os.PathLike) -> nn.Module:
+    """A saved tokenizer of any kind; a folder holding anything else (a generator, a classifier) is refused with
+    what it holds, before any weights are read."""
+    kinds = {cls.component_type: name for name, (cls, _) in TOKENIZERS.items()}
+    held = read_config(directory)["component_type"]
+    if held not in kinds:
+        raise WrongComponentError(f"{directory} holds a {held!r}, not a tokenizer (one of {sorted(kinds)})")
+    return load_pretrained(directory)
