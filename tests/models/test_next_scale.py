@@ -158,3 +158,32 @@ def test_generator_options_are_checked(shipped):
     # next-scale order refuses speculative decoding when the two meet
     with pytest.raises(ValueError, match="does not fit the next-scale order"):
         generate(shipped, torch.tensor([0]), SamplerConfig.from_flat({"kv_budget": 8, "speculative": "sjd"}))
+
+
+def test_drop_rate_regularises_training_only(shipped):
+    """VAR's dropout on the attention projection and FFN outputs: parameter-free (checkpoints and the official
+    key set are unchanged), active in training, gone in eval."""
+    import dataclasses
+
+    from argen.models.interface import Condition
+    from argen.models.next_scale import NextScaleTransformer
+
+    quiet = dict(class_dropout=0.0, drop_path=0.0)  # no other training-time noise
+    plain = NextScaleTransformer(dataclasses.replace(shipped.config, drop_rate=0.0, **quiet))
+    dropped = NextScaleTransformer(dataclasses.replace(shipped.config, drop_rate=0.3, **quiet))
+    plain.load_state_dict(shipped.state_dict())
+    dropped.load_state_dict(shipped.state_dict())  # the same keys: dropout has no weights
+    tok = shipped._tokenizer[0]
+    plain.bind(tok), dropped.bind(tok)
+    labels, tokens = _two_sequences(shipped)
+    condition = Condition.classes(labels)
+    with torch.no_grad():
+        plain.eval(), dropped.eval()
+        assert torch.equal(plain.loss(tokens, condition).loss, dropped.loss(tokens, condition).loss)
+        reference = plain.loss(tokens, condition).loss
+        plain.train(), dropped.train()
+        assert torch.equal(plain.loss(tokens, condition).loss, reference)  # nothing else is random in training
+        noisy = [dropped.loss(tokens, condition).loss for _ in range(2)]
+    assert noisy[0] != noisy[1] and noisy[0] != reference  # a fresh dropout mask per call
+    with pytest.raises(ValueError, match="drop_rate"):
+        dataclasses.replace(shipped.config, drop_rate=1.5)

@@ -58,6 +58,7 @@ class NextScaleConfig:
     attn_l2_norm: bool = True
     class_dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing), training only
+    drop_rate: float = 0.0  # dropout on the attention projection's and the FFN's outputs (VAR's), training only
 
     def __post_init__(self) -> None:
         check_int(self, "vocab_size", minimum=2)
@@ -70,6 +71,7 @@ class NextScaleConfig:
         check_number(self, "norm_eps", above=0)
         check_probability(self, "class_dropout")
         check_probability(self, "drop_path")
+        check_probability(self, "drop_rate")
         if self.dim % self.num_heads:
             raise ConfigError(f"NextScaleConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
 
@@ -86,7 +88,7 @@ class NextScaleConfig:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, l2_norm: bool):
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool, drop: float = 0.0):
         super().__init__()
         self.num_heads, self.head_dim, self.l2_norm = num_heads, dim // num_heads, l2_norm
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -99,6 +101,7 @@ class SelfAttention(nn.Module):
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
             self.max_log_scale = math.log(100)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, cache: ScaleKVCache | None, layer: int, start: int
@@ -117,17 +120,18 @@ class SelfAttention(nn.Module):
             if cache.wants_scores(layer):
                 cache.observe(layer, q, k, self.head_dim**-0.5 if scale is None else scale)
         out = attention(q, k, v, mask, scale=scale)  # (B, H, T, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, T, C))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
 
 
 class FFN(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -136,8 +140,8 @@ class AdaLNSelfAttn(nn.Module):
     def __init__(self, c: NextScaleConfig, drop_path: float):
         super().__init__()
         self.dim, self.drop_path = c.dim, drop_path
-        self.attn = SelfAttention(c.dim, c.num_heads, c.attn_l2_norm)
-        self.ffn = FFN(c.dim, round(c.dim * c.mlp_ratio))
+        self.attn = SelfAttention(c.dim, c.num_heads, c.attn_l2_norm, c.drop_rate)
+        self.ffn = FFN(c.dim, round(c.dim * c.mlp_ratio), c.drop_rate)
         self.ln_wo_grad = nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
 
