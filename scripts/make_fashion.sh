@@ -15,7 +15,7 @@ time argen train-classifier --data fashion-mnist:train --eval-data fashion-mnist
     --steps 1500 --batch-size 64 --lr 1e-3
 time argen train-tokenizer --data fashion-mnist:train --preset mnist-small --out "$runs/tok" --steps 500 \
     --batch-size 64 --lr 1e-3 --warmup-steps 50 --weight-decay 0 --ema-decay 0.99 --save-every 100 --preview-every 100
-time argen eval-tokenizer --tokenizer "$runs/tok/final" --data fashion-mnist:test
+time argen eval-tokenizer --tokenizer "$runs/tok/final" --data fashion-mnist:test --classifier "$runs/classifier/final"
 time argen tokenize --tokenizer "$runs/tok/final" --data fashion-mnist:train --out "$runs/tokens"
 time argen train --tokens "$runs/tokens" --tokenizer "$runs/tok/final" --preset mnist-small --out "$runs/gen" \
     --steps "$steps" --batch-size 64 --lr 2e-3 --warmup-steps 60 --weight-decay 0.1 --ema-decay 0.995 \
