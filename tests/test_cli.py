@@ -123,6 +123,7 @@ TRAIN_FLAGS = {
     "--ema-decay",
     "--seed",
     "--save-every",
+    "--keep-checkpoints",
     "--preview-every",
     "--num-workers",
     "--resume",

@@ -25,10 +25,20 @@ from tests.train.worker import build_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(run_dir: Path, shards_dir: Path, steps: int, task_class=GeneratorTask, **kwargs) -> None:
+def run(
+    run_dir: Path, shards_dir: Path, steps: int, task_class=GeneratorTask, keep_checkpoints: int = 2, **kwargs
+) -> None:
     """A real tiny run: checkpoints every 5 steps (the last 2 kept), a log record every 5, EMA on."""
     shards = TokenShards(shards_dir)
-    config = TrainConfig(steps=steps, batch_size=16, lr=3e-3, warmup_steps=5, save_every=5, log_every=5)
+    config = TrainConfig(
+        steps=steps,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=5,
+        save_every=5,
+        log_every=5,
+        keep_checkpoints=keep_checkpoints,
+    )
     train(task_class(build_model(shards.vocab_size)), shards, config, run_dir, progress=False, **kwargs)
 
 
@@ -113,6 +123,16 @@ def test_pruning_never_removes_a_newer_checkpoint(copy20):
     state = torch.load(ckpts / "step-00000020" / checkpoint.STATE_NAME, weights_only=True)
     checkpoint.save_checkpoint(copy20, 21, model, None, state, keep=1)
     assert steps_on_disk(copy20) == [21, 99]
+
+
+def test_keep_checkpoints_zero_keeps_every_one_and_resume_still_works(tmp_path, mnist_shards):
+    """Picking a checkpoint by FD afterwards needs them all on disk; the setting is bookkeeping, so a resume
+    under another value is allowed."""
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "R", mnist_shards, 25, task_class=CrashAfter20, keep_checkpoints=0)
+    assert steps_on_disk(tmp_path / "R") == [5, 10, 15, 20]
+    run(tmp_path / "R", mnist_shards, 25, resume=True)  # the default again: keep 2
+    assert steps_on_disk(tmp_path / "R") == [20, 25]
 
 
 # --- 2. every resumed state loads strictly ---------------------------------------------------------------------

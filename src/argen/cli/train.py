@@ -48,6 +48,12 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: 
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables EMA")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and data order")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
+    p.add_argument(
+        "--keep-checkpoints",
+        type=nonnegative_int,
+        default=d.keep_checkpoints,
+        help="newest checkpoints kept on disk; 0 keeps all (to pick one by FD afterwards)",
+    )
     p.add_argument("--preview-every", type=int, default=d.preview_every, help="steps between preview images")
     p.add_argument("--num-workers", type=nonnegative_int, default=d.num_workers, help="data loader processes")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's newest complete checkpoint")
@@ -90,6 +96,7 @@ def _train_config(args: argparse.Namespace):
         ema_decay=args.ema_decay,
         seed=args.seed,
         save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
         preview_every=args.preview_every,
         num_workers=args.num_workers,
         parallel=args.parallel,

@@ -136,7 +136,8 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write step `step`'s checkpoint, point `latest` at it, then prune what it supersedes (all but `keep`).
+    """Write step `step`'s checkpoint, point `latest` at it, then prune what it supersedes (all but `keep`; 0 keeps
+    every one).
 
     Non-finite weights or optimizer moments are refused before anything is written (NonFiniteError). If a
     write fails (StorageError), the half-written folder is removed.
@@ -185,7 +186,10 @@ def _check_finite_to_save(
 
 
 def _prune(run_dir: Path, step: int, keep: int) -> None:
-    """Remove checkpoints older than `step` beyond the newest `keep - 1` of them; never a newer one."""
+    """Remove checkpoints older than `step` beyond the newest `keep - 1` of them; never a newer one. keep 0 removes
+    none."""
+    if keep == 0:
+        return
     older = [d for d in step_folders(run_dir) if _step_of(d) < step]
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)

@@ -48,6 +48,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     seed: int = 0
     save_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # the newest checkpoints kept on disk (0: all, to pick one by FD afterwards)
     preview_every: int = 0  # steps between preview grids (0: only at the end)
     log_every: int = 10
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
@@ -71,6 +72,7 @@ class TrainConfig:
             ("ema_decay", 0, 1, False),
             ("seed", 0, None, False),
             ("save_every", 0, None, False),
+            ("keep_checkpoints", 0, None, False),
             ("preview_every", 0, None, False),
             ("log_every", 1, None, False),
             ("max_bad_steps", 1, None, False),
@@ -416,10 +418,14 @@ def _train(
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             if config.parallel == "fsdp":
-                checkpoint.save_sharded(run_dir, done, model, optimizer, ema.shadow if ema else None, state, info)
+                checkpoint.save_sharded(
+                    run_dir, done, model, optimizer, ema.shadow if ema else None, state, info, config.keep_checkpoints
+                )
             elif info.is_main:
                 state["optimizer"] = optimizer.state_dict()
-                checkpoint.save_checkpoint(run_dir, done, model, ema.state_dict() if ema else None, state)
+                checkpoint.save_checkpoint(
+                    run_dir, done, model, ema.state_dict() if ema else None, state, config.keep_checkpoints
+                )
             barrier(info)
         if (config.preview_every and done % config.preview_every == 0) or done == config.steps:
             if sharded:
@@ -461,7 +467,7 @@ def _save_final(run_dir: Path, model: nn.Module, ema: EMA | None, info: DistInfo
 def _comparable(config: TrainConfig) -> dict[str, Any]:
     """Fields that must match to resume (everything but bookkeeping), as plain JSON-like values."""
     d = asdict(config)
-    bookkeeping = ("save_every", "preview_every", "log_every", "num_workers", "max_bad_steps")
+    bookkeeping = ("save_every", "keep_checkpoints", "preview_every", "log_every", "num_workers", "max_bad_steps")
     for k in (*bookkeeping, "activation_checkpointing", "compile"):  # neither changes the numbers
         d.pop(k)
     d["betas"] = list(d["betas"])
