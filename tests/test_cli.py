@@ -428,6 +428,7 @@ def test_mar_end_to_end_on_latent_shards(tmp_path, capsys):
     assert main(["eval-tokenizer", "--tokenizer", str(run / "tok" / "final"), "--data", digits]) == 0
     out = capsys.readouterr().out
     assert "PSNR (dB)" in out and "latent channel 3 mean / std" in out and "KL per image" in out
+    assert "skipped: N=1000 needs" in out and "(lower -n)" in out  # 40 digits: no anchor, every other figure
     assert "codebook" not in out
     tokens = ["tokenize", "--tokenizer", str(run / "tok" / "final"), "--data", digits, "--out", str(run / "latents")]
     assert main(tokens) == 0

@@ -135,25 +135,13 @@ def _sweep_and_report(args, pipe, reference, rest, extractor, common, sampler, i
 def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
     from argen.data.datasets import load_dataset
     from argen.eval.tokenizer import LatentReport, evaluate_tokenizer
-    from argen.pretrained import load_pretrained
 
     tokenizer = load_tokenizer(args.tokenizer)
     data = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
     r = evaluate_tokenizer(tokenizer, data)
     rows = [["images", r.num_images], ["MSE (pixels in [0, 1])", f"{r.mse:.5f}"], ["PSNR (dB)", f"{r.psnr:.2f}"]]
     if args.classifier != "none":
-        # The anchor for generators on this tokenizer: their FD against the same reference can at best reach it.
-        from argen.eval.evaluate import reconstruction_fd, reference_sets
-        from argen.eval.features import ClassifierFeatures
-
-        reference, rest = reference_sets(
-            args.data, args.n, tokenizer.config.image_size, tokenizer.config.image_channels
-        )
-        features = ClassifierFeatures(load_pretrained(classifier_path(args.classifier)))
-        fd, floor = reconstruction_fd(tokenizer, reference, rest, features)
-        rows.append(
-            [f"reconstruction FD, N = {args.n} (real-data floor {floor:.4g})", f"{fd:.4g} ({fd / floor:.2f}x floor)"]
-        )
+        rows.append(_reconstruction_fd_row(args, tokenizer))
     if isinstance(r, LatentReport):  # a KL tokenizer: how its latents are spread
         stats = zip(r.channel_mean, r.channel_std, strict=True)
         rows += [[f"latent channel {i} mean / std", f"{m:+.3f} / {s:.3f}"] for i, (m, s) in enumerate(stats)]
@@ -167,6 +155,24 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
             ["codebook perplexity", f"{r.codebook_perplexity:.1f}"],
         ]
     print_table(["metric", "value"], rows)
+
+
+def _reconstruction_fd_row(args: argparse.Namespace, tokenizer) -> list[str]:
+    """The anchor for generators on this tokenizer (their FD against the same reference can at best reach it); a
+    data set too small for -n gets the reason in its place, the other figures still print."""
+    from argen.eval.evaluate import reconstruction_fd, reference_sets
+    from argen.eval.features import ClassifierFeatures
+    from argen.pretrained import load_pretrained
+
+    name = f"reconstruction FD, N = {args.n}"
+    tc = tokenizer.config
+    try:
+        reference, rest = reference_sets(args.data, args.n, tc.image_size, tc.image_channels)
+    except ValueError as e:
+        return [name, f"skipped: {e} (lower -n)"]
+    features = ClassifierFeatures(load_pretrained(classifier_path(args.classifier)))
+    fd, floor = reconstruction_fd(tokenizer, reference, rest, features)
+    return [f"{name} (real-data floor {floor:.4g})", f"{fd:.4g} ({fd / floor:.2f}x floor)"]
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
