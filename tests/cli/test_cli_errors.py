@@ -174,7 +174,7 @@ def _tokens(tmp_path) -> os.PathLike:
     return out
 
 
-def test_a_pipeline_name_is_a_tokenizer_for_every_command(tmp_path, capsys):
+def test_tokenize_takes_a_pipeline_name_as_its_tokenizer(tmp_path, capsys):
     out = _tokens(tmp_path)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["seq_len"] == 49 and meta["vocab_size"] == 512

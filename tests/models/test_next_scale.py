@@ -174,14 +174,17 @@ def test_drop_rate_regularises_training_only(shipped):
     plain.load_state_dict(shipped.state_dict())
     dropped.load_state_dict(shipped.state_dict())  # the same keys: dropout has no weights
     tok = shipped._tokenizer[0]
-    plain.bind(tok), dropped.bind(tok)
+    for model in (plain, dropped):
+        model.bind(tok)
     labels, tokens = _two_sequences(shipped)
     condition = Condition.classes(labels)
     with torch.no_grad():
-        plain.eval(), dropped.eval()
+        plain.eval()
+        dropped.eval()
         assert torch.equal(plain.loss(tokens, condition).loss, dropped.loss(tokens, condition).loss)
         reference = plain.loss(tokens, condition).loss
-        plain.train(), dropped.train()
+        plain.train()
+        dropped.train()
         assert torch.equal(plain.loss(tokens, condition).loss, reference)  # nothing else is random in training
         noisy = [dropped.loss(tokens, condition).loss for _ in range(2)]
     assert noisy[0] != noisy[1] and noisy[0] != reference  # a fresh dropout mask per call
