@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from argen.convert.llamagen import load_gpt, raster_config
+from argen.errors import ConfigError
 from argen.models.interface import Condition, Generator
 from argen.models.layers import attention
 from argen.models.raster import RasterConfig, RasterTransformer
@@ -95,3 +96,21 @@ def test_condition_dropout_only_in_training():
         assert not torch.allclose(model.loss(tokens, condition).loss, model.loss(tokens, null).loss)
         model.train()  # every condition dropped: the loss is the unconditional one
         torch.testing.assert_close(model.loss(tokens, condition).loss, model.loss(tokens, null).loss)
+
+
+def test_input_noise_replaces_training_inputs_only():
+    model = tiny_raster(input_noise=0.5, class_dropout=0.0, vocab_size=1000)
+    seen = []
+    model.tok_embeddings.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    tokens, condition = torch.randint(0, 1000, (64, 9)), Condition.classes([0, 1, 2] * 21 + [0])
+    with torch.no_grad():
+        clean = model.loss(tokens, condition).loss
+        model.train()
+        noisy = model.loss(tokens, condition).loss
+    torch.testing.assert_close(seen[0], tokens[:, :-1])  # eval: teacher forcing on the clean tokens
+    replaced = (seen[1] != tokens[:, :-1]).float().mean().item()
+    assert 0.42 < replaced < 0.58  # half the inputs, less the 1/1000 drawn equal to the original
+    assert seen[1].max() < 1000 and seen[1].min() >= 0
+    assert not torch.allclose(clean, noisy)  # the targets are clean, so the loss sees the corruption
+    with pytest.raises(ConfigError, match="input_noise"):
+        RasterConfig(input_noise=1.5)

@@ -85,10 +85,15 @@ class DecoderConfig:
 @dataclass
 class RasterConfig(DecoderConfig):
     token_dropout: float = 0.0
+    # In training, each teacher-forced input token is replaced by a uniformly random code with this probability
+    # (the targets stay clean): the model learns to continue past a wrong token, which sampling produces and
+    # clean teacher forcing never shows it, and a small dataset's sequences stop repeating exactly each epoch.
+    input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_probability(self, "token_dropout")
+        check_probability(self, "input_noise")
 
 
 class Attention(nn.Module):
@@ -240,9 +245,13 @@ class RasterTransformer(nn.Module, Pretrained):
     def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
         """Next-token cross-entropy over every position (B, L); the condition is dropped at the configured rate
         in training, for classifier-free guidance."""
+        inputs = tokens[:, :-1]
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
-        logits = self(tokens[:, :-1], condition)  # (B, L, V)
+            if self.config.input_noise:
+                noisy = torch.rand(inputs.shape, device=inputs.device) < self.config.input_noise
+                inputs = torch.where(noisy, torch.randint_like(inputs, self.config.vocab_size), inputs)
+        logits = self(inputs, condition)  # (B, L, V)
         return LossOutput.cross_entropy(logits, tokens)
 
     # --- the order contract (argen.models.interface) ---
