@@ -28,3 +28,17 @@ def test_float32_and_training_keep_the_fused_kernel():
     with torch.no_grad():
         big = torch.zeros(1, 1, 512, 8, dtype=torch.bfloat16)
         assert not layers._explicit_is_faster(big, big)  # a large score matrix: fused is faster
+
+
+def test_replace_randomly_replaces_at_the_rate_within_the_vocabulary():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 1000, (200, 50))
+    assert layers.replace_randomly(tokens, 0.0, 1000) is tokens
+    out = layers.replace_randomly(tokens, 0.3, 1000)
+    assert out.shape == tokens.shape and out.dtype == tokens.dtype
+    changed = (out != tokens).float().mean().item()
+    assert abs(changed - 0.3 * 999 / 1000) < 0.01  # a replacement equal to the original by chance is unchanged
+    assert out.min() >= 0 and out.max() < 1000
+    assert len(torch.unique(out[out != tokens])) > 900  # uniform over the codes, not a fixed one
+    everything = layers.replace_randomly(tokens, 1.0, 7)
+    assert everything.max() < 7

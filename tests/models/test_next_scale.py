@@ -190,3 +190,30 @@ def test_drop_rate_regularises_training_only(shipped):
     assert noisy[0] != noisy[1] and noisy[0] != reference  # a fresh dropout mask per call
     with pytest.raises(ValueError, match="drop_rate"):
         dataclasses.replace(shipped.config, drop_rate=1.5)
+
+
+def test_input_noise_corrupts_the_coarser_scales_inputs_in_training_only(shipped):
+    """Random codes among the teacher-forced inputs (the coarser scales' maps); the targets stay the clean tokens."""
+    import dataclasses
+
+    from argen.models.interface import Condition
+    from argen.models.next_scale import NextScaleTransformer
+
+    quiet = dict(class_dropout=0.0, drop_path=0.0, drop_rate=0.0)
+    plain = NextScaleTransformer(dataclasses.replace(shipped.config, **quiet))
+    noisy = NextScaleTransformer(dataclasses.replace(shipped.config, input_noise=0.5, **quiet))
+    for model in (plain, noisy):
+        model.load_state_dict(shipped.state_dict())  # the same keys: the noise has no weights
+        model.bind(shipped._tokenizer[0])
+    labels, tokens = _two_sequences(shipped)
+    condition = Condition.classes(labels)
+    with torch.no_grad():
+        reference = plain.eval().loss(tokens, condition).loss
+        assert torch.equal(noisy.eval().loss(tokens, condition).loss, reference)
+        plain.train()
+        noisy.train()
+        assert torch.equal(plain.loss(tokens, condition).loss, reference)
+        corrupted = [noisy.loss(tokens, condition).loss for _ in range(2)]
+    assert reference not in corrupted and corrupted[0] != corrupted[1]  # fresh noise per call
+    with pytest.raises(ValueError, match="input_noise"):
+        dataclasses.replace(shipped.config, input_noise=-0.1)

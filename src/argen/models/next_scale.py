@@ -20,7 +20,7 @@ from torch import nn
 
 from argen.errors import ConfigError, check_int, check_number, check_probability, check_sizes
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
-from argen.models.layers import attention
+from argen.models.layers import attention, replace_randomly
 from argen.models.scale_cache import ScaleKVCache
 from argen.pretrained import Pretrained, register
 
@@ -59,6 +59,7 @@ class NextScaleConfig:
     class_dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing), training only
     drop_rate: float = 0.0  # dropout on the attention projection's and the FFN's outputs (VAR's), training only
+    input_noise: float = 0.0  # rate of random codes among the coarser scales' inputs in training (`replace_randomly`)
 
     def __post_init__(self) -> None:
         check_int(self, "vocab_size", minimum=2)
@@ -72,6 +73,7 @@ class NextScaleConfig:
         check_probability(self, "class_dropout")
         check_probability(self, "drop_path")
         check_probability(self, "drop_rate")
+        check_probability(self, "input_noise")
         if self.dim % self.num_heads:
             raise ConfigError(f"NextScaleConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
 
@@ -296,9 +298,11 @@ class NextScaleTransformer(nn.Module, Pretrained):
 
     def loss(self, tokens: torch.Tensor, condition: Condition) -> LossOutput:
         """Cross-entropy over every scale's tokens (B, L), each map predicted from the coarser ones (VAR §3.2)."""
+        inputs = tokens
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
-        logits = self(self.training_inputs(tokens), condition)  # (B, L, V)
+            inputs = replace_randomly(tokens, self.config.input_noise, self.config.vocab_size)
+        logits = self(self.training_inputs(inputs), condition)  # (B, L, V); the targets stay clean
         return LossOutput.cross_entropy(logits, tokens)
 
     # --- the order contract (argen.models.interface): one scale per step ---

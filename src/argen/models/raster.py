@@ -25,7 +25,7 @@ from argen.models.interface import (
     as_condition,
 )
 from argen.models.kv_cache import KVCache
-from argen.models.layers import FeedForward, RMSNorm, attention, init_normal, swiglu_hidden_dim
+from argen.models.layers import FeedForward, RMSNorm, attention, init_normal, replace_randomly, swiglu_hidden_dim
 from argen.models.rope import apply_rope, rope_2d_table
 from argen.pretrained import Pretrained, register
 
@@ -85,10 +85,7 @@ class DecoderConfig:
 @dataclass
 class RasterConfig(DecoderConfig):
     token_dropout: float = 0.0
-    # In training, each teacher-forced input token is replaced by a uniformly random code with this probability
-    # (the targets stay clean): the model learns to continue past a wrong token, which sampling produces and
-    # clean teacher forcing never shows it, and a small dataset's sequences stop repeating exactly each epoch.
-    input_noise: float = 0.0
+    input_noise: float = 0.0  # rate of random codes among the teacher-forced inputs (`replace_randomly`)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -248,9 +245,7 @@ class RasterTransformer(nn.Module, Pretrained):
         inputs = tokens[:, :-1]
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
-            if self.config.input_noise:
-                noisy = torch.rand(inputs.shape, device=inputs.device) < self.config.input_noise
-                inputs = torch.where(noisy, torch.randint_like(inputs, self.config.vocab_size), inputs)
+            inputs = replace_randomly(inputs, self.config.input_noise, self.config.vocab_size)
         logits = self(inputs, condition)  # (B, L, V)
         return LossOutput.cross_entropy(logits, tokens)
 
