@@ -217,3 +217,32 @@ def test_input_noise_corrupts_the_coarser_scales_inputs_in_training_only(shipped
     assert reference not in corrupted and corrupted[0] != corrupted[1]  # fresh noise per call
     with pytest.raises(ValueError, match="input_noise"):
         dataclasses.replace(shipped.config, input_noise=-0.1)
+
+
+def test_input_noise_grows_with_the_scale(shipped):
+    """None on the first map (a wrong token there redraws the layout), the full rate on the last input map."""
+    import dataclasses
+
+    from argen.models.interface import Condition
+    from argen.models.next_scale import NextScaleTransformer
+
+    model = NextScaleTransformer(dataclasses.replace(shipped.config, input_noise=0.9, class_dropout=0.0))
+    model.load_state_dict(shipped.state_dict())
+    model.bind(shipped._tokenizer[0])
+    seen = []
+    build = model.training_inputs
+    model.training_inputs = lambda ids: seen.append(ids.clone()) or build(ids)
+    torch.manual_seed(0)
+    labels = torch.arange(10).repeat(20)
+    tokens = torch.randint(0, shipped.config.vocab_size, (len(labels), shipped.seq_len))
+    with torch.no_grad():
+        model.train().loss(tokens, Condition.classes(labels))
+    changed = (seen[0] != tokens).float()
+    starts = [0]
+    for pn in model.scales:
+        starts.append(starts[-1] + pn * pn)
+    per_scale = [changed[:, a:b].mean().item() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    inputs = len(model.scales) - 1
+    assert per_scale[0] == 0.0
+    for i in range(1, inputs):  # rate i / (inputs - 1), less the codes redrawn equal by chance
+        assert abs(per_scale[i] - 0.9 * i / (inputs - 1)) < 0.06, per_scale

@@ -48,11 +48,12 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-def replace_randomly(tokens: torch.Tensor, rate: float, vocab_size: int) -> torch.Tensor:
+def replace_randomly(tokens: torch.Tensor, rate: float | torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Teacher-forcing inputs with each token replaced by a uniformly random code with probability `rate` (the
-    orders' `input_noise`): the model learns to continue past a wrong token, which sampling produces and clean
-    teacher forcing never shows it, and a small dataset's sequences stop repeating exactly each epoch."""
-    if not rate:
+    orders' `input_noise`; a tensor broadcastable to `tokens` gives each position its own): the model learns to
+    continue past a wrong token, which sampling produces and clean teacher forcing never shows it, and a small
+    dataset's sequences stop repeating exactly each epoch."""
+    if not isinstance(rate, torch.Tensor) and not rate:
         return tokens
     noisy = torch.rand(tokens.shape, device=tokens.device) < rate
     return torch.where(noisy, torch.randint_like(tokens, vocab_size), tokens)

@@ -301,9 +301,18 @@ class NextScaleTransformer(nn.Module, Pretrained):
         inputs = tokens
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
-            inputs = replace_randomly(tokens, self.config.input_noise, self.config.vocab_size)
+            inputs = replace_randomly(tokens, self._input_noise_rates(tokens.device), self.config.vocab_size)
         logits = self(self.training_inputs(inputs), condition)  # (B, L, V); the targets stay clean
         return LossOutput.cross_entropy(logits, tokens)
+
+    def _input_noise_rates(self, device: torch.device) -> torch.Tensor:
+        """(L,) per-token input-noise rate, growing linearly from 0 at the first scale to `input_noise` at the last
+        scale that is an input: a wrong token on the coarsest maps redraws the whole layout, which uniform noise
+        showed (docs/quality.md), while on the fine maps it is a local slip, as in raster."""
+        inputs = len(self.scales) - 1  # the last map is only a target
+        ramp = [min(i / max(inputs - 1, 1), 1.0) for i in range(len(self.scales))]
+        rates = torch.cat([torch.full((pn * pn,), r, device=device) for pn, r in zip(self.scales, ramp, strict=True)])
+        return rates * self.config.input_noise
 
     # --- the order contract (argen.models.interface): one scale per step ---
 
