@@ -212,7 +212,9 @@ def test_input_noise_corrupts_the_coarser_scales_inputs_in_training_only(shipped
         assert torch.equal(noisy.eval().loss(tokens, condition).loss, reference)
         plain.train()
         noisy.train()
+        state = torch.get_rng_state()
         assert torch.equal(plain.loss(tokens, condition).loss, reference)
+        assert torch.equal(torch.get_rng_state(), state)  # no noise, no draw: a run's random stream is unchanged
         corrupted = [noisy.loss(tokens, condition).loss for _ in range(2)]
     assert reference not in corrupted and corrupted[0] != corrupted[1]  # fresh noise per call
     with pytest.raises(ValueError, match="input_noise"):

@@ -301,7 +301,8 @@ class NextScaleTransformer(nn.Module, Pretrained):
         inputs = tokens
         if self.training:
             condition = condition.dropped(self.config.class_dropout)
-            inputs = replace_randomly(tokens, self._input_noise_rates(tokens.device), self.config.vocab_size)
+            if self.config.input_noise:  # no draw otherwise: a run without noise keeps its random stream
+                inputs = replace_randomly(tokens, self._input_noise_rates(tokens.device), self.config.vocab_size)
         logits = self(self.training_inputs(inputs), condition)  # (B, L, V); the targets stay clean
         return LossOutput.cross_entropy(logits, tokens)
 
