@@ -50,18 +50,20 @@ def tiny(**overrides) -> RasterTransformer:
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2])
+@pytest.mark.parametrize("grid", [3, 12])  # 144 tokens: decode steps read the cache to 64, 128, then all of it
 @torch.no_grad()
-def test_kv_cache_step_by_step_equals_teacher_forcing(kv_heads):
-    model = tiny(num_kv_heads=kv_heads)
+def test_kv_cache_step_by_step_equals_teacher_forcing(kv_heads, grid):
+    model = tiny(num_kv_heads=kv_heads, grid_size=grid)
     # Scale up the weights so that attention is far from uniform and a position error would show.
     for p in model.parameters():
         p.mul_(8.0) if p.dim() == 2 else None
-    ids = torch.randint(0, 32, (2, 9))
+    L = grid * grid
+    ids = torch.randint(0, 32, (2, L))
     labels = torch.tensor([0, 2])
     full = model(ids[:, :-1], labels)
     state = model.start(labels)
     steps = []
-    for t in range(9):
+    for t in range(L):
         prediction = model.predict(state)
         steps.append(prediction.logits)
         model.advance(state, prediction.positions, ids[:, t : t + 1])
