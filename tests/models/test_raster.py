@@ -50,7 +50,7 @@ def tiny(**overrides) -> RasterTransformer:
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2])
-@pytest.mark.parametrize("grid", [3, 12])  # 144 tokens: decode steps read the cache to 64, 128, then all of it
+@pytest.mark.parametrize("grid", [3, 12])  # 9 and 144 tokens
 @torch.no_grad()
 def test_kv_cache_step_by_step_equals_teacher_forcing(kv_heads, grid):
     model = tiny(num_kv_heads=kv_heads, grid_size=grid)

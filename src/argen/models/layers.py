@@ -95,12 +95,6 @@ def attention(
     `use_sdpa=False` is the reference path that the fused kernel is tested against; CPU inference in reduced
     precision takes it too where it is faster. Its softmax runs in float32 whatever the inputs' dtype.
     """
-    if _trims_keys(q, k, mask, dropout):
-        return _attention_trimmed(q, k, v, mask, scale, use_sdpa)
-    return _attend(q, k, v, mask, scale, use_sdpa, dropout)
-
-
-def _attend(q, k, v, mask, scale, use_sdpa, dropout=0.0) -> torch.Tensor:
     if use_sdpa and not _explicit_is_faster(q, k):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -108,39 +102,3 @@ def _attend(q, k, v, mask, scale, use_sdpa, dropout=0.0) -> torch.Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return F.dropout(scores.softmax(dim=-1), dropout).to(v.dtype) @ v
-
-
-# CPU inference reads each row's keys only up to a multiple of this past its last visible one: a decode step's
-# (B, 1, 1, S) mask over a whole preallocated cache (raster's own-position passes) hides, on average, half of it.
-KEY_BUCKET = 64
-
-
-def _trims_keys(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> bool:
-    return (
-        mask is not None
-        and mask.dim() == 4
-        and mask.shape[0] == q.shape[0]
-        and k.shape[-2] > KEY_BUCKET
-        and not dropout
-        and q.device.type == "cpu"
-        and not torch.is_grad_enabled()
-    )
-
-
-def _attention_trimmed(q, k, v, mask, scale, use_sdpa) -> torch.Tensor:
-    """`attention` with each row's keys cut to the bucket past its last visible key; rows of one bucket go
-    together. A row's bucket is its own, so its output is the same alone or beside rows that stand elsewhere
-    (continuous batching's bit-for-bit contract, tests/serve)."""
-    S = k.shape[-2]
-    visible = mask.flatten(1, 2).any(dim=1)  # (B, S)
-    end = S - visible.flip(1).to(torch.uint8).argmax(dim=1)  # one past the last visible key (S if none is)
-    bucket = ((end + KEY_BUCKET - 1) // KEY_BUCKET * KEY_BUCKET).clamp(max=S)
-    sizes = bucket.unique().tolist()
-    if len(sizes) == 1:
-        n = sizes[0]
-        return _attend(q, k[:, :, :n], v[:, :, :n], mask[..., :n], scale, use_sdpa)
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    for n in sizes:
-        rows = (bucket == n).nonzero().squeeze(1)
-        out[rows] = _attend(q[rows], k[rows, :, :n], v[rows, :, :n], mask[rows, ..., :n], scale, use_sdpa)
-    return out
