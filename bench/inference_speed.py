@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from argen.eval.speed import matmul_peak_flops
 from argen.models.next_scale import NEXT_SCALE_PRESETS, NextScaleTransformer
-from argen.models.packed_linear import PackedLinear
+from argen.models.packed_linear import unpack_linears
 from argen.models.raster import RASTER_PRESETS, RasterTransformer
 from argen.pipeline import ARPipeline
 from argen.sampling.config import SamplerConfig
@@ -75,9 +75,7 @@ def main() -> None:
         reference = MODELS[name]()
         pipes = {d: MODELS[name]().to(dtype=DTYPES[d]) for d in args.dtypes}
         if "bf16-plain" in pipes:
-            for layer in pipes["bf16-plain"].generator.modules():
-                if isinstance(layer, PackedLinear):
-                    layer.__class__ = torch.nn.Linear
+            unpack_linears(pipes["bf16-plain"].generator)
         for pipe in pipes.values():  # the same random weights in every dtype
             pipe.generator.load_state_dict(reference.generator.state_dict())
             pipe.tokenizer.load_state_dict(reference.tokenizer.state_dict())

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from argen.models.packed_linear import PackedLinear, pack_linears, packing_available
+from argen.models.packed_linear import PackedLinear, pack_linears, packing_available, unpack_linears
 from argen.pipeline import ARPipeline
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this CPU has no oneDNN bfloat16 linear")
@@ -67,8 +67,8 @@ def test_state_dict_names_copies_and_pipeline_packing():
     assert all(type(m) is nn.Linear for m in plain.modules() if isinstance(m, nn.Linear))
     packed_run = pipe([3, 7, 1, 0], seed=0, output_type="pt")
     assert all("_packed" in m.__dict__ for m in linears)  # sampling took the packed path
-    for m in linears:
-        m.__class__ = nn.Linear
+    assert unpack_linears(pipe.generator) == len(linears)
+    assert all(type(m) is nn.Linear and "_packed" not in m.__dict__ for m in linears)
     plain_run = pipe([3, 7, 1, 0], seed=0, output_type="pt")
     assert torch.equal(packed_run.tokens, plain_run.tokens)  # the same sampling, to the last token
     assert torch.equal(packed_run.images, plain_run.images)

@@ -70,3 +70,15 @@ def pack_linears(module: nn.Module) -> int:
             layer.__class__ = PackedLinear
             count += 1
     return count
+
+
+def unpack_linears(module: nn.Module) -> int:
+    """Undo `pack_linears`: every `PackedLinear` in `module` becomes a plain `nn.Linear` again (its packed copy
+    dropped); the number converted. For side-by-side measurements and tests."""
+    count = 0
+    for layer in module.modules():
+        if type(layer) is PackedLinear:
+            layer.__dict__.pop("_packed", None)
+            layer.__class__ = nn.Linear
+            count += 1
+    return count
