@@ -71,6 +71,26 @@ def test_kv_cache_step_by_step_equals_teacher_forcing(kv_heads, grid):
     assert state.done and torch.equal(state.tokens, ids)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_rows_beside_rows_at_other_steps_get_the_logits_they_get_alone(dtype):
+    from argen.serve.batching import stack
+
+    model = tiny(grid_size=12).to(dtype)  # 144 tokens
+    g = torch.Generator().manual_seed(0)
+    states = []
+    # four rows 10 steps in, four 100 steps in (a float32 matrix product of 1-3 rows takes another kernel than of
+    # more, alone or not; a guided image is two rows)
+    for labels, steps in (([0, 1, 2, 0], 10), ([2, 1, 0, 1], 100)):
+        state = model.start(torch.tensor(labels))
+        for _ in range(steps):
+            model.advance(state, model.predict(state).positions, torch.randint(0, 32, (4, 1), generator=g))
+        states.append(state)
+    alone = [model.predict(s).logits for s in states]
+    together = model.predict(stack(states, aligned=False)).logits
+    assert torch.equal(together[:4], alone[0]) and torch.equal(together[4:], alone[1])
+
+
 def test_sdpa_matches_reference_attention():
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
     mask = torch.rand(5, 7) > 0.3
