@@ -36,11 +36,15 @@ class KVCache:
         """Write k, v (B, H, T, hd) of row b at its own positions (B, T); return all entries up to `length`, by
         default the largest position (each row masks what is not valid for it). A fixed length (the whole
         cache) makes a row's attention independent of how far its neighbours have got."""
-        end = int(positions.max()) + 1
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; writing at {end - 1}")
-        end = max(end, length or 0)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.keys[layer][rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, H, hd)
-        self.values[layer][rows, :, positions] = v.transpose(1, 2)
+        low, high = (int(p) for p in positions.aminmax())
+        if high >= self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing at {high}")
+        end = max(high + 1, length or 0)
+        if low == high and positions.shape[1] == 1:  # every row at the same position (plain decoding): a slice
+            self.keys[layer][:, :, low : low + 1] = k
+            self.values[layer][:, :, low : low + 1] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.keys[layer][rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, H, hd)
+            self.values[layer][rows, :, positions] = v.transpose(1, 2)
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

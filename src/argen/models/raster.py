@@ -117,10 +117,11 @@ class Attention(nn.Module):
         (B, 1, T, S) mask says which of the first S cache entries each query sees)."""
         B, T, D = x.shape
         kv_dim = self.num_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([D, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(k.view(B, T, self.num_kv_heads, self.head_dim), rope).transpose(1, 2)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.wqkv(x)
+        heads = self.num_heads + self.num_kv_heads  # queries and keys rotated together: one kernel
+        qk = apply_rope(qkv[..., : D + kv_dim].view(B, T, heads, self.head_dim), rope)
+        q, k = (t.transpose(1, 2) for t in qk.split([self.num_heads, self.num_kv_heads], dim=2))  # (B, H, T, hd)
+        v = qkv[..., D + kv_dim :].view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None and isinstance(start, torch.Tensor):
             k, v = cache.update_rows(layer, k, v, start, mask.shape[-1])  # (B, Hkv, S, hd)
         elif cache is not None:
