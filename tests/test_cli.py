@@ -26,6 +26,7 @@ SURFACE = {
         "--device",
         "--classifier",
         "--progressive",
+        "--compile",
         "--set",
     },
     "edit": {

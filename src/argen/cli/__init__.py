@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help=f"{device} (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (logits stay fp32)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the generator's blocks and the tokenizer's decoder (for CUDA; slower on CPU)",
+    )
+    p.add_argument(
         "--classifier", default=None, help="'default' or a classifier folder: report class accuracy (default: off)"
     )
     p.add_argument(
