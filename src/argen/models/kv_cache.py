@@ -21,6 +21,25 @@ class KVCache:
         # mask the holes with it.
         self.written = torch.zeros(batch, max_len, dtype=torch.bool, device=like.device)
 
+    @classmethod
+    def cat(cls, caches: list[KVCache]) -> KVCache:
+        """The rows of several caches of one model, in order, as one cache (a server's batch of requests)."""
+        out = cls.__new__(cls)  # every field set below: a new field must be stacked here too
+        out.keys = [torch.cat([c.keys[i] for c in caches]) for i in range(len(caches[0].keys))]
+        out.values = [torch.cat([c.values[i] for c in caches]) for i in range(len(caches[0].values))]
+        out.written = torch.cat([c.written for c in caches])
+        out.max_len = caches[0].max_len
+        return out
+
+    def take(self, rows: torch.Tensor) -> KVCache:
+        """The cache of some rows (n,) (a request leaving a server's batch)."""
+        out = KVCache.__new__(KVCache)  # every field set below, as in `cat`
+        out.keys = [k[rows] for k in self.keys]
+        out.values = [v[rows] for v in self.values]
+        out.written = self.written[rows]
+        out.max_len = self.max_len
+        return out
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, hd) at positions start..start+T; return all entries up to there."""
         end = start + k.shape[2]

@@ -54,24 +54,6 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _cat_kv(caches: list[KVCache], rows: list[int]) -> KVCache:
-    out = KVCache.__new__(KVCache)
-    out.keys = [torch.cat([c.keys[i] for c in caches]) for i in range(len(caches[0].keys))]
-    out.values = [torch.cat([c.values[i] for c in caches]) for i in range(len(caches[0].values))]
-    out.written = torch.cat([c.written for c in caches])
-    out.max_len = caches[0].max_len
-    return out
-
-
-def _take_kv(cache: KVCache, rows: Rows) -> KVCache:
-    out = KVCache.__new__(KVCache)
-    out.keys = [k[rows] for k in cache.keys]
-    out.values = [v[rows] for v in cache.values]
-    out.written = cache.written[rows]
-    out.max_len = cache.max_len
-    return out
-
-
 def _cat_scale(caches: list[ScaleKVCache], rows: list[int]) -> ScaleKVCache:
     first = caches[0]
     out = ScaleKVCache(len(first.keys), first.budget, first.num_drafters)
@@ -92,7 +74,7 @@ def _take_scale(cache: ScaleKVCache, rows: Rows) -> ScaleKVCache:
 
 # cache type -> (stack, take rows, whether a state with this cache may share a batch)
 CACHES: dict[type, tuple[Callable, Callable, Callable[[Any], bool]]] = {
-    KVCache: (_cat_kv, _take_kv, lambda cache: True),
+    KVCache: (lambda caches, rows: KVCache.cat(caches), KVCache.take, lambda cache: True),
     # ScaleKV chooses its "drafter" layers from attention averaged over the whole batch: a budgeted cache's rows
     # depend on their neighbours, so such a state runs alone.
     ScaleKVCache: (_cat_scale, _take_scale, lambda cache: cache.budget == 0),
