@@ -82,6 +82,7 @@ SURFACE = {
         "--plot",
         "--npz",
         "--device",
+        "--compile",
         "--cfg",
         "--top-k",
         "--top-p",

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from argen.cli.common import (
     DTYPES,
     MAX_IMAGES,
+    add_compile_arg,
     add_sampler_args,
     check_device,
     image_file,
@@ -89,11 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help=f"{device} (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (logits stay fp32)")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the generator's blocks and the tokenizer's decoder (for CUDA; slower on CPU)",
-    )
+    add_compile_arg(p)
     p.add_argument(
         "--classifier", default=None, help="'default' or a classifier folder: report class accuracy (default: off)"
     )
@@ -216,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help=f"{device} (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (logits stay fp32)")
+    add_compile_arg(p)
     add_sampler_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from argen.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # The most images one command may ask for (labels x -n): enough for any FID set, small enough that a typo
 # (-n 1000000000) fails at once instead of allocating for minutes. Run several commands with other seeds for more.
@@ -163,6 +166,22 @@ def sampler_overrides(args: argparse.Namespace) -> dict:
     overrides = {**options, **parse_overrides(args.set or [])}
     _check_sampler(overrides, "--set")
     return overrides
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the generator's blocks and the tokenizer's decoder (for CUDA; slower on CPU)",
+    )
+
+
+def compile_if_asked(pipe, args: argparse.Namespace) -> None:
+    """`--compile`: compile the pipeline in place, saying so on CPU, where it measured slower than eager."""
+    if args.compile:
+        if pipe.device.type == "cpu":
+            log.warning("--compile on CPU: measured slower than eager sampling here, and the first batch compiles")
+        pipe.compile()
 
 
 def check_for_model(pipe, fields: dict, option: str = "--set") -> None:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from argen.cli.common import DTYPES, check_for_model, check_image_count, classifier_path, sampler_overrides
+from argen.cli.common import (
+    DTYPES,
+    check_for_model,
+    check_image_count,
+    classifier_path,
+    compile_if_asked,
+    sampler_overrides,
+)
 from argen.errors import ConfigError
 from argen.storage import save_image, save_npz
-
-log = logging.getLogger(__name__)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -26,10 +30,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     overrides = sampler_overrides(args)
     pipe = ARPipeline.from_pretrained(args.model, device=args.device or "cpu", torch_dtype=DTYPES[args.dtype])
     check_for_model(pipe, overrides)
-    if args.compile:
-        if pipe.device.type == "cpu":
-            log.warning("--compile on CPU: measured slower than eager sampling here, and the first batch compiles")
-        pipe.compile()
+    compile_if_asked(pipe, args)
     classes = args.labels.split(",") if args.labels else list(range(pipe.generator.num_classes))
     total = check_image_count(len(classes), args.n)
     labels = pipe.label_ids([c.strip() if isinstance(c, str) else c for c in classes]).repeat_interleave(args.n)

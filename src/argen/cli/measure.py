@@ -16,6 +16,7 @@ from argen.cli.common import (
     check_for_model,
     check_image_count,
     classifier_path,
+    compile_if_asked,
     load_tokenizer,
     parse_setting,
     print_table,
@@ -47,6 +48,7 @@ def _evaluate_and_report(args: argparse.Namespace, info) -> None:
     sampler = sampler_overrides(args)
     pipe = ARPipeline.from_pretrained(args.model, device=info.device, torch_dtype=DTYPES[args.dtype])
     check_for_model(pipe, sampler)
+    compile_if_asked(pipe, args)
     tc = pipe.tokenizer.config
     # The real images are read by rank 0 alone; the other ranks only sample.
     sets = run_on_main(lambda: reference_sets(args.data, args.n, tc.image_size, tc.image_channels), share=False)
