@@ -22,23 +22,25 @@ class KVCache:
         self.written = torch.zeros(batch, max_len, dtype=torch.bool, device=like.device)
 
     @classmethod
+    def _holding(cls, keys: list[torch.Tensor], values: list[torch.Tensor], written: torch.Tensor) -> KVCache:
+        """A cache over existing entries: every field is set here, so a new field is handled in one place."""
+        out = cls.__new__(cls)
+        out.keys, out.values, out.written = keys, values, written
+        out.max_len = written.shape[1]
+        return out
+
+    @classmethod
     def cat(cls, caches: list[KVCache]) -> KVCache:
         """The rows of several caches of one model, in order, as one cache (a server's batch of requests)."""
-        out = cls.__new__(cls)  # every field set below: a new field must be stacked here too
-        out.keys = [torch.cat([c.keys[i] for c in caches]) for i in range(len(caches[0].keys))]
-        out.values = [torch.cat([c.values[i] for c in caches]) for i in range(len(caches[0].values))]
-        out.written = torch.cat([c.written for c in caches])
-        out.max_len = caches[0].max_len
-        return out
+        return cls._holding(
+            [torch.cat(layer) for layer in zip(*(c.keys for c in caches), strict=True)],
+            [torch.cat(layer) for layer in zip(*(c.values for c in caches), strict=True)],
+            torch.cat([c.written for c in caches]),
+        )
 
     def take(self, rows: torch.Tensor) -> KVCache:
         """The cache of some rows (n,) (a request leaving a server's batch)."""
-        out = KVCache.__new__(KVCache)  # every field set below, as in `cat`
-        out.keys = [k[rows] for k in self.keys]
-        out.values = [v[rows] for v in self.values]
-        out.written = self.written[rows]
-        out.max_len = self.max_len
-        return out
+        return self._holding([k[rows] for k in self.keys], [v[rows] for v in self.values], self.written[rows])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, hd) at positions start..start+T; return all entries up to there."""
