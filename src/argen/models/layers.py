@@ -98,7 +98,11 @@ def attention(
     if use_sdpa and not _explicit_is_faster(q, k):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, S)
+    # (k q^T)^T rather than q k^T: the same dot products (bit-identical on CPU in every shape measured), but the
+    # keys are read in their stored row-major layout; as a transposed view of a KV-cache slice the bf16 batched
+    # matmul copied them first. One thread, bf16: a decode step's 16 rows x 12 heads x 128 keys 0.69 -> 0.40 ms,
+    # 16 queries 1.20 -> 0.45 ms, VAR's 169 x 424 map 2.6 -> 2.3 ms.
+    scores = (k @ q.transpose(-2, -1)).transpose(-2, -1).float() * scale  # (B, H, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return F.dropout(scores.softmax(dim=-1), dropout).to(v.dtype) @ v
