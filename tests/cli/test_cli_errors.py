@@ -292,3 +292,23 @@ def test_help_states_each_shipped_models_guidance():
     for folder in set(SHIPPED.values()):
         sampler = json.loads((ASSETS / folder / PIPELINE_NAME).read_text())["sampler"]
         assert f"{folder} {sampler['cfg_scale']} ({sampler['cfg_schedule']} schedule)" in cfg.help
+
+
+def test_reinit_takes_a_fresh_wider_head_and_everything_else_from_init():
+    """`argen train --init G --reinit diffloss --set head_width=64`: MAR's transformer from G, a wider head fresh."""
+    from argen.cli.train import _copy_weights
+    from argen.models.mar import MARConfig, MARTransformer
+
+    small = dict(latent_size=3, latent_channels=4, encoder_dim=32, decoder_dim=32, encoder_heads=2, decoder_heads=2)
+    small.update(encoder_depth=1, decoder_depth=1, buffer_size=4, head_depth=2, num_classes=3)
+    torch.manual_seed(0)
+    init = MARTransformer(MARConfig(**small, head_width=32))
+    torch.manual_seed(1)
+    model = MARTransformer(MARConfig(**small, head_width=64))
+    fresh_head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("diffloss.")}
+    _copy_weights(init, model, "G", ["diffloss"])
+    for name, value in model.state_dict().items():
+        expected = fresh_head[name] if name.startswith("diffloss.") else init.state_dict()[name]
+        assert torch.equal(value, expected), name
+    with pytest.raises(ConfigError, match="does not fit the generator being trained"):
+        _copy_weights(init, MARTransformer(MARConfig(**small, head_width=64)), "G")  # no --reinit: refused

@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of a fresh initialisation; its config replaces the preset's, --set still applies "
         "(e.g. dropout); it must be of the preset's order and fit the shards (default: none)",
     )
+    p.add_argument(
+        "--reinit",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="with --init: this module's parameters (a name prefix such as diffloss or output) start fresh instead "
+        "of from --init, and a --set may change their shape (e.g. --reinit diffloss --set head_width=256: a wider "
+        "MAR head on a trained transformer); repeatable",
+    )
     add_train_args(p, steps=3000, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train)
 

@@ -209,8 +209,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _model_config(presets_now, args.preset, overrides, args.overrides)
     torch.manual_seed(args.seed)
     model = model_cls(config)
+    if args.reinit and init is None:
+        raise ConfigError("--reinit needs --init: it names the modules of the --init generator that start fresh")
     if init is not None:
-        _copy_weights(init, model, args.init)
+        _copy_weights(init, model, args.init, args.reinit)
     if shards.values == "continuous":
         _match_latents(model, shards, tokenizer)
     if model_cls.order.reads_tokenizer:
@@ -243,19 +245,29 @@ def _load_init(path: str, model_cls):
         raise ConfigError(f"--init {path}: {e}, which --preset trains ({model_cls.order.name} order)") from e
 
 
-def _copy_weights(init, model, path: str) -> None:
+def _copy_weights(init, model, path: str, reinit: list[str] = ()) -> None:
     """Load `init`'s weights into `model` (built from the same config up to --set fields such as dropout, which
-    hold no weights); a shape change (a --set of dim, depth, vocab, a different grid) is refused by name."""
+    hold no weights); a shape change (a --set of dim, depth, vocab, a different grid) is refused by name, except in
+    the `reinit` modules, which keep `model`'s fresh initialisation whatever their shape."""
     from argen.errors import CheckpointError
     from argen.pretrained import load_state_dict_strict
 
+    def fresh(name: str) -> bool:
+        return any(name == m or name.startswith(m + ".") for m in reinit)
+
+    own = model.state_dict()
+    for m in reinit:
+        if not any(fresh_name == m or fresh_name.startswith(m + ".") for fresh_name in own):
+            raise ConfigError(f"--reinit {m}: the generator has no module or parameter of that name")
+    weights = {k: v for k, v in init.state_dict().items() if not fresh(k)}
+    weights.update({k: v for k, v in own.items() if fresh(k)})
     try:
-        load_state_dict_strict(model, init.state_dict(), source=f"--init {path}")
+        load_state_dict_strict(model, weights, source=f"--init {path}")
     except CheckpointError as e:  # the strict loader names missing, unexpected and mis-shaped tensors
         raise ConfigError(
             f"--init {path} does not fit the generator being trained (the data or --set changed its shape): {e}"
         ) from e
-    log.info("initialised from %s (fine-tuning)", path)
+    log.info("initialised from %s (fine-tuning%s)", path, f"; fresh: {', '.join(reinit)}" if reinit else "")
 
 
 def _match_latents(model, shards, tokenizer) -> None:
