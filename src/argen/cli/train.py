@@ -252,12 +252,12 @@ def _copy_weights(init, model, path: str, reinit: list[str] = ()) -> None:
     from argen.errors import CheckpointError
     from argen.pretrained import load_state_dict_strict
 
-    def fresh(name: str) -> bool:
-        return any(name == m or name.startswith(m + ".") for m in reinit)
+    def fresh(name: str, modules=reinit) -> bool:
+        return any(name == m or name.startswith(m + ".") for m in modules)
 
     own = model.state_dict()
     for m in reinit:
-        if not any(fresh_name == m or fresh_name.startswith(m + ".") for fresh_name in own):
+        if not any(fresh(name, [m]) for name in own):
             raise ConfigError(f"--reinit {m}: the generator has no module or parameter of that name")
     weights = {k: v for k, v in init.state_dict().items() if not fresh(k)}
     weights.update({k: v for k, v in own.items() if fresh(k)})
