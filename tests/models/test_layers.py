@@ -30,6 +30,37 @@ def test_float32_and_training_keep_the_fused_kernel():
         assert not layers._explicit_is_faster(big, big)  # a large score matrix: fused is faster
 
 
+@pytest.mark.parametrize("B, H, L, hd", [(4, 3, 256, 64), (2, 6, 49, 32)])
+def test_the_explicit_path_rounds_the_same_without_the_keys_no_query_sees(B, H, L, hd):
+    """What lets a KV-cached decode step read only the keys up to its furthest row (`masked_tail_is_exact`):
+    keys after the last one any query may attend change no bit of the output, at every length up to 256 keys
+    (GPT-B's head dim and length; the shipped MNIST model's) and for a few queries at once, in bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(B, H, L, hd, generator=g).bfloat16() for _ in range(2))
+    keys = torch.arange(L)
+    with torch.no_grad():
+        for T in (1, 4):
+            assert layers.masked_tail_is_exact(k, T, L)
+            for s in range(T, L + 1, 1 if T == 1 else 9):
+                q = torch.randn(B, H, T, hd, generator=g).bfloat16()
+                seen = keys[None, :] <= torch.arange(s - T, s)[:, None]  # (T, L) causal: the last key seen is s - 1
+                whole = attention(q, k, v, seen)
+                assert torch.equal(whole, attention(q, k[:, :, :s], v[:, :, :s], seen[:, :s])), (T, s)
+                if T == 1:  # a lone query sees every key of the prefix: no mask at all
+                    assert torch.equal(whole, attention(q, k[:, :, :s], v[:, :, :s], None)), s
+
+
+def test_float32_float16_and_training_keep_a_fixed_number_of_keys():
+    x = torch.zeros(1, 8)
+    assert not layers.masked_tail_is_exact(x, 1, 256)  # its kernels round differently by length
+    with torch.no_grad():
+        assert not layers.masked_tail_is_exact(x.half(), 1, 256)  # so do float16's products
+    assert not layers.masked_tail_is_exact(x.bfloat16(), 1, 256)  # grad enabled: training
+    with torch.no_grad():
+        assert layers.masked_tail_is_exact(x.bfloat16(), 1, 256)
+        assert not layers.masked_tail_is_exact(x.bfloat16(), 1024, 1024)  # the fused kernel's size
+
+
 def test_replace_randomly_replaces_at_the_rate_within_the_vocabulary():
     torch.manual_seed(0)
     tokens = torch.randint(0, 1000, (200, 50))

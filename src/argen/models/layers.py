@@ -71,13 +71,27 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
 CPU_LOW_PRECISION_EXPLICIT = 2**17
 
 
-def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+def _takes_explicit_path(x: torch.Tensor, queries: int, keys: int) -> bool:
     return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
         and not torch.is_grad_enabled()
-        and q.shape[-2] * k.shape[-2] <= CPU_LOW_PRECISION_EXPLICIT
+        and queries * keys <= CPU_LOW_PRECISION_EXPLICIT
     )
+
+
+def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return _takes_explicit_path(q, q.shape[-2], k.shape[-2])
+
+
+def masked_tail_is_exact(x: torch.Tensor, queries: int, keys: int) -> bool:
+    """Whether `attention` of `queries` queries over up to `keys` keys, inputs like `x`, gives bit-identical outputs
+    when the keys after the last one any query may attend are left out. True of the explicit CPU path in bfloat16:
+    its products and float32 softmax add the masked keys' exact zeros without changing the order of the rest
+    (tests/models/test_layers.py checks every length up to 256). Not of float16's products, nor of float32's
+    kernels (fused or explicit), whose rounding depends on the number of keys: there a row that must not depend
+    on its neighbours attends over a fixed number of keys instead."""
+    return x.dtype == torch.bfloat16 and _takes_explicit_path(x, queries, keys)
 
 
 def attention(
