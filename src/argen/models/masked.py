@@ -21,7 +21,7 @@ from argen.errors import ConfigError, check_int, check_number
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
 from argen.models.layers import RMSNorm
 from argen.models.raster import DecoderConfig, TransformerBlock
-from argen.models.rope import rope_2d_table
+from argen.models.rope import RopeTable
 from argen.pretrained import Pretrained, register
 
 # MaskGIT §3.3: the fraction of tokens still masked as a function of progress t in [0, 1]; 1 at t = 0
@@ -96,8 +96,7 @@ class MaskedTransformer(nn.Module, Pretrained):
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
-        table = rope_2d_table(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
-        self.register_buffer("rope", table, persistent=False)  # derived from the config, not in a checkpoint
+        self.rope = RopeTable(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
         nn.init.normal_(self.pos_embedding, std=0.02)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -122,7 +121,7 @@ class MaskedTransformer(nn.Module, Pretrained):
         ids = torch.where(masked, self.mask_id, tokens)
         h = torch.cat([cls[:, None], self.tok_embeddings(ids)], dim=1) + self.pos_embedding  # (B, 1 + L, D)
         for i, layer in enumerate(self.layers):
-            h = layer(h, self.rope, None, None, i, 0)  # no mask, no cache: full bidirectional attention
+            h = layer(h, self.rope.table, None, None, i, 0)  # no mask, no cache: full bidirectional attention
         return self.output(self.norm(h[:, 1:])).float()  # (B, L, V); the class slot predicts nothing
 
     def training_mask(self, batch_size: int, device: torch.device | str) -> torch.Tensor:

@@ -35,7 +35,7 @@ from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec
 from argen.models.kv_cache import KVCache
 from argen.models.layers import RMSNorm, init_normal
 from argen.models.raster import RASTER_PRESETS, DecoderConfig, LabelEmbedder, TransformerBlock
-from argen.models.rope import rope_2d_table
+from argen.models.rope import RopeTable
 from argen.pretrained import Pretrained, register
 
 
@@ -110,8 +110,7 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
         # Row 0: cls (all zero, as LlamaGen); row 1 + p: image position p. Derived from the config, not saved.
-        table = rope_2d_table(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
-        self.register_buffer("rope", table, persistent=False)
+        self.rope = RopeTable(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
         self.apply(init_normal)
         nn.init.normal_(self.query_embedding, std=0.02)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 
 def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, num_prefix: int = 1) -> torch.Tensor:
@@ -22,6 +25,27 @@ def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, num_pref
     grid = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim // 2)  # (g*g, hd/2)
     table = torch.stack([grid.cos(), grid.sin()], dim=-1)
     return torch.cat([torch.zeros(num_prefix, head_dim // 2, 2), table])
+
+
+class RopeTable(nn.Module):
+    """`rope_2d_table` as a part of a model, indexed like the table (`rope[positions]`, `rope.table`). It follows
+    the model to another device but stays float32 when the model is cast to bfloat16 or float16 (a cast table
+    would round the angles of far positions; LlamaGen keeps its freqs_cis in float32 too), and it is rebuilt from
+    its arguments rather than converted, so `to_empty` and meta-device initialisation leave it right. Not in
+    checkpoints: it is derived from the config."""
+
+    def __init__(self, grid_size: int, head_dim: int, base: float = 10000.0, num_prefix: int = 1):
+        super().__init__()
+        self.args = (grid_size, head_dim, base, num_prefix)
+        self.register_buffer("table", rope_2d_table(*self.args), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RopeTable:
+        device = fn(self.table[:0]).device  # where the model goes; its dtype does not apply to this table
+        self.table = rope_2d_table(*self.args).to(device)
+        return self
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.table[index]
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
