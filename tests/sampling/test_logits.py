@@ -38,9 +38,16 @@ def test_temperature_scales_and_rejects_negative():
         process(logits, temperature=-1)
 
 
-def test_non_finite_logits_raise():
-    with pytest.raises(ValueError, match="non-finite"):
-        check_finite(torch.tensor([1.0, float("nan")]))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_logits_raise_wherever_they_are(bad, dtype):
+    check_finite(torch.randn(3, 1, 1000).to(dtype))
+    check_finite(torch.randn(3, 0, 1000).to(dtype))  # no position asked this step
+    for where in (0, 517, 2999):  # first, inside a vector, last
+        logits = torch.randn(3, 1, 1000).to(dtype)
+        logits.view(-1)[where] = bad
+        with pytest.raises(ValueError, match="1 non-finite"):
+            check_finite(logits)
 
 
 def test_draw_follows_the_distribution_and_is_per_sample():

@@ -8,7 +8,8 @@ from argen.errors import NonFiniteError
 
 
 def check_finite(logits: torch.Tensor, where: str = "logits") -> None:
-    if not torch.isfinite(logits).all():
+    # one pass over the logits: the extremes are NaN if any value is, and infinite if any value is
+    if logits.numel() and not torch.isfinite(torch.stack(torch.aminmax(logits))).all():
         bad = (~torch.isfinite(logits)).sum().item()
         raise NonFiniteError(
             f"{where} contain {bad} non-finite values (NaN/inf): the model or its weights are broken "
