@@ -86,11 +86,13 @@ def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def masked_tail_is_exact(x: torch.Tensor, queries: int, keys: int) -> bool:
     """Whether `attention` of `queries` queries over up to `keys` keys, inputs like `x`, gives bit-identical outputs
-    when the keys after the last one any query may attend are left out. True of the explicit CPU path in bfloat16:
-    its products and float32 softmax add the masked keys' exact zeros without changing the order of the rest
-    (tests/models/test_layers.py checks every length up to 256). Not of float16's products, nor of float32's
-    kernels (fused or explicit), whose rounding depends on the number of keys: there a row that must not depend
-    on its neighbours attends over a fixed number of keys instead."""
+    when the keys after the last one any query may attend are left out, down to a multiple of 32 keys (the KV
+    cache's blocks). True of the explicit CPU path in bfloat16: its products and float32 softmax add the masked
+    keys' exact zeros without changing the order of the rest (tests/models/test_layers.py checks every count of
+    keys in use up to 256). Not at any length: cut to under 16 keys, oneDNN's products take other kernels and
+    round differently (seen at 8, 13 and 15 keys). Not of float16's products, nor of float32's kernels (fused or
+    explicit), whose rounding depends on the number of keys: there a row that must not depend on its neighbours
+    attends over a fixed number of keys instead."""
     return x.dtype == torch.bfloat16 and _takes_explicit_path(x, queries, keys)
 
 
