@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from argen.models import layers
+from argen.models.kv_cache import KV_BLOCK
 from argen.models.layers import attention
 
 
@@ -13,7 +14,7 @@ def test_cpu_low_precision_inference_takes_the_explicit_path_and_agrees_with_the
     mask[:, 0] = True  # every query sees at least one key
     exact = attention(q.double(), k.double(), v.double(), mask, use_sdpa=False)
     with torch.no_grad():
-        assert layers._explicit_is_faster(q.bfloat16(), k.bfloat16())
+        assert layers._explicit_is_faster(q.bfloat16(), T, S)
         explicit = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
         monkeypatch.setattr(layers, "CPU_LOW_PRECISION_EXPLICIT", 0)  # force the fused kernel
         fused = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
@@ -23,11 +24,11 @@ def test_cpu_low_precision_inference_takes_the_explicit_path_and_agrees_with_the
 
 def test_float32_and_training_keep_the_fused_kernel():
     q = torch.zeros(1, 1, 1, 8)
-    assert not layers._explicit_is_faster(q, q)  # float32: the fused kernel, bit for bit as before
-    assert not layers._explicit_is_faster(q.bfloat16(), q.bfloat16())  # grad enabled: training
+    assert not layers._explicit_is_faster(q, 1, 1)  # float32: the fused kernel, bit for bit as before
+    assert not layers._explicit_is_faster(q.bfloat16(), 1, 1)  # grad enabled: training
     with torch.no_grad():
         big = torch.zeros(1, 1, 512, 8, dtype=torch.bfloat16)
-        assert not layers._explicit_is_faster(big, big)  # a large score matrix: fused is faster
+        assert not layers._explicit_is_faster(big, 512, 512)  # a large score matrix: fused is faster
 
 
 @pytest.mark.parametrize("B, H, L, hd", [(4, 3, 256, 64), (16, 12, 256, 64), (40, 6, 49, 32)])
@@ -46,7 +47,7 @@ def test_the_explicit_path_rounds_the_same_without_the_keys_no_query_sees(B, H, 
             for n in range(T, L + 1, 1 if T == 1 else 9):
                 q = torch.randn(B, H, T, hd, generator=g).bfloat16()
                 seen = keys[None, :] <= torch.arange(n - T, n)[:, None]  # (T, L) causal: the last key seen is n - 1
-                kept = min(L, -(-n // 32) * 32)
+                kept = min(L, -(-n // KV_BLOCK) * KV_BLOCK)
                 whole = attention(q, k, v, seen)
                 cut = attention(q, k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous(), seen[:, :kept])
                 assert torch.equal(whole, cut), (T, n)

@@ -71,7 +71,7 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
 CPU_LOW_PRECISION_EXPLICIT = 2**17
 
 
-def _takes_explicit_path(x: torch.Tensor, queries: int, keys: int) -> bool:
+def _explicit_is_faster(x: torch.Tensor, queries: int, keys: int) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float16)
@@ -80,20 +80,16 @@ def _takes_explicit_path(x: torch.Tensor, queries: int, keys: int) -> bool:
     )
 
 
-def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return _takes_explicit_path(q, q.shape[-2], k.shape[-2])
-
-
 def masked_tail_is_exact(x: torch.Tensor, queries: int, keys: int) -> bool:
     """Whether `attention` of `queries` queries over up to `keys` keys, inputs like `x`, gives bit-identical outputs
     when the keys after the last one any query may attend are left out, down to a multiple of 32 keys (the KV
-    cache's blocks). True of the explicit CPU path in bfloat16: its products and float32 softmax add the masked
-    keys' exact zeros without changing the order of the rest (tests/models/test_layers.py checks every count of
-    keys in use up to 256). Not at any length: cut to under 16 keys, oneDNN's products take other kernels and
-    round differently (seen at 8, 13 and 15 keys). Not of float16's products, nor of float32's kernels (fused or
-    explicit), whose rounding depends on the number of keys: there a row that must not depend on its neighbours
+    cache's blocks, `KV_BLOCK`). True of the explicit CPU path in bfloat16: its products and float32 softmax add
+    the masked keys' exact zeros without changing the order of the rest (tests/models/test_layers.py checks every
+    count of keys in use up to 256). Not at any length: cut to under 16 keys, oneDNN's products take other kernels
+    and round differently (seen at 8, 13 and 15 keys). Not of float16's products, nor of float32's kernels (fused
+    or explicit), whose rounding depends on the number of keys: there a row that must not depend on its neighbours
     attends over a fixed number of keys instead."""
-    return x.dtype == torch.bfloat16 and _takes_explicit_path(x, queries, keys)
+    return x.dtype == torch.bfloat16 and _explicit_is_faster(x, queries, keys)
 
 
 def attention(
@@ -111,7 +107,7 @@ def attention(
     `use_sdpa=False` is the reference path that the fused kernel is tested against; CPU inference in reduced
     precision takes it too where it is faster. Its softmax runs in float32 whatever the inputs' dtype.
     """
-    if use_sdpa and not _explicit_is_faster(q, k):
+    if use_sdpa and not _explicit_is_faster(q, q.shape[-2], k.shape[-2]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     # (k q^T)^T rather than q k^T: the same dot products (bit-identical on CPU in every shape measured), but the
