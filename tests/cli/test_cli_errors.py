@@ -312,3 +312,27 @@ def test_reinit_takes_a_fresh_wider_head_and_everything_else_from_init():
         assert torch.equal(value, expected), name
     with pytest.raises(ConfigError, match="does not fit the generator being trained"):
         _copy_weights(init, MARTransformer(MARConfig(**small, head_width=64)), "G")  # no --reinit: refused
+
+
+def test_reinit_of_blocks_the_init_lacks_grows_the_head_without_changing_it():
+    """`--init G --reinit diffloss.net.res_blocks.2 --set head_depth=3`: a deeper head whose new block starts as the
+    identity (DiT's zero-initialised gates), so the grown model predicts exactly what the trained one did."""
+    from argen.cli.train import _copy_weights
+    from argen.models.mar import MARConfig, MARTransformer
+
+    small = dict(latent_size=3, latent_channels=4, encoder_dim=32, decoder_dim=32, encoder_heads=2, decoder_heads=2)
+    small.update(encoder_depth=1, decoder_depth=1, buffer_size=4, head_width=32, num_classes=3)
+    torch.manual_seed(0)
+    init = MARTransformer(MARConfig(**small, head_depth=2))
+    with torch.no_grad():  # "trained": no zero gates or outputs left, so the head's output is not trivially zero
+        for p in init.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = MARTransformer(MARConfig(**small, head_depth=3))
+    _copy_weights(init, model, "G", ["diffloss.net.res_blocks.2"])
+    x, t, z = torch.randn(5, 4), torch.randint(0, 1000, (5,)), torch.randn(5, 32)
+    expected = init.head(x, t, z)
+    assert expected.abs().min() > 0
+    torch.testing.assert_close(model.head(x, t, z), expected, rtol=0, atol=0)
+    with torch.no_grad():  # the new block is live: once its gates move, the output does
+        model.diffloss.net.res_blocks[2].adaLN_modulation[-1].bias.fill_(0.5)
+    assert not torch.allclose(model.head(x, t, z), expected)
