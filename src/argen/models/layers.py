@@ -65,6 +65,13 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
         nn.init.normal_(module.weight, std=std)
 
 
+# BLAS takes other kernels for a product of very few rows, whose rounding differs from the batched product: on an
+# AVX2 CPU under 4 rows of the MAR head's linears, on an AVX-512 one (a Xeon, torch 2.13) under 11 rows at 256
+# inputs and under 16 at 512 or more. A sample's rows in a pass where it may be alone (MAR's first encoder steps,
+# its head) are padded to at least this many, so that its values are the same alone or in any batch.
+MIN_GEMM_ROWS = 16
+
+
 # Score matrices (queries x keys) up to this size are faster through the explicit path than through the fused
 # kernel on CPU in bfloat16/float16: measured on one thread, one query per row (a raster decode step) 16 rows x 128
 # keys 0.8 ms vs 2.8 ms, VAR's 13x13 map (169 x 424) 10 vs 17 ms; its 16x16 map (256 x 680) is faster fused.

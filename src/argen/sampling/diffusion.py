@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from argen.diffusion import DiffusionSchedule
+from argen.models.layers import MIN_GEMM_ROWS
 
 if TYPE_CHECKING:  # values imports this module
     from argen.sampling.values import StepRows
@@ -57,10 +58,9 @@ def sample_head(
     return x
 
 
-# BLAS takes other kernels for a matrix of very few rows, whose rounding differs from the batched product (measured
-# on CPU: fewer than 4 rows of the head's linears); a sample alone can have a single row to sample. Padding every
-# head call to at least this many rows keeps a sample's values the same alone or in any batch.
-MIN_HEAD_ROWS = 8
+# A sample alone can have a single row to sample: every head call is padded to at least MIN_GEMM_ROWS rows
+# (argen.models.layers), so that a sample's values are the same alone or in any batch.
+MIN_HEAD_ROWS = MIN_GEMM_ROWS
 
 
 def padded_head(head: Head, minimum: int = MIN_HEAD_ROWS) -> Head:
