@@ -60,10 +60,7 @@ def sample_head(
 
 # A sample alone can have a single row to sample: every head call is padded to at least MIN_GEMM_ROWS rows
 # (argen.models.layers), so that a sample's values are the same alone or in any batch.
-MIN_HEAD_ROWS = MIN_GEMM_ROWS
-
-
-def padded_head(head: Head, minimum: int = MIN_HEAD_ROWS) -> Head:
+def padded_head(head: Head, minimum: int = MIN_GEMM_ROWS) -> Head:
     """`head` called on at least `minimum` rows (zero rows appended, their outputs dropped)."""
 
     def call(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
