@@ -24,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from argen.eval.speed import matmul_peak_flops
+from argen.models.layers import rows_as_given
 from argen.models.next_scale import NEXT_SCALE_PRESETS, NextScaleTransformer
 from argen.models.packed_linear import unpack_linears
 from argen.models.raster import RASTER_PRESETS, RasterTransformer
@@ -82,7 +83,7 @@ def main() -> None:
         del reference
         flops = 0.0
         if args.flops:
-            with FlopCounterMode(display=False) as counter:
+            with rows_as_given(), FlopCounterMode(display=False) as counter:  # the method's own FLOPs
                 run(pipes[args.dtypes[0]], 1)
             flops = float(counter.get_total_flops())
         for batch in args.batch_sizes:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from argen.models.layers import Linear
 from argen.models.packed_linear import PackedLinear, pack_linears, packing_available, unpack_linears
 from argen.pipeline import ARPipeline
 
@@ -64,11 +65,11 @@ def test_state_dict_names_copies_and_pipeline_packing():
     linears = [m for m in pipe.generator.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is PackedLinear for m in linears)
     plain = ARPipeline.from_pretrained("raster").generator
-    assert all(type(m) is nn.Linear for m in plain.modules() if isinstance(m, nn.Linear))
+    assert all(type(m) is Linear for m in plain.modules() if isinstance(m, nn.Linear))
     packed_run = pipe([3, 7, 1, 0], seed=0, output_type="pt")
     assert all("_packed" in m.__dict__ for m in linears)  # sampling took the packed path
     assert unpack_linears(pipe.generator) == len(linears)
-    assert all(type(m) is nn.Linear and "_packed" not in m.__dict__ for m in linears)
+    assert all(type(m) is Linear and "_packed" not in m.__dict__ for m in linears)
     plain_run = pipe([3, 7, 1, 0], seed=0, output_type="pt")
     assert torch.equal(packed_run.tokens, plain_run.tokens)  # the same sampling, to the last token
     assert torch.equal(packed_run.images, plain_run.images)

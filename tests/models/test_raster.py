@@ -8,7 +8,6 @@ from argen.models.layers import attention
 from argen.models.raster import RasterConfig, RasterTransformer
 from argen.models.rope import rope_2d_table
 from tests.conftest import PARITY, assert_close_ref, tiny_raster
-from tests.rounding import AVX512_SMALL_PRODUCTS
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +71,7 @@ def test_kv_cache_step_by_step_equals_teacher_forcing(kv_heads, grid):
     assert state.done and torch.equal(state.tokens, ids)
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=AVX512_SMALL_PRODUCTS), torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_rows_beside_rows_at_other_steps_get_the_logits_they_get_alone(dtype):
     from argen.serve.batching import stack
@@ -80,16 +79,17 @@ def test_rows_beside_rows_at_other_steps_get_the_logits_they_get_alone(dtype):
     model = tiny(grid_size=12).to(dtype)  # 144 tokens
     g = torch.Generator().manual_seed(0)
     states = []
-    # four rows 10 steps in, four 100 steps in (a float32 matrix product of 1-3 rows takes another kernel than of
-    # more, alone or not; a guided image is two rows)
-    for labels, steps in (([0, 1, 2, 0], 10), ([2, 1, 0, 1], 100)):
+    # one row 10 steps in beside two 100 steps in: products of 1, 2 and 3 rows, which BLAS would compute with other
+    # kernels than each other's (layers.Linear pads them)
+    for labels, steps in (([0], 10), ([2, 1], 100)):
         state = model.start(torch.tensor(labels))
         for _ in range(steps):
-            model.advance(state, model.predict(state).positions, torch.randint(0, 32, (4, 1), generator=g))
+            drawn = torch.randint(0, 32, (len(labels), 1), generator=g)
+            model.advance(state, model.predict(state).positions, drawn)
         states.append(state)
     alone = [model.predict(s).logits for s in states]
     together = model.predict(stack(states, aligned=False)).logits
-    assert torch.equal(together[:4], alone[0]) and torch.equal(together[4:], alone[1])
+    assert torch.equal(together[:1], alone[0]) and torch.equal(together[1:], alone[1])
 
 
 def test_sdpa_matches_reference_attention():

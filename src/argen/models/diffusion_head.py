@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from argen.diffusion import DiffusionSchedule
+from argen.models.layers import Linear
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            Linear(frequency_embedding_size, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size)
         )
         self.frequency_embedding_size = frequency_embedding_size
 
@@ -54,8 +55,8 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.in_ln = nn.LayerNorm(channels, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
+        self.mlp = nn.Sequential(Linear(channels, channels), nn.SiLU(), Linear(channels, channels))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(channels, 3 * channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
@@ -66,8 +67,8 @@ class FinalLayer(nn.Module):
     def __init__(self, model_channels: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(model_channels, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(model_channels, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 2 * model_channels))
+        self.linear = Linear(model_channels, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(model_channels, 2 * model_channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
@@ -81,8 +82,8 @@ class SimpleMLPAdaLN(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.time_embed = TimestepEmbedder(model_channels)
-        self.cond_embed = nn.Linear(z_channels, model_channels)
-        self.input_proj = nn.Linear(in_channels, model_channels)
+        self.cond_embed = Linear(z_channels, model_channels)
+        self.input_proj = Linear(in_channels, model_channels)
         self.res_blocks = nn.ModuleList(ResBlock(model_channels) for _ in range(num_res_blocks))
         self.final_layer = FinalLayer(model_channels, out_channels)
         self.initialize_weights()

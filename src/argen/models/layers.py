@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +37,90 @@ def swiglu_hidden_dim(dim: int, multiple_of: int, multiplier: float | None) -> i
     return find_multiple(hidden, multiple_of)
 
 
+# BLAS multiplies a matrix of very few rows with other kernels than a larger one, and they round differently: a
+# sample's rows would get other values alone than beside others, and "the same seed gives the same image whatever
+# the batch size" would not hold. Where the kernels switch depends on the CPU and on the shape (float32, measured:
+# an AVX2 CPU under 4 rows; an AVX-512 Xeon under 4 rows at 192 -> 576, under 9 at 192 -> 512, under 11 at
+# 256 -> 768, under 16 at 512 or more inputs), so it is measured on this CPU, once per shape, rather than assumed:
+# an inference product of fewer rows than that is padded with zero rows (`Linear`). Products of PROBE_ROWS rows and
+# more are taken to round alike (every product from the threshold up to PROBE_ROWS is checked against it).
+PROBE_ROWS = 64
+_invariant_rows: dict[tuple, int] = {}
+_unpadded = threading.local()
+
+
+@contextlib.contextmanager
+def rows_as_given():
+    """Within it (this thread), `Linear` multiplies the rows it is given, unpadded: for counting a method's own
+    FLOPs, which the padding is not part of."""
+    before = getattr(_unpadded, "on", False)
+    _unpadded.on = True
+    try:
+        yield
+    finally:
+        _unpadded.on = before
+
+
+def invariant_rows(
+    product: Callable[[torch.Tensor], torch.Tensor], key: tuple, in_features: int, like: torch.Tensor
+) -> int:
+    """The fewest rows from which `product` (rows, in_features) -> (rows, out) gives every row the values it gets
+    in a product of PROBE_ROWS rows, measured once per `key` on random inputs like `like`."""
+    key = (*key, in_features, like.dtype, like.device.type, torch.get_num_threads())
+    rows = _invariant_rows.get(key)
+    if rows is None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(PROBE_ROWS, in_features, generator=g).to(like)
+        full = product(x)
+        rows = PROBE_ROWS
+        while rows > 1 and torch.equal(product(x[: rows - 1]), full[: rows - 1]):
+            rows -= 1
+        _invariant_rows[key] = rows
+    return rows
+
+
+class Linear(nn.Linear):
+    """An `nn.Linear` (same parameters, same state-dict names) whose inference products on CPU give a row the same
+    values whatever the number of rows beside it: fewer rows than this CPU's kernels round alike from
+    (`invariant_rows`) are padded with zero rows, their outputs dropped. Training and other devices multiply as
+    `nn.Linear` does. `bias` replaces the layer's own bias for one call (VAR's q/k/v biases)."""
+
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """Which product `product` takes for inputs like `x` (the probe's key)."""
+        return "F.linear"
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias if bias is None else bias
+        rows = x.numel() // self.in_features
+        if (
+            x.device.type != "cpu"
+            or rows >= PROBE_ROWS
+            or rows == 0
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            or torch.compiler.is_compiling()
+            or getattr(_unpadded, "on", False)
+        ):
+            return self.product(x, bias)
+        key = (self.kernel(x), self.out_features, bias is not None)
+        need = invariant_rows(lambda rows_in: self.product(rows_in, bias), key, self.in_features, x)
+        if rows >= need:
+            return self.product(x, bias)
+        flat = x.reshape(rows, self.in_features)
+        padded = torch.cat([flat, flat.new_zeros(need - rows, self.in_features)])
+        return self.product(padded, bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,13 +144,6 @@ def init_normal(module: nn.Module, std: float = 0.02) -> None:
         nn.init.normal_(module.weight, std=std)
 
 
-# BLAS takes other kernels for a product of very few rows, whose rounding differs from the batched product: on an
-# AVX2 CPU under 4 rows of the MAR head's linears, on an AVX-512 one (a Xeon, torch 2.13) under 11 rows at 256
-# inputs and under 16 at 512 or more. A sample's rows in a pass where it may be alone (MAR's first encoder steps,
-# its head) are padded to at least this many, so that its values are the same alone or in any batch.
-MIN_GEMM_ROWS = 16
-
-
 # Score matrices (queries x keys) up to this size are faster through the explicit path than through the fused
 # kernel on CPU in bfloat16/float16: measured on one thread, one query per row (a raster decode step) 16 rows x 128
 # keys 0.8 ms vs 2.8 ms, VAR's 13x13 map (169 x 424) 10 vs 17 ms; its 16x16 map (256 x 680) is faster fused.
@@ -87,15 +159,19 @@ def _explicit_is_faster(x: torch.Tensor, queries: int, keys: int) -> bool:
     )
 
 
+MIN_CUT_KEYS = 64
+
+
 def masked_tail_is_exact(x: torch.Tensor, queries: int, keys: int) -> bool:
     """Whether `attention` of `queries` queries over up to `keys` keys, inputs like `x`, gives bit-identical outputs
     when the keys after the last one any query may attend are left out, down to a multiple of 32 keys (the KV
     cache's blocks, `KV_BLOCK`). True of the explicit CPU path in bfloat16: its products and float32 softmax add
     the masked keys' exact zeros without changing the order of the rest (tests/models/test_layers.py checks every
     count of keys in use up to 256). Not at any length: cut to under 16 keys, oneDNN's products take other kernels
-    and round differently (seen at 8, 13 and 15 keys). Not of float16's products, nor of float32's kernels (fused
-    or explicit), whose rounding depends on the number of keys: there a row that must not depend on its neighbours
-    attends over a fixed number of keys instead."""
+    and round differently (seen at 8, 13 and 15 keys), and on an AVX-512 CPU at 32 keys too (1-4 draws in ~1,000
+    at 2-16 rows x 3-12 heads), so a cut keeps at least MIN_CUT_KEYS. Not of float16's products, nor of float32's
+    kernels (fused or explicit), whose rounding depends on the number of keys: there a row that must not depend on
+    its neighbours attends over a fixed number of keys instead."""
     return x.dtype == torch.bfloat16 and _explicit_is_faster(x, queries, keys)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from argen.errors import ConfigError, check_int, check_number, check_probability
 from argen.models.diffusion_head import DiffLoss
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
-from argen.models.layers import MIN_GEMM_ROWS, attention
+from argen.models.layers import Linear, attention
 from argen.pretrained import Pretrained, register
 
 # DiSA ("Diffusion Step Annealing in Autoregressive Image Generation", Zhao et al. 2025, §4): how the head's steps
@@ -153,8 +153,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float):
         super().__init__()
         self.num_heads, self.attn_dropout = num_heads, attn_dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, attn_dropout, proj_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.mlp.fc1, self.mlp.fc2 = Linear(dim, hidden), Linear(hidden, dim)
         self.mlp_drop = nn.Dropout(proj_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,16 +185,10 @@ class Block(nn.Module):
 
 
 def _run_blocks(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """blocks then norm over (B, n, E). Fewer than MIN_GEMM_ROWS rows in all (a sample alone at its first steps,
-    with few kept tokens) are padded with zero samples: attention stays within a sample, and the linears round as
-    they do in a batch."""
-    B, n, E = x.shape
-    extra = -(-MIN_GEMM_ROWS // n) - B
-    if extra > 0:
-        x = torch.cat([x, x.new_zeros(extra, n, E)])
+    """blocks then norm over (B, n, E)."""
     for block in blocks:
         x = block(x)
-    return norm(x)[:B]
+    return norm(x)
 
 
 def truncated_normal_ratio(mask_ratio_min: float, std: float = 0.25) -> float:
@@ -226,7 +220,7 @@ class MARTransformer(nn.Module, Pretrained):
         self.seq_len, self.token_dim, self.buffer_size = c.grid_size**2, c.token_dim, c.buffer_size
         self.class_emb = nn.Embedding(c.num_classes, c.encoder_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, c.encoder_dim))  # the "no condition" embedding
-        self.z_proj = nn.Linear(c.token_dim, c.encoder_dim)
+        self.z_proj = Linear(c.token_dim, c.encoder_dim)
         self.z_proj_ln = nn.LayerNorm(c.encoder_dim, eps=1e-6)
         span = self.seq_len + c.buffer_size
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, span, c.encoder_dim))
@@ -235,7 +229,7 @@ class MARTransformer(nn.Module, Pretrained):
             Block(c.encoder_dim, c.encoder_heads, *blocks) for _ in range(c.encoder_depth)
         )
         self.encoder_norm = nn.LayerNorm(c.encoder_dim, eps=1e-6)
-        self.decoder_embed = nn.Linear(c.encoder_dim, c.decoder_dim)
+        self.decoder_embed = Linear(c.encoder_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, span, c.decoder_dim))
         self.decoder_blocks = nn.ModuleList(

@@ -19,7 +19,7 @@ from torch import nn
 
 from argen.errors import ConfigError, check_int, check_number
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
-from argen.models.layers import RMSNorm
+from argen.models.layers import Linear, RMSNorm
 from argen.models.raster import DecoderConfig, TransformerBlock
 from argen.models.rope import RopeTable
 from argen.pretrained import Pretrained, register
@@ -95,7 +95,7 @@ class MaskedTransformer(nn.Module, Pretrained):
         # MaskGIT's bidirectional transformer does.
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.output = Linear(c.dim, c.vocab_size, bias=False)
         self.rope = RopeTable(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
         nn.init.normal_(self.pos_embedding, std=0.02)
         for module in self.modules():

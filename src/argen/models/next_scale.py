@@ -20,7 +20,7 @@ from torch import nn
 
 from argen.errors import ConfigError, check_int, check_number, check_probability, check_sizes
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
-from argen.models.layers import attention, replace_randomly
+from argen.models.layers import Linear, attention, replace_randomly
 from argen.models.scale_cache import ScaleKVCache
 from argen.pretrained import Pretrained, register
 
@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, l2_norm: bool, drop: float = 0.0):
         super().__init__()
         self.num_heads, self.head_dim, self.l2_norm = num_heads, dim // num_heads, l2_norm
-        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
         # VAR's qkv bias: learnable for q and v, fixed zeros for k (a key bias cannot change the softmax).
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -102,7 +102,7 @@ class SelfAttention(nn.Module):
             # Cosine attention with a learnable per-head temperature, capped at 100 (VAR §4, from Swin v2).
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
             self.max_log_scale = math.log(100)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
 
     def forward(
@@ -110,7 +110,7 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, T, 3, self.num_heads, self.head_dim)
+        qkv = self.mat_qkv(x, bias).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
         scale = None
         if self.l2_norm:
@@ -128,8 +128,8 @@ class SelfAttention(nn.Module):
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class AdaLNSelfAttn(nn.Module):
         self.attn = SelfAttention(c.dim, c.num_heads, c.attn_l2_norm, c.drop_rate)
         self.ffn = FFN(c.dim, round(c.dim * c.mlp_ratio), c.drop_rate)
         self.ln_wo_grad = nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(c.dim, 6 * c.dim))
 
     def _residual(self, h: torch.Tensor) -> torch.Tensor:
         """Stochastic depth: drop the whole branch per sample in training."""
@@ -175,7 +175,7 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         self.dim = dim
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
@@ -204,7 +204,7 @@ class NextScaleTransformer(nn.Module, Pretrained):
         for pn in self.scales:
             self.bounds.append(self.bounds[-1] + pn * pn)  # scale k spans bounds[k]:bounds[k+1]
         L, first = c.seq_len, self.scales[0] ** 2
-        self.word_embed = nn.Linear(c.token_dim, c.dim)
+        self.word_embed = Linear(c.token_dim, c.dim)
         self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)
         self.pos_start = nn.Parameter(torch.zeros(1, first, c.dim))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, c.dim))
@@ -212,7 +212,7 @@ class NextScaleTransformer(nn.Module, Pretrained):
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(AdaLNSelfAttn(c, r) for r in rates)
         self.head_nm = AdaLNBeforeHead(c.dim, c.norm_eps)
-        self.head = nn.Linear(c.dim, c.vocab_size)
+        self.head = Linear(c.dim, c.vocab_size)
         # Part of VAR's checkpoints: the scale index of each token and the block-causal additive mask.
         level = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.scales)])
         self.register_buffer("lvl_1L", level.view(1, L))

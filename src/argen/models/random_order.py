@@ -33,7 +33,7 @@ from torch import nn
 from argen.errors import ConfigError, check_int
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
 from argen.models.kv_cache import KVCache
-from argen.models.layers import RMSNorm, init_normal
+from argen.models.layers import Linear, RMSNorm, init_normal
 from argen.models.raster import RASTER_PRESETS, DecoderConfig, LabelEmbedder, TransformerBlock
 from argen.models.rope import RopeTable
 from argen.pretrained import Pretrained, register
@@ -108,7 +108,7 @@ class RandomOrderTransformer(nn.Module, Pretrained):
         self.cls_embedding = LabelEmbedder(c.num_classes, c.dim)
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.output = Linear(c.dim, c.vocab_size, bias=False)
         # Row 0: cls (all zero, as LlamaGen); row 1 + p: image position p. Derived from the config, not saved.
         self.rope = RopeTable(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
         self.apply(init_normal)

@@ -26,7 +26,9 @@ from argen.models.interface import (
 )
 from argen.models.kv_cache import KVCache
 from argen.models.layers import (
+    MIN_CUT_KEYS,
     FeedForward,
+    Linear,
     RMSNorm,
     attention,
     init_normal,
@@ -108,8 +110,8 @@ class Attention(nn.Module):
         self.num_kv_heads = c.num_kv_heads or c.num_heads
         self.head_dim = c.dim // c.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.wqkv = nn.Linear(c.dim, c.dim + 2 * kv_dim, bias=False)
-        self.wo = nn.Linear(c.dim, c.dim, bias=False)
+        self.wqkv = Linear(c.dim, c.dim + 2 * kv_dim, bias=False)
+        self.wo = Linear(c.dim, c.dim, bias=False)
         self.resid_dropout = nn.Dropout(c.resid_dropout)
 
     def forward(
@@ -188,7 +190,7 @@ class RasterTransformer(nn.Module, Pretrained):
         self.tok_dropout = nn.Dropout(c.token_dropout)
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.output = Linear(c.dim, c.vocab_size, bias=False)
         # Derived from the config, so not part of a checkpoint.
         self.rope = RopeTable(c.grid_size, c.dim // c.num_heads, c.rope_base, num_prefix=1)
         self.apply(init_normal)
@@ -220,7 +222,8 @@ class RasterTransformer(nn.Module, Pretrained):
         cache.written.scatter_(1, positions, True)
         length = cache.max_len
         if masked_tail_is_exact(x, positions.shape[1], length):
-            length = cache.block_length(int(positions.max()) + 1)  # whole buffers: no copy before the matmul
+            # whole buffers (no copy before the matmul), and never fewer keys than are exact
+            length = cache.block_length(max(int(positions.max()) + 1, MIN_CUT_KEYS))
         keys = torch.arange(length, device=x.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, length)
         return self._layers(x, self.rope[positions], mask, cache, positions)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from argen.diffusion import DiffusionSchedule
-from argen.models.layers import MIN_GEMM_ROWS
 
 if TYPE_CHECKING:  # values imports this module
     from argen.sampling.values import StepRows
@@ -56,21 +55,6 @@ def sample_head(
         # DDPM: no noise is added by the last step (t = 0).
         x = mean + torch.exp(0.5 * log_variance) * noise(steps - i).float() * temperature if i > 0 else mean
     return x
-
-
-# A sample alone can have a single row to sample: every head call is padded to at least MIN_GEMM_ROWS rows
-# (argen.models.layers), so that a sample's values are the same alone or in any batch.
-def padded_head(head: Head, minimum: int = MIN_GEMM_ROWS) -> Head:
-    """`head` called on at least `minimum` rows (zero rows appended, their outputs dropped)."""
-
-    def call(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        extra = minimum - x.shape[0]
-        if extra <= 0:
-            return head(x, t, z)
-        pad = [x.new_zeros(extra, x.shape[1]), t.new_zeros(extra), z.new_zeros(extra, z.shape[1])]
-        return head(torch.cat([x, pad[0]]), torch.cat([t, pad[1]]), torch.cat([z, pad[2]]))[: x.shape[0]]
-
-    return call
 
 
 def per_sample_noise(
@@ -128,7 +112,7 @@ def sample_values(
     scales = rows.scales.to(z.device)[owners] if guided else 1.0
     noise = per_sample_noise(generators, owners, D, z.device)
     schedule = model.head_schedule.respaced(head_steps)
-    sampled = sample_head(padded_head(model.head), z, schedule, noise, temperature, scales, z_null, clip)
+    sampled = sample_head(model.head, z, schedule, noise, temperature, scales, z_null, clip)
     values = torch.zeros(B, positions.shape[1], D, device=z.device)
     values[keep] = sampled
     # Padding keeps what the samples hold there, or repeats the sample's first row (then the same position).
