@@ -40,7 +40,7 @@ def settings(pipe: ARPipeline, fewer_steps: int, disa_last: int) -> dict[str, di
 @torch.no_grad()
 def head_evaluations(pipe: ARPipeline, sampler: dict, batch_size: int) -> tuple[int, float]:
     """(sequential head calls for one batch, token rows the head evaluates per image) counted by a forward hook
-    on the head's network; rows include guidance's unconditional ones and the padding of small calls."""
+    on the head's network; rows include guidance's unconditional ones (not the zero rows layers.Linear adds)."""
     calls, rows = [0], [0]
 
     def count(module, inputs, output) -> None:
