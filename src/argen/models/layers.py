@@ -110,8 +110,7 @@ class Linear(nn.Linear):
         need = invariant_rows(lambda rows_in: self.product(rows_in, bias), key, self.in_features, x)
         if rows >= need:
             return self.product(x, bias)
-        flat = x.reshape(rows, self.in_features)
-        padded = torch.cat([flat, flat.new_zeros(need - rows, self.in_features)])
+        padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, need - rows))
         return self.product(padded, bias)[:rows].reshape(*x.shape[:-1], self.out_features)
 
 
