@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Rebuild the shipped next-scale (VAR) model: the shipped multi-scale tokenizer's tokens of mnist:train (mnist:test
-# stays held out for `argen eval`), a next-scale transformer (preset mnist-next-scale) regularised with VAR's
-# dropout and stochastic depth (0.1 each) and weight decay 0.1, trained 3,000 steps, packed into
-# argen/assets/next-scale-mnist with guidance 1.5 on VAR's ramp and token temperature 1.15 (chosen by
-# `argen eval --sweep`; docs/quality.md has the sweeps and the fine-tuning run that did not help).
+# stays held out for `argen eval`), a next-scale transformer (preset mnist-next-scale: depth 6, width 192, 4.20 M
+# parameters) regularised with VAR's dropout and stochastic depth (0.1 each) and weight decay 0.1, trained 3,000
+# steps, packed into argen/assets/next-scale-mnist with guidance 1.25 on VAR's ramp at token temperature 1 (chosen
+# by `argen eval --sweep`; docs/quality.md has the sweeps, the narrower model before it and what did not help).
 # Usage: bash scripts/make_next_scale.sh [RUNS_DIR]
 # TOKENIZER=fresh trains a multi-scale tokenizer from scratch first (500 steps, ~14 min) instead of reusing the
 # shipped one. STEPS and NAME override the generator's length and the asset folder (a smoke run: STEPS=30
-# NAME=next-scale-mnist-smoke). About 27 min at 2 threads on an otherwise idle 2-core machine.
+# NAME=next-scale-mnist-smoke). About 56 min at 2 threads on a 2-core AVX-512 machine (~1.0-1.1 s a step).
 set -euo pipefail
 runs=${1:-runs/next-scale}
 steps=${STEPS:-3000}
@@ -26,5 +26,5 @@ time argen train --tokens "$runs/tokens" --tokenizer "$tok" --preset mnist-next-
     --steps "$steps" --batch-size 64 --lr 2e-3 --warmup-steps 60 --weight-decay 0.1 --ema-decay 0.995 \
     --set drop_rate=0.1 --set drop_path=0.1 --save-every 500 --preview-every 1000
 
-python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg 1.5 \
-    --set 'cfg_schedule="var_ramp"' --set temperature=1.15
+python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg 1.25 \
+    --set 'cfg_schedule="var_ramp"' --set temperature=1.0
