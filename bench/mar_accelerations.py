@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace) -> dict:
 def render(run: dict, markdown: str | None) -> None:
     sizes = [str(bs) for bs in run["batch_sizes"]]
     b = sizes[0]
-    header = ["setting", "NFE", f"head calls b{b}", f"head rows/image b{b} (calls padded to 8)"]
+    header = ["setting", "NFE", f"head calls b{b}", f"head rows/image b{b}"]
     header += [f"s/image b{bs}" for bs in sizes] + ["FD (x floor)", "class acc", "recall"]
     rows = []
     for r in run["results"]:
