@@ -99,3 +99,18 @@ def test_linear_gives_a_row_the_same_values_in_any_number_of_rows(shape):
     assert torch.equal(out, torch.nn.functional.linear(x[:2], layer.weight, layer.bias))
     out.sum().backward()
     assert layer.weight.grad is not None and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_linear_probes_its_shape_on_random_weights_not_its_own():
+    """A zero-initialised layer (DiT's gates) multiplies exactly with any kernel: if it set the threshold of its
+    shape, the next layer of that shape would not be padded."""
+    zero = layers.Linear(512, 136)
+    torch.nn.init.zeros_(zero.weight)
+    torch.nn.init.zeros_(zero.bias)
+    x = torch.randn(40, 512)
+    with torch.no_grad():
+        assert not zero(x[:1]).any()  # the first of its shape: it probes
+        layer = layers.Linear(512, 136)
+        full = layer(x)
+        for rows in range(1, 40):
+            assert torch.equal(layer(x[:rows]), full[:rows]), rows

@@ -87,8 +87,9 @@ class Linear(nn.Linear):
     (`invariant_rows`) are padded with zero rows, their outputs dropped. Training and other devices multiply as
     `nn.Linear` does. `bias` replaces the layer's own bias for one call (VAR's q/k/v biases)."""
 
-    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, self.weight, bias)
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x times `weight` (default: the layer's own), plus `bias`: the one place the layer multiplies."""
+        return F.linear(x, self.weight if weight is None else weight, bias)
 
     def kernel(self, x: torch.Tensor) -> str:
         """Which product `product` takes for inputs like `x` (the probe's key)."""
@@ -107,11 +108,20 @@ class Linear(nn.Linear):
         ):
             return self.product(x, bias)
         key = (self.kernel(x), self.out_features, bias is not None)
-        need = invariant_rows(lambda rows_in: self.product(rows_in, bias), key, self.in_features, x)
+        need = invariant_rows(self._probe(bias), key, self.in_features, x)
         if rows >= need:
             return self.product(x, bias)
         padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, need - rows))
         return self.product(padded, bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def _probe(self, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The product on random weights of this layer's shape and dtype: its own may be all zeros (DiT's zeroed
+        gates and output layers), which any kernel multiplies exactly, and the threshold serves every layer of the
+        shape."""
+        g = torch.Generator().manual_seed(1)
+        weight = torch.randn(self.weight.shape, generator=g).to(self.weight)
+        bias = None if bias is None else torch.randn(bias.shape, generator=g).to(bias)
+        return lambda x: self.product(x, bias, weight)
 
 
 class FeedForward(nn.Module):

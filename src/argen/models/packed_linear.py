@@ -46,9 +46,12 @@ class PackedLinear(Linear):
     def kernel(self, x: torch.Tensor) -> str:
         return "packed" if self._applies(x) else "F.linear"
 
-    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None = None) -> torch.Tensor:
         if not self._applies(x):
-            return F.linear(x, self.weight, bias)
+            return F.linear(x, self.weight if weight is None else weight, bias)
+        if weight is not None:  # another weight (the padding's probe): packed for this call
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
         w = self.weight
         key = (w.data_ptr(), w._version)
         cached = self.__dict__.get("_packed")
