@@ -62,17 +62,23 @@ def rows_as_given():
         _unpadded.on = before
 
 
+def scrambled(shape: tuple[int, ...] | torch.Size, salt: int) -> torch.Tensor:
+    """Values spread over [-1, 1) in no pattern a kernel could exploit, drawn from no RNG: a probe must not move
+    the global generator (seeded runs) nor make generators (a request's are counted and placed)."""
+    t = torch.arange(math.prod(shape), dtype=torch.float64) + 7919 * salt
+    return (torch.frac(torch.sin(t * 12.9898 + 78.233) * 43758.5453) * 2 - 1).float().reshape(shape)
+
+
 def invariant_rows(
     product: Callable[[torch.Tensor], torch.Tensor], key: tuple, in_features: int, like: torch.Tensor
 ) -> int:
     """The fewest rows from which `product` (rows, in_features) -> (rows, out) gives every row the values it gets
-    in a product of PROBE_ROWS rows, measured once per `key` on random inputs like `like`."""
+    in a product of PROBE_ROWS rows, measured once per `key` on scrambled inputs like `like`."""
     autocast = torch.is_autocast_enabled(like.device.type)  # autocast changes the product's dtype
     key = (*key, in_features, like.dtype, like.device.type, autocast, torch.get_num_threads())
     rows = _invariant_rows.get(key)
     if rows is None:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(PROBE_ROWS, in_features, generator=g).to(like)
+        x = scrambled((PROBE_ROWS, in_features), 0).to(like)
         full = product(x)
         rows = PROBE_ROWS
         while rows > 1 and torch.equal(product(x[: rows - 1]), full[: rows - 1]):
@@ -115,12 +121,11 @@ class Linear(nn.Linear):
         return self.product(padded, bias)[:rows].reshape(*x.shape[:-1], self.out_features)
 
     def _probe(self, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The product on random weights of this layer's shape and dtype: its own may be all zeros (DiT's zeroed
+        """The product on scrambled weights of this layer's shape and dtype: its own may be all zeros (DiT's zeroed
         gates and output layers), which any kernel multiplies exactly, and the threshold serves every layer of the
         shape."""
-        g = torch.Generator().manual_seed(1)
-        weight = torch.randn(self.weight.shape, generator=g).to(self.weight)
-        bias = None if bias is None else torch.randn(bias.shape, generator=g).to(bias)
+        weight = scrambled(self.weight.shape, 1).to(self.weight)
+        bias = None if bias is None else scrambled(bias.shape, 2).to(bias)
         return lambda x: self.product(x, bias, weight)
 
 
