@@ -62,6 +62,9 @@ def rows_as_given():
         _unpadded.on = before
 
 
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
 def scrambled(shape: tuple[int, ...] | torch.Size, salt: int) -> torch.Tensor:
     """Values spread over [-1, 1) in no pattern a kernel could exploit, drawn from no RNG: a probe must not move
     the global generator (seeded runs) nor make generators (a request's are counted and placed)."""
@@ -69,15 +72,15 @@ def scrambled(shape: tuple[int, ...] | torch.Size, salt: int) -> torch.Tensor:
     return (torch.frac(torch.sin(t * 12.9898 + 78.233) * 43758.5453) * 2 - 1).float().reshape(shape)
 
 
-def invariant_rows(
-    product: Callable[[torch.Tensor], torch.Tensor], key: tuple, in_features: int, like: torch.Tensor
-) -> int:
-    """The fewest rows from which `product` (rows, in_features) -> (rows, out) gives every row the values it gets
-    in a product of PROBE_ROWS rows, measured once per `key` on scrambled inputs like `like`."""
+def invariant_rows(make_product: Callable[[], Product], key: tuple, in_features: int, like: torch.Tensor) -> int:
+    """The fewest rows from which a product (rows, in_features) -> (rows, out) gives every row the values it gets
+    in a product of PROBE_ROWS rows, measured once per `key` on scrambled inputs like `like` (`make_product` is
+    called only then)."""
     autocast = torch.is_autocast_enabled(like.device.type)  # autocast changes the product's dtype
     key = (*key, in_features, like.dtype, like.device.type, autocast, torch.get_num_threads())
     rows = _invariant_rows.get(key)
     if rows is None:
+        product = make_product()
         x = scrambled((PROBE_ROWS, in_features), 0).to(like)
         full = product(x)
         rows = PROBE_ROWS
@@ -114,13 +117,13 @@ class Linear(nn.Linear):
         ):
             return self.product(x, bias)
         key = (self.kernel(x), self.out_features, bias is not None)
-        need = invariant_rows(self._probe(bias), key, self.in_features, x)
+        need = invariant_rows(lambda: self._probe(bias), key, self.in_features, x)
         if rows >= need:
             return self.product(x, bias)
         padded = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, need - rows))
         return self.product(padded, bias)[:rows].reshape(*x.shape[:-1], self.out_features)
 
-    def _probe(self, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _probe(self, bias: torch.Tensor | None) -> Product:
         """The product on scrambled weights of this layer's shape and dtype: its own may be all zeros (DiT's zeroed
         gates and output layers), which any kernel multiplies exactly, and the threshold serves every layer of the
         shape."""
