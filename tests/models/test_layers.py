@@ -101,7 +101,7 @@ def test_linear_gives_a_row_the_same_values_in_any_number_of_rows(shape):
     assert layer.weight.grad is not None and set(layer.state_dict()) == {"weight", "bias"}
 
 
-def test_linear_probes_its_shape_on_random_weights_not_its_own():
+def test_linear_probes_its_shape_on_scrambled_weights_not_its_own():
     """A zero-initialised layer (DiT's gates) multiplies exactly with any kernel: if it set the threshold of its
     shape, the next layer of that shape would not be padded."""
     zero = layers.Linear(512, 136)

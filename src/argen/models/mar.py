@@ -184,13 +184,6 @@ class Block(nn.Module):
         return x + self.mlp_drop(self.mlp.fc2(h))
 
 
-def _run_blocks(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """blocks then norm over (B, n, E)."""
-    for block in blocks:
-        x = block(x)
-    return norm(x)
-
-
 def truncated_normal_ratio(mask_ratio_min: float, std: float = 0.25) -> float:
     """One draw (global RNG) of MAR's mask ratio: N(1, std) truncated to [mask_ratio_min, 1] (§3.4), by inverse CDF."""
     low = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / std, dtype=torch.float64))
@@ -301,7 +294,9 @@ class MARTransformer(nn.Module, Pretrained):
 
     def _encode_kept(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder blocks and norm over (B, n, E) kept tokens, as many for every row."""
-        return _run_blocks(self.encoder_blocks, self.encoder_norm, x)
+        for block in self.encoder_blocks:
+            x = block(x)
+        return self.encoder_norm(x)
 
     def forward_mae_decoder(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, n, E) and its kept positions (B, S) -> z (B, L, Dd) for every image position."""
@@ -310,7 +305,10 @@ class MARTransformer(nn.Module, Pretrained):
         canvas = self.mask_token.to(x.dtype).expand(B, S, -1).clone()  # (B, S, Dd)
         valid = torch.arange(x.shape[1], device=x.device) < keep.sum(dim=1, keepdim=True)  # padding excluded
         canvas[keep] = x[valid]
-        x = _run_blocks(self.decoder_blocks, self.decoder_norm, canvas + self.decoder_pos_embed_learned)
+        x = canvas + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_norm(x)
         return x[:, self.buffer_size :] + self.diffusion_pos_embed_learned  # (B, L, Dd)
 
     def z(self, tokens: torch.Tensor, masked: torch.Tensor, condition: Condition | torch.Tensor) -> torch.Tensor:
