@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from argen.convert.var import load_vqvae
+from argen.errors import ConfigError
 from argen.tokenizers.multiscale import MultiScaleVQ, MultiScaleVQConfig, SharedPhi
 from tests.conftest import PARITY, assert_close_ref
 
@@ -77,3 +78,58 @@ def test_training_forward_round_trip_and_gradients():
         assert torch.allclose(model.decode(ids), model.decode_latent(f_hat), atol=1e-5)
     with pytest.raises(ValueError, match="last scale must equal"):
         MultiScaleVQConfig(image_size=16, ch_mult=(1, 2, 2), scales=(1, 2, 3))
+
+
+def test_prefix_dropout_reconstructs_from_the_first_maps_and_trains_the_codes_directly():
+    model = tiny().train()
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    f = model.latent(x)
+    kept = torch.tensor([1, 2, 3])  # 3 = every scale: the usual straight-through f_hat
+    q = model.quantize(f, kept)
+    with torch.no_grad():
+        for b, k in enumerate(kept.tolist()):
+            prefix = model.quantize.ids_to_fhat([ids[b : b + 1] for ids in q.ids], 4, upto=k - 1)
+            assert torch.allclose(q.f_hat[b : b + 1], prefix, atol=1e-6)
+    # A truncated image's reconstruction trains the codebook, not the encoder (no straight-through) ...
+    model.zero_grad()
+    model.decode_latent(model.quantize(model.latent(x), torch.tensor([1, 2, 2])).f_hat).sum().backward()
+    assert model.encoder.conv_in.weight.grad is None or model.encoder.conv_in.weight.grad.abs().sum() == 0
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0
+    # ... and a whole one the encoder, not the codebook (VAR's straight-through)
+    model.zero_grad()
+    model.decode_latent(model.quantize(model.latent(x), torch.tensor([3, 3, 3])).f_hat).sum().backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert model.quantize.embedding.weight.grad is None or model.quantize.embedding.weight.grad.abs().sum() == 0
+
+
+def test_prefix_dropout_is_a_checked_training_only_setting():
+    model = tiny()
+    model.config.prefix_dropout = 1.0
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).ids, model.encode(x))
+        # evaluation reconstructs from every map whatever the setting
+        assert torch.allclose(model(x).reconstruction.clamp(-1, 1), model.decode(model.encode(x)), atol=1e-4)
+    with pytest.raises(ConfigError, match="prefix_dropout"):
+        MultiScaleVQConfig(image_size=16, ch_mult=(1, 2, 2), scales=(1, 2, 4), prefix_dropout=1.5)
+
+
+@torch.no_grad()
+def test_dead_codes_restart_onto_the_residuals_of_every_scale():
+    model = tiny().train()
+    quantizer = model.quantize
+    quantizer.ema_vocab_hit_SV.zero_()
+    quantizer.ema_vocab_hit_SV[:, :2] = 1.0  # codes 0-1 alive, 30 dead
+    quantizer.recorded = 100
+    f = torch.randn(2, 4, 4, 4)
+    pools = [rest.permute(0, 2, 3, 1).reshape(-1, 4) for _, rest, _, _ in quantizer._residual_quantise(f)]
+    assert quantizer.restart_dead_codes(f, torch.Generator().manual_seed(0)) == 30
+    homes = []
+    for code in range(2, 32):
+        row = quantizer.embedding.weight[code]
+        homes.append([si for si, pool in enumerate(pools) if torch.isclose(pool, row[None]).all(1).any()])
+    assert all(homes)  # each restarted code sits on a residual the quantiser rounds at some scale
+    # the coarse maps get their share: before, every code went onto a full-size latent vector (the last scale)
+    assert sum(0 in h for h in homes) >= 5 and sum(1 in h for h in homes) >= 5
+    assert quantizer.recorded == 0 and (quantizer.ema_vocab_hit_SV[:, 2:] > 0).all()

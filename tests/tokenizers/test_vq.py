@@ -74,8 +74,9 @@ def test_usage_tracking_and_dead_code_restart():
     quantizer(z)
     usage = quantizer.usage()
     assert usage[3] == 4 * 16 * 16 and usage.sum() == 4 * 16 * 16
-    latents = torch.randn(100, 4)
+    latents = torch.randn(4, 4, 5, 5)
     restarted = quantizer.restart_dead_codes(latents, torch.Generator().manual_seed(0))
+    latents = latents.permute(0, 2, 3, 1).reshape(-1, 4)
     assert restarted == 15
     rows = quantizer.embedding.weight.detach()
     normed = torch.nn.functional.normalize(latents, dim=-1)

@@ -40,6 +40,10 @@ class MultiScaleVQConfig:
     share_quant_resi: int = 4  # number of phi convolutions shared across the scales
     quant_conv_kernel: int = 3
     beta: float = 0.25  # commitment weight
+    # Training only: the share of images reconstructed from their first k token maps alone (k uniform in 1..K-1),
+    # so that the coarse maps must carry each image's layout. At 0 (VAR) a last map as large as the latent can
+    # carry everything, and on MNIST the coarse maps collapsed to 1-3 codes each.
+    prefix_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "image_channels", "z_channels", "num_res_blocks", "quant_conv_kernel"):
@@ -52,6 +56,7 @@ class MultiScaleVQConfig:
         check_sizes(self, "scales")
         check_number(self, "quant_resi", at_least=0, at_most=1)
         check_number(self, "beta", at_least=0)
+        check_number(self, "prefix_dropout", at_least=0, at_most=1)
         side = self.image_size // 2 ** (len(self.ch_mult) - 1)
         if self.scales[-1] != side:
             raise ConfigError(
@@ -135,18 +140,30 @@ class MultiScaleQuantizer(nn.Module):
             code_map = F.interpolate(code_map, size=(side, side), mode="bicubic")
         return self.phi(code_map, scale)
 
-    def forward(self, f: torch.Tensor) -> MultiScaleQuantizerOutput:
-        B, C, side, _ = f.shape
-        f_rest, f_hat = f.detach().clone(), torch.zeros_like(f)
-        ids, loss = [], f.new_zeros(())
+    def _residual_quantise(self, f: torch.Tensor):
+        """VAR's Algorithm 1, one scale at a time: yields (scale, the residual it rounds at pn x pn, its ids, its
+        contribution h to f_hat)."""
+        side = f.shape[-1]
+        f_rest = f.detach().clone()
         last = len(self.scales) - 1
         for si, pn in enumerate(self.scales):
             rest = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != last else f_rest
             idx = self.nearest(rest)
-            ids.append(idx)
             h = self.residual_step(self.code_map(idx), si, side)
-            f_hat = f_hat + h
             f_rest = f_rest - h.detach()
+            yield si, rest, idx, h
+
+    def forward(self, f: torch.Tensor, kept_scales: torch.Tensor | None = None) -> MultiScaleQuantizerOutput:
+        """kept_scales (B,) (training): an image with k < K keeps only its first k maps' f_hat, without the
+        straight-through estimator, so the reconstruction loss trains the coarse codes and phi directly."""
+        B = f.shape[0]
+        f_hat, prefix = torch.zeros_like(f), torch.zeros_like(f)
+        ids, loss = [], f.new_zeros(())
+        for si, _, idx, h in self._residual_quantise(f):
+            ids.append(idx)
+            f_hat = f_hat + h
+            if kept_scales is not None:
+                prefix = prefix + h * (si < kept_scales).view(B, 1, 1, 1)
             # VAR: commitment pulls the encoder to f_hat, the codebook (and phi) to f
             loss = loss + F.mse_loss(f_hat, f.detach()) + self.beta * F.mse_loss(f_hat.detach(), f)
             if self.training:
@@ -156,19 +173,27 @@ class MultiScaleQuantizer(nn.Module):
         if self.training:
             self.recorded += 1
             f_hat = f + (f_hat - f).detach()  # straight-through to the encoder
+        if kept_scales is not None:
+            f_hat = torch.where((kept_scales < len(self.scales)).view(B, 1, 1, 1), prefix, f_hat)
         return MultiScaleQuantizerOutput(f_hat, ids, loss / len(self.scales))
 
     @torch.no_grad()
     def restart_dead_codes(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> int:
-        """Codes (almost) never hit at any scale recently move onto random latent vectors of this batch.
-        latents: (N, C). Returns the number of codes restarted."""
+        """Codes (almost) never hit at any scale recently move onto residuals that this batch's latents
+        (B, C, h, w) leave to be rounded, the scale drawn uniformly for each code: restarting onto full-size latent
+        vectors alone served the last scale only, and each coarse map had kept 1-3 codes. Returns the number of
+        codes restarted."""
         if self.recorded < 100:  # the usage EMA (decay 0.99) needs ~100 batches to mean anything
             return 0
         dead = (self.ema_vocab_hit_SV.sum(0) < 1e-3).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
-        pick = torch.randint(0, latents.shape[0], (dead.numel(),), generator=generator, device=latents.device)
-        self.embedding.weight.data[dead] = latents[pick]
+        pools = [rest.permute(0, 2, 3, 1).flatten(0, 2) for _, rest, _, _ in self._residual_quantise(latents)]
+        device = latents.device
+        scale = torch.randint(0, len(pools), (dead.numel(),), generator=generator, device=device)
+        for code, si in zip(dead.tolist(), scale.tolist(), strict=True):
+            pick = torch.randint(0, pools[si].shape[0], (1,), generator=generator, device=device)
+            self.embedding.weight.data[code] = pools[si][pick[0]]
         self.ema_vocab_hit_SV[:, dead] = 1.0 / len(self.scales)  # a grace period before they can die again
         self.recorded = 0
         return int(dead.numel())
@@ -277,7 +302,12 @@ class MultiScaleVQ(nn.Module, Pretrained):
 
     def forward(self, images: torch.Tensor) -> TokenizerOutput:
         f = self.latent(images)
-        q = self.quantize(f)
+        kept = None
+        if self.training and self.config.prefix_dropout > 0:
+            K = len(self.scales)
+            kept = torch.randint(1, K, (len(images),), device=images.device)
+            kept = torch.where(torch.rand(len(images), device=images.device) < self.config.prefix_dropout, kept, K)
+        q = self.quantize(f, kept)
         recon = self.decoder(self.post_quant_conv(q.f_hat))
         rec_loss = F.mse_loss(recon, images)
         zero = rec_loss.new_zeros(())

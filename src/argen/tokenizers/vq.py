@@ -129,15 +129,16 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> int:
-        """Move codes unused in the recent window onto randomly chosen latents of this batch.
+        """Move codes unused in the recent window onto randomly chosen latent vectors of this batch.
 
-        latents: (N, D) encoder outputs (before normalisation). Returns the number of codes restarted.
+        latents: (B, D, h, w) encoder outputs (before normalisation). Returns the number of codes restarted.
         """
         if self.recorded < min(USAGE_WINDOW, 4 * self.embedding.num_embeddings):
             return 0  # not enough history to call a code dead
         dead = (self.usage() == 0).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
+        latents = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         pick = torch.randint(0, latents.shape[0], (dead.numel(),), generator=generator, device=latents.device)
         new = latents[pick]
         self.embedding.weight.data[dead] = F.normalize(new, dim=-1) if self.l2_norm else new

@@ -45,8 +45,7 @@ class TokenizerTask:
             return
         quantizer = self.model.quantize
         if info.is_main:
-            z = self.model.latent(batch[0]).permute(0, 2, 3, 1).reshape(-1, quantizer.embedding.embedding_dim)
-            self.restarted += quantizer.restart_dead_codes(z)
+            self.restarted += quantizer.restart_dead_codes(self.model.latent(batch[0]))
         if info.world_size > 1:
             # The usage window lives on rank 0 (DDP broadcasts buffers from it); so does the restart.
             dist.broadcast(quantizer.embedding.weight.data, src=0)
