@@ -156,6 +156,9 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
             ["codebook usage", f"{r.codebook_usage:.3f} of {tokenizer.vocab_size}"],
             ["codebook perplexity", f"{r.codebook_perplexity:.1f}"],
         ]
+        if r.scale_perplexity:
+            per_scale = ", ".join(f"{pn}x{pn}: {v:.1f}" for pn, v in r.scale_perplexity)
+            rows.append(["perplexity per scale", per_scale])
     print_table(["metric", "value"], rows)
 
 

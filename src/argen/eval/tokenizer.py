@@ -19,6 +19,9 @@ class TokenizerReport:
     psnr: float  # dB, peak 1
     codebook_usage: float  # fraction of codes used at least once
     codebook_perplexity: float  # exp(entropy of the code histogram); V when uniform
+    # A multi-scale tokenizer: (pn, perplexity of that map's codes) per scale. One shared codebook can look well
+    # used while its coarse maps have collapsed to a few codes (the next-scale generator then has little to model).
+    scale_perplexity: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -46,7 +49,8 @@ def evaluate_tokenizer(
         return _evaluate_latents(tokenizer, dataset, batch_size)
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
+    scales = list(getattr(tokenizer, "scales", [tokenizer.seq_len]))  # a single-scale tokenizer: one map
+    counts = torch.zeros(len(scales), tokenizer.vocab_size, dtype=torch.long)
     sq_err, pixels, n = 0.0, 0, 0
     for images, _ in DataLoader(dataset, batch_size=batch_size):
         images = images.to(device)
@@ -55,11 +59,21 @@ def evaluate_tokenizer(
         sq_err += _squared_error(recon, images)
         pixels += images.numel()
         n += images.shape[0]
-        counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.vocab_size)
-    p = counts.double() / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+        maps = tokenizer.split(ids) if hasattr(tokenizer, "scales") else [ids]
+        for si, m in enumerate(maps):
+            counts[si] += torch.bincount(m.flatten().cpu(), minlength=tokenizer.vocab_size)
     mse = sq_err / pixels
-    return TokenizerReport(n, mse, psnr_from_mse(mse), (counts > 0).float().mean().item(), math.exp(entropy))
+    total = counts.sum(0)
+    per_scale = [(pn, _perplexity(c)) for pn, c in zip(scales, counts, strict=True)] if len(scales) > 1 else None
+    return TokenizerReport(
+        n, mse, psnr_from_mse(mse), (total > 0).float().mean().item(), _perplexity(total), per_scale
+    )
+
+
+def _perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of a histogram."""
+    p = counts.double() / counts.sum()
+    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
 
 
 def _squared_error(recon: torch.Tensor, images: torch.Tensor) -> float:
