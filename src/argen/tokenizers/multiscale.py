@@ -42,7 +42,7 @@ class MultiScaleVQConfig:
     beta: float = 0.25  # commitment weight
     # Training only: the share of images reconstructed from their first k token maps alone (k uniform in 1..K-1),
     # so that the coarse maps must carry each image's layout. At 0 (VAR) a last map as large as the latent can
-    # carry everything, and on MNIST the coarse maps collapsed to 1-3 codes each.
+    # carry everything: on MNIST after 500 steps the coarse maps had a perplexity of 1-3.4 each.
     prefix_dropout: float = 0.0
 
     def __post_init__(self) -> None:
