@@ -7,7 +7,8 @@
 # Usage: bash scripts/make_next_scale.sh [RUNS_DIR]
 # TOKENIZER=fresh trains a multi-scale tokenizer from scratch first instead of reusing the shipped one: 2,000 steps
 # with prefix_dropout 0.25 (~13 min), which reconstructs at 1.02x the floor where the shipped one (500 steps, before
-# the per-scale restart) is at 1.19x with collapsed coarse maps; the generator on it scored the same (docs/quality.md). STEPS and NAME override the generator's length and the asset folder (a smoke run: STEPS=30
+# the per-scale restart) is at 1.19x with collapsed coarse maps; the generator on it scored the same
+# (docs/quality.md). STEPS and NAME override the generator's length and the asset folder (a smoke run: STEPS=30
 # NAME=next-scale-mnist-smoke). About 56 min at 2 threads on a 2-core AVX-512 machine (~1.0-1.1 s a step).
 set -euo pipefail
 runs=${1:-runs/next-scale}

@@ -49,8 +49,8 @@ def evaluate_tokenizer(
         return _evaluate_latents(tokenizer, dataset, batch_size)
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    scales = list(getattr(tokenizer, "scales", [tokenizer.seq_len]))  # a single-scale tokenizer: one map
-    counts = torch.zeros(len(scales), tokenizer.vocab_size, dtype=torch.long)
+    scales = getattr(tokenizer, "scales", None)  # a multi-scale tokenizer: each token map counted apart
+    counts = torch.zeros(len(scales) if scales else 1, tokenizer.vocab_size, dtype=torch.long)
     sq_err, pixels, n = 0.0, 0, 0
     for images, _ in DataLoader(dataset, batch_size=batch_size):
         images = images.to(device)
@@ -59,12 +59,12 @@ def evaluate_tokenizer(
         sq_err += _squared_error(recon, images)
         pixels += images.numel()
         n += images.shape[0]
-        maps = tokenizer.split(ids) if hasattr(tokenizer, "scales") else [ids]
+        maps = tokenizer.split(ids) if scales else [ids]
         for si, m in enumerate(maps):
             counts[si] += torch.bincount(m.flatten().cpu(), minlength=tokenizer.vocab_size)
     mse = sq_err / pixels
     total = counts.sum(0)
-    per_scale = [(pn, _perplexity(c)) for pn, c in zip(scales, counts, strict=True)] if len(scales) > 1 else None
+    per_scale = [(pn, _perplexity(c)) for pn, c in zip(scales, counts, strict=True)] if scales else None
     return TokenizerReport(
         n, mse, psnr_from_mse(mse), (total > 0).float().mean().item(), _perplexity(total), per_scale
     )
