@@ -69,7 +69,7 @@ def main() -> None:
     print(f"\nCPU: {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads. Rows each product is padded to:")
     print_table(
         ["kernel", "out", "bias", "in", "dtype", "device", "autocast", "threads", "rows"],
-        [[*key, rows] for key, rows in sorted(layers._invariant_rows.items(), key=str)],
+        [[*key, rows] for key, rows in sorted(layers.padded_rows().items(), key=str)],
     )
 
 

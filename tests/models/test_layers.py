@@ -34,8 +34,8 @@ def test_float32_and_training_keep_the_fused_kernel():
 @pytest.mark.parametrize("B, H, L, hd", [(4, 3, 256, 64), (16, 12, 256, 64), (40, 6, 49, 32), (2, 6, 256, 32)])
 def test_the_explicit_path_rounds_the_same_without_the_keys_no_query_sees(B, H, L, hd):
     """What lets a KV-cached decode step read only the cache's blocks up to its furthest row
-    (`masked_tail_is_exact`, `KVCache.block_length`): keys after the last one any query may attend change no bit of
-    the output when the rest is cut to a multiple of 32 keys (at least MIN_CUT_KEYS), for every count of keys in
+    (`fewest_exact_keys`, `KVCache.block_length`): keys after the last one any query may attend change no bit of
+    the output when the rest is cut to a multiple of 32 keys (at least `fewest_exact_keys`), for every count of keys in
     use up to 256 (GPT-B's head dim and length, its 16 guided rows x 12 heads; the shipped MNIST model's, 20 guided
     images), in bfloat16. Cutting to the exact count is not safe: at 8, 13 or 15 keys some draws round
     differently, and on an AVX-512 CPU at 32 (the last shape here, at 2 rows x 6 heads)."""
@@ -43,12 +43,13 @@ def test_the_explicit_path_rounds_the_same_without_the_keys_no_query_sees(B, H, 
     keys = torch.arange(L)
     with torch.no_grad():
         for T in (1, 4):
-            assert layers.masked_tail_is_exact(torch.zeros((), dtype=torch.bfloat16), T, L)
+            fewest = layers.fewest_exact_keys(torch.zeros((), dtype=torch.bfloat16), T, L)
+            assert fewest == min(L, 64)  # bfloat16 inference: the cut is allowed
             k, v = (torch.randn(B, H, L, hd, generator=g).bfloat16() for _ in range(2))
             for n in range(T, L + 1, 1 if T == 1 else 9):
                 q = torch.randn(B, H, T, hd, generator=g).bfloat16()
                 seen = keys[None, :] <= torch.arange(n - T, n)[:, None]  # (T, L) causal: the last key seen is n - 1
-                kept = min(L, max(layers.MIN_CUT_KEYS, -(-n // KV_BLOCK) * KV_BLOCK))
+                kept = min(L, max(fewest, -(-n // KV_BLOCK) * KV_BLOCK))
                 whole = attention(q, k, v, seen)
                 cut = attention(q, k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous(), seen[:, :kept])
                 assert torch.equal(whole, cut), (T, n)
@@ -56,13 +57,14 @@ def test_the_explicit_path_rounds_the_same_without_the_keys_no_query_sees(B, H, 
 
 def test_float32_float16_and_training_keep_a_fixed_number_of_keys():
     x = torch.zeros(1, 8)
-    assert not layers.masked_tail_is_exact(x, 1, 256)  # its kernels round differently by length
+    assert layers.fewest_exact_keys(x, 1, 256) == 256  # its kernels round differently by length
     with torch.no_grad():
-        assert not layers.masked_tail_is_exact(x.half(), 1, 256)  # so do float16's products
-    assert not layers.masked_tail_is_exact(x.bfloat16(), 1, 256)  # grad enabled: training
+        assert layers.fewest_exact_keys(x.half(), 1, 256) == 256  # so do float16's products
+    assert layers.fewest_exact_keys(x.bfloat16(), 1, 256) == 256  # grad enabled: training
     with torch.no_grad():
-        assert layers.masked_tail_is_exact(x.bfloat16(), 1, 256)
-        assert not layers.masked_tail_is_exact(x.bfloat16(), 1024, 1024)  # the fused kernel's size
+        assert layers.fewest_exact_keys(x.bfloat16(), 1, 256) == 64
+        assert layers.fewest_exact_keys(x.bfloat16(), 1, 40) == 40  # never more than there are
+        assert layers.fewest_exact_keys(x.bfloat16(), 1024, 1024) == 1024  # the fused kernel's size
 
 
 def test_replace_randomly_replaces_at_the_rate_within_the_vocabulary():
@@ -99,6 +101,16 @@ def test_linear_gives_a_row_the_same_values_in_any_number_of_rows(shape):
     assert torch.equal(out, torch.nn.functional.linear(x[:2], layer.weight, layer.bias))
     out.sum().backward()
     assert layer.weight.grad is not None and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_padded_rows_reports_each_measured_shape_and_is_a_copy():
+    layer = layers.Linear(24, 40)
+    with torch.no_grad():
+        layer(torch.randn(3, 24))
+    measured = {key: rows for key, rows in layers.padded_rows().items() if key[1:4] == (40, True, 24)}
+    assert len(measured) == 1 and 1 <= next(iter(measured.values())) <= layers.PROBE_ROWS
+    layers.padded_rows().clear()  # the caller's dict, not the cache
+    assert layers.padded_rows().keys() >= measured.keys()
 
 
 def test_linear_probes_its_shape_on_scrambled_weights_not_its_own():

@@ -178,20 +178,24 @@ def _explicit_is_faster(x: torch.Tensor, queries: int, keys: int) -> bool:
     )
 
 
-MIN_CUT_KEYS = 64
+def fewest_exact_keys(x: torch.Tensor, queries: int, keys: int) -> int:
+    """The fewest of `keys` keys that `attention` of `queries` queries, inputs like `x`, may be cut to (the keys
+    after the last one any query attends left out, rounded to the KV cache's 32-key blocks) and still give
+    bit-identical outputs; `keys` itself where no cut is exact. A cut is exact on the explicit CPU path in bfloat16:
+    its products and float32 softmax add the masked keys' exact zeros without changing the order of the rest
+    (tests/models/test_layers.py checks every count of keys in use up to 256). Not at any length: under 16 keys,
+    oneDNN's products take other kernels and round differently (seen at 8, 13 and 15 keys), and on an AVX-512 CPU at
+    32 keys too (1-4 draws in ~1,000 at 2-16 rows x 3-12 heads), hence 64. Not of float16's products, nor of
+    float32's kernels (fused or explicit), whose rounding depends on the number of keys: there a row that must not
+    depend on its neighbours attends over a fixed number of keys instead."""
+    exact = x.dtype == torch.bfloat16 and _explicit_is_faster(x, queries, keys)
+    return min(keys, 64) if exact else keys
 
 
-def masked_tail_is_exact(x: torch.Tensor, queries: int, keys: int) -> bool:
-    """Whether `attention` of `queries` queries over up to `keys` keys, inputs like `x`, gives bit-identical outputs
-    when the keys after the last one any query may attend are left out, down to a multiple of 32 keys (the KV
-    cache's blocks, `KV_BLOCK`). True of the explicit CPU path in bfloat16: its products and float32 softmax add
-    the masked keys' exact zeros without changing the order of the rest (tests/models/test_layers.py checks every
-    count of keys in use up to 256). Not at any length: cut to under 16 keys, oneDNN's products take other kernels
-    and round differently (seen at 8, 13 and 15 keys), and on an AVX-512 CPU at 32 keys too (1-4 draws in ~1,000
-    at 2-16 rows x 3-12 heads), so a cut keeps at least MIN_CUT_KEYS. Not of float16's products, nor of float32's
-    kernels (fused or explicit), whose rounding depends on the number of keys: there a row that must not depend on
-    its neighbours attends over a fixed number of keys instead."""
-    return x.dtype == torch.bfloat16 and _explicit_is_faster(x, queries, keys)
+def padded_rows() -> dict[tuple, int]:
+    """What `invariant_rows` has measured so far: key (kernel, shape, dtype, device, autocast, threads) -> the rows
+    an inference product of that kind is padded to (what bench/row_padding.py prints)."""
+    return dict(_invariant_rows)
 
 
 def attention(

@@ -26,13 +26,12 @@ from argen.models.interface import (
 )
 from argen.models.kv_cache import KVCache
 from argen.models.layers import (
-    MIN_CUT_KEYS,
     FeedForward,
     Linear,
     RMSNorm,
     attention,
+    fewest_exact_keys,
     init_normal,
-    masked_tail_is_exact,
     replace_randomly,
     swiglu_hidden_dim,
 )
@@ -220,10 +219,9 @@ class RasterTransformer(nn.Module, Pretrained):
         attention kernel rounds the same without the masked rest (CPU bfloat16 inference: ~144 of 256 keys read
         per step on average)."""
         cache.written.scatter_(1, positions, True)
-        length = cache.max_len
-        if masked_tail_is_exact(x, positions.shape[1], length):
-            # whole buffers (no copy before the matmul), and never fewer keys than are exact
-            length = cache.block_length(max(int(positions.max()) + 1, MIN_CUT_KEYS))
+        # whole buffers (no copy before the matmul), never fewer keys than are exact: all of them outside bfloat16
+        fewest = fewest_exact_keys(x, positions.shape[1], cache.max_len)
+        length = cache.block_length(max(int(positions.max()) + 1, fewest))
         keys = torch.arange(length, device=x.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, length)
         return self._layers(x, self.rope[positions], mask, cache, positions)
