@@ -113,15 +113,19 @@ def test_padded_rows_reports_each_measured_shape_and_is_a_copy():
     assert layers.padded_rows().keys() >= measured.keys()
 
 
-def test_linear_probes_its_shape_on_scrambled_weights_not_its_own():
+def test_linear_probes_its_shape_on_scrambled_weights_not_its_own(monkeypatch):
     """A zero-initialised layer (DiT's gates) multiplies exactly with any kernel: if it set the threshold of its
     shape, the next layer of that shape would not be padded."""
+    monkeypatch.setattr(layers, "_invariant_rows", {})  # no earlier test's measurement: the zero layer probes
     zero = layers.Linear(512, 136)
     torch.nn.init.zeros_(zero.weight)
     torch.nn.init.zeros_(zero.bias)
     x = torch.randn(40, 512)
     with torch.no_grad():
         assert not zero(x[:1]).any()  # the first of its shape: it probes
+        (threshold,) = layers.padded_rows().values()
+        if threshold == 1:
+            pytest.skip("this CPU multiplies 512 -> 136 alike at every row count: nothing to get wrong")
         layer = layers.Linear(512, 136)
         full = layer(x)
         for rows in range(1, 40):

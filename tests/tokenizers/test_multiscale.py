@@ -113,10 +113,13 @@ def test_prefix_dropout_is_a_checked_training_only_setting():
         assert torch.allclose(model(x).reconstruction.clamp(-1, 1), model.decode(model.encode(x)), atol=1e-4)
     with pytest.raises(ConfigError, match="prefix_dropout"):
         MultiScaleVQConfig(image_size=16, ch_mult=(1, 2, 2), scales=(1, 2, 4), prefix_dropout=1.5)
+    with pytest.raises(ConfigError, match="needs 2 scales"):  # no prefix to keep: it failed in the first step
+        MultiScaleVQConfig(image_size=16, ch_mult=(1, 2, 2), scales=(4,), prefix_dropout=0.25)
 
 
 @torch.no_grad()
 def test_dead_codes_restart_onto_the_residuals_of_every_scale():
+    """Drawn without replacement, a scale short of residuals passing its surplus to the next."""
     model = tiny().train()
     quantizer = model.quantize
     quantizer.ema_vocab_hit_SV.zero_()
@@ -130,6 +133,11 @@ def test_dead_codes_restart_onto_the_residuals_of_every_scale():
         row = quantizer.embedding.weight[code]
         homes.append([si for si, pool in enumerate(pools) if torch.isclose(pool, row[None]).all(1).any()])
     assert all(homes)  # each restarted code sits on a residual the quantiser rounds at some scale
-    # the coarse maps get their share: before, every code went onto a full-size latent vector (the last scale)
-    assert sum(0 in h for h in homes) >= 5 and sum(1 in h for h in homes) >= 5
+    restarted = quantizer.embedding.weight[2:]
+    assert len(torch.unique(restarted, dim=0)) == 30  # no two on one vector: they would tie in `nearest`
+    # the coarse maps get their share (before, every code went onto a full-size latent vector, the last scale's):
+    # all of the 1x1 map's 2 residuals and the 2x2 map's 8, which is what ~10 codes a scale ask of them
+    assert sum(h == [0] for h in homes) == 2 and sum(h == [1] for h in homes) == 8
     assert quantizer.recorded == 0 and (quantizer.ema_vocab_hit_SV[:, 2:] > 0).all()
+    with pytest.raises(ValueError, match=r"latent map \(B, C, h, w\)"):  # the old (N, C) vectors
+        quantizer.restart_dead_codes(f.flatten(2).transpose(1, 2).flatten(0, 1))

@@ -69,7 +69,8 @@ def scrambled(shape: tuple[int, ...] | torch.Size, salt: int) -> torch.Tensor:
     """Values spread over [-1, 1) in no pattern a kernel could exploit, drawn from no RNG: a probe must not move
     the global generator (seeded runs) nor make generators (a request's are counted and placed)."""
     t = torch.arange(math.prod(shape), dtype=torch.float64) + 7919 * salt
-    return (torch.frac(torch.sin(t * 12.9898 + 78.233) * 43758.5453) * 2 - 1).float().reshape(shape)
+    u = torch.sin(t * 12.9898 + 78.233) * 43758.5453
+    return ((u - u.floor()) * 2 - 1).float().reshape(shape)  # frac() keeps the sign: floor() gives [0, 1)
 
 
 def invariant_rows(make_product: Callable[[], Product], key: tuple, in_features: int, like: torch.Tensor) -> int:
@@ -193,8 +194,9 @@ def fewest_exact_keys(x: torch.Tensor, queries: int, keys: int) -> int:
 
 
 def padded_rows() -> dict[tuple, int]:
-    """What `invariant_rows` has measured so far: key (kernel, shape, dtype, device, autocast, threads) -> the rows
-    an inference product of that kind is padded to (what bench/row_padding.py prints)."""
+    """What `invariant_rows` has measured so far: key (kernel, out features, bias, in features, dtype, device,
+    autocast, threads) -> the fewest rows such a product takes unpadded; fewer are padded to that many (what
+    bench/row_padding.py prints)."""
     return dict(_invariant_rows)
 
 

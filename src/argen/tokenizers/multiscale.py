@@ -42,7 +42,8 @@ class MultiScaleVQConfig:
     beta: float = 0.25  # commitment weight
     # Training only: the share of images reconstructed from their first k token maps alone (k uniform in 1..K-1),
     # so that the coarse maps must carry each image's layout. At 0 (VAR) a last map as large as the latent can
-    # carry everything: on MNIST after 500 steps the coarse maps had a perplexity of 1-3.4 each.
+    # carry everything: on MNIST after 500 steps the coarse maps had a perplexity of 1-3.4 each. The training
+    # reconstruction loss then includes the truncated images: compare it only between runs at the same setting.
     prefix_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -57,6 +58,8 @@ class MultiScaleVQConfig:
         check_number(self, "quant_resi", at_least=0, at_most=1)
         check_number(self, "beta", at_least=0)
         check_number(self, "prefix_dropout", at_least=0, at_most=1)
+        if self.prefix_dropout > 0 and len(self.scales) < 2:
+            raise ConfigError(f"MultiScaleVQConfig.prefix_dropout needs 2 scales or more, got scales {self.scales}")
         side = self.image_size // 2 ** (len(self.ch_mult) - 1)
         if self.scales[-1] != side:
             raise ConfigError(
@@ -181,8 +184,12 @@ class MultiScaleQuantizer(nn.Module):
     def restart_dead_codes(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> int:
         """Codes (almost) never hit at any scale recently move onto residuals that this batch's latents
         (B, C, h, w) leave to be rounded, the scale drawn uniformly for each code: restarting onto full-size latent
-        vectors alone served the last scale only, and each coarse map had kept 1-3 codes. Returns the number of
-        codes restarted."""
+        vectors alone served the last scale only, and each coarse map had kept 1-3 codes. A scale's residuals are
+        drawn without replacement (the 1x1 map has only B): codes on one vector would tie in `nearest`, and the
+        higher one never win. What a coarse scale cannot give goes on to the next. Returns the number of codes
+        restarted."""
+        if latents.dim() != 4:
+            raise ValueError(f"restart_dead_codes takes the latent map (B, C, h, w), got shape {tuple(latents.shape)}")
         if self.recorded < 100:  # the usage EMA (decay 0.99) needs ~100 batches to mean anything
             return 0
         dead = (self.ema_vocab_hit_SV.sum(0) < 1e-3).nonzero().squeeze(1)
@@ -190,10 +197,18 @@ class MultiScaleQuantizer(nn.Module):
             return 0
         pools = [rest.permute(0, 2, 3, 1).flatten(0, 2) for _, rest, _, _ in self._residual_quantise(latents)]
         device = latents.device
-        scale = torch.randint(0, len(pools), (dead.numel(),), generator=generator, device=device)
-        for code, si in zip(dead.tolist(), scale.tolist(), strict=True):
-            pick = torch.randint(0, pools[si].shape[0], (1,), generator=generator, device=device)
-            self.embedding.weight.data[code] = pools[si][pick[0]]
+        drawn = torch.randint(0, len(pools), (dead.numel(),), generator=generator, device=device)
+        wanted = torch.bincount(drawn, minlength=len(pools)).tolist()
+        vectors, spill = [], 0
+        for si, pool in enumerate(pools):
+            n = wanted[si] + spill
+            take = n if si == len(pools) - 1 else min(n, len(pool))
+            spill = n - take
+            order = torch.randperm(len(pool), generator=generator, device=device)
+            # the last scale repeats itself only if the codes outnumber its residuals
+            picks = order[torch.arange(take, device=device) % len(pool)]
+            vectors.append(pool[picks])
+        self.embedding.weight.data[dead] = torch.cat(vectors)
         self.ema_vocab_hit_SV[:, dead] = 1.0 / len(self.scales)  # a grace period before they can die again
         self.recorded = 0
         return int(dead.numel())
@@ -304,7 +319,7 @@ class MultiScaleVQ(nn.Module, Pretrained):
         f = self.latent(images)
         kept = None
         if self.training and self.config.prefix_dropout > 0:
-            K = len(self.scales)
+            K = len(self.scales)  # >= 2: the config checks
             kept = torch.randint(1, K, (len(images),), device=images.device)
             kept = torch.where(torch.rand(len(images), device=images.device) < self.config.prefix_dropout, kept, K)
         q = self.quantize(f, kept)

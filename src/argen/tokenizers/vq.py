@@ -133,6 +133,8 @@ class VectorQuantizer(nn.Module):
 
         latents: (B, D, h, w) encoder outputs (before normalisation). Returns the number of codes restarted.
         """
+        if latents.dim() != 4:
+            raise ValueError(f"restart_dead_codes takes the latent map (B, D, h, w), got shape {tuple(latents.shape)}")
         if self.recorded < min(USAGE_WINDOW, 4 * self.embedding.num_embeddings):
             return 0  # not enough history to call a code dead
         dead = (self.usage() == 0).nonzero().squeeze(1)

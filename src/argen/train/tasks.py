@@ -19,7 +19,8 @@ from argen.train.distributed import DistInfo
 
 
 class TokenizerTask:
-    """Reconstruction + codebook + commitment loss; dead codes restarted onto batch latents every so often."""
+    """Reconstruction + codebook + commitment loss; every so often the quantiser restarts its dead codes from the
+    batch's latent map (onto its vectors, or a multi-scale quantiser onto the residuals its scales round)."""
 
     unit = "images"
 
