@@ -103,6 +103,15 @@ def test_linear_gives_a_row_the_same_values_in_any_number_of_rows(shape):
     assert layer.weight.grad is not None and set(layer.state_dict()) == {"weight", "bias"}
 
 
+def test_scrambled_probe_values_fill_minus_one_to_one_the_same_across_chunks():
+    x = layers.scrambled((2**20 + 3,), 5)  # one value past the first chunk of a million
+    t = torch.arange(2**20 - 2, 2**20 + 3, dtype=torch.float64) + 7919 * 5
+    u = torch.sin(t * 12.9898 + 78.233) * 43758.5453
+    assert torch.equal(x[-5:], ((u - u.floor()) * 2 - 1).float())
+    assert -1 <= x.min() and x.max() < 1 and abs(x.mean()) < 0.01 and x.std() > 0.5
+    assert torch.equal(layers.scrambled((4, 6), 5), layers.scrambled((24,), 5).view(4, 6))  # no RNG
+
+
 def test_padded_rows_reports_each_measured_shape_and_is_a_copy():
     layer = layers.Linear(24, 40)
     with torch.no_grad():

@@ -67,10 +67,15 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 
 def scrambled(shape: tuple[int, ...] | torch.Size, salt: int) -> torch.Tensor:
     """Values spread over [-1, 1) in no pattern a kernel could exploit, drawn from no RNG: a probe must not move
-    the global generator (seeded runs) nor make generators (a request's are counted and placed)."""
-    t = torch.arange(math.prod(shape), dtype=torch.float64) + 7919 * salt
-    u = torch.sin(t * 12.9898 + 78.233) * 43758.5453
-    return ((u - u.floor()) * 2 - 1).float().reshape(shape)  # frac() keeps the sign: floor() gives [0, 1)
+    the global generator (seeded runs) nor make generators (a request's are counted and placed). Computed in
+    float64 (float32's sin of large arguments repeats values) a million at a time: a probe of a 1280 -> 16384
+    head would otherwise hold ~0.5 GB of temporaries."""
+    out = torch.empty(math.prod(shape))
+    for start in range(0, len(out), 1 << 20):
+        t = torch.arange(start, min(start + (1 << 20), len(out)), dtype=torch.float64) + 7919 * salt
+        u = torch.sin(t * 12.9898 + 78.233) * 43758.5453
+        out[start : start + len(t)] = (u - u.floor()) * 2 - 1  # frac() keeps the sign: floor() gives [0, 1)
+    return out.reshape(shape)
 
 
 def invariant_rows(make_product: Callable[[], Product], key: tuple, in_features: int, like: torch.Tensor) -> int:
