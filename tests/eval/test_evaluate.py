@@ -43,10 +43,25 @@ def test_evaluate_the_shipped_model(setup):
     assert report.fd_real_floor > 0 and report.fd.mean > 0
     assert 0 <= report.precision.mean <= 1 and 0 <= report.recall.mean <= 1
     assert 0 < report.bits_per_token < math.log2(pipe.generator.vocab_size)
+    assert report.bits_per_scale is None  # one token map
     assert 5 < report.classifier_score.mean <= 10  # confident and diverse over 10 classes
     # Unguided sampling with a flattened distribution is worse by every measure the suite has.
     hot = evaluate(pipe, reference, rest, features, seeds=[0], classifier=features, cfg_scale=1.0, temperature=1.5)
     assert hot.fd.mean > report.fd.mean and hot.class_accuracy.mean < report.class_accuracy.mean
+
+
+def test_a_next_scale_model_reports_held_out_bits_per_scale(setup):
+    """What showed that the shipped next-scale generator memorised its finest map (docs/quality.md)."""
+    _, reference, rest, features = setup
+    pipe = ARPipeline.from_pretrained("next-scale")
+    report = evaluate(pipe, reference, rest, features, seeds=[0], classifier=features)
+    assert [pn for pn, _ in report.bits_per_scale] == list(pipe.tokenizer.scales)
+    tokens = sum(pn * pn for pn in pipe.tokenizer.scales)
+    weighted = sum(pn * pn * bits for pn, bits in report.bits_per_scale) / tokens
+    assert weighted == pytest.approx(report.bits_per_token, rel=1e-4)  # the per-scale figures make up the mean
+    by_scale = dict(report.bits_per_scale)
+    assert by_scale[7] > 5 > by_scale[2]  # the finest map costs most of the held-out bits
+    assert dict(report.rows())["test NLL per scale (bits/token)"].startswith("1x1: ")
 
 
 def test_reconstruction_fd_is_the_tokenizer_anchor(setup):

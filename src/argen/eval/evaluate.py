@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from argen.data.datasets import BUILTIN, ArrayDataset, load_dataset, split_indices
 from argen.data.images import to_uint8
 from argen.eval.features import ClassifierFeatures
-from argen.eval.likelihood import bits_per_token
+from argen.eval.likelihood import likelihood
 from argen.eval.metrics import classifier_score, frechet_distance, kernel_inception_distance, precision_recall
 from argen.pipeline import ARPipeline
 from argen.train.distributed import DistInfo, gather_in_order, rank_batches, run_on_main
@@ -62,6 +62,9 @@ class EvalReport:
     classifier_score: MeanStd | None
     bits_per_token: float | None  # None: the order defines no likelihood
     feature_extractor: str
+    # A multi-scale tokenizer's generator: (pn, held-out bits/token of that map). A map the generator memorised
+    # shows here as bits near log2(V) held out (next-scale's finest map: docs/quality.md)
+    bits_per_scale: list[tuple[int, float]] | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -93,6 +96,9 @@ class EvalReport:
             rows.append(("classifier score exp(E KL)", str(self.classifier_score)))
         nll = "not defined for this order" if self.bits_per_token is None else f"{self.bits_per_token:.4f}"
         rows.append(("test NLL (bits/token)", nll))
+        if self.bits_per_scale:
+            per_scale = ", ".join(f"{pn}x{pn}: {bits:.2f}" for pn, bits in self.bits_per_scale)
+            rows.append(("test NLL per scale (bits/token)", per_scale))
         rows.append((f"quality bar (accuracy >= {BAR_ACCURACY:.0%}, FD <= {BAR_FD_MULTIPLE}x floor)", bar))
         return rows
 
@@ -268,7 +274,12 @@ def evaluate(
         ids = torch.cat(
             [pipe.tokenizer.encode(reference.images[i : i + 250].to(pipe.device)).cpu() for i in range(0, n, 250)]
         )
-    bits = bits_per_token(pipe.generator, TensorDataset(ids, reference.labels))
+    nll = likelihood(pipe.generator, TensorDataset(ids, reference.labels))
+    bits_per_scale = None
+    scales = getattr(pipe.tokenizer, "scales", None)  # a multi-scale tokenizer: its maps, scale by scale
+    if nll is not None and nll.bits_per_position is not None and scales:
+        maps = pipe.tokenizer.split(nll.bits_per_position[None])
+        bits_per_scale = [(pn, m.mean().item()) for pn, m in zip(scales, maps, strict=True)]
     effective = pipe.config(**sampler).flat()
     return EvalReport(
         num_samples=n,
@@ -281,6 +292,7 @@ def evaluate(
         recall=MeanStd.of(recs),
         class_accuracy=MeanStd.of(accs) if accs else None,
         classifier_score=MeanStd.of(scores) if scores else None,
-        bits_per_token=bits,
+        bits_per_token=None if nll is None else nll.bits_per_token,
         feature_extractor=type(extractor).__name__,
+        bits_per_scale=bits_per_scale,
     )
