@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from argen.eval.likelihood import bits_per_token, likelihood
+from argen.eval.likelihood import likelihood
+from argen.models.interface import Condition
 from tests.conftest import tiny_raster
 
 
@@ -13,7 +14,7 @@ def test_uniform_prior_costs_log2_vocabulary_bits():
     with torch.no_grad():
         model.output.weight.zero_()  # every logit 0: the uniform distribution
     data = TensorDataset(torch.randint(0, 37, (20, 9)), torch.randint(0, 2, (20,)))
-    assert abs(bits_per_token(model, data, batch_size=7) - math.log2(37)) < 1e-5
+    assert abs(likelihood(model, data, batch_size=7).bits_per_token - math.log2(37)) < 1e-5
 
 
 def test_bits_per_position_make_up_the_mean():
@@ -22,7 +23,9 @@ def test_bits_per_position_make_up_the_mean():
     data = TensorDataset(torch.randint(0, 37, (20, 9)), torch.randint(0, 2, (20,)))
     found = likelihood(model, data, batch_size=7)  # batches of 7, 7 and 6: the mean is over items, not batches
     assert found.bits_per_position.shape == (9,)
-    assert found.bits_per_position.mean().item() == pytest.approx(found.bits_per_token, rel=1e-5)
+    with torch.no_grad():  # the whole set in one batch: the loss's mean, in bits
+        whole = model.loss(data.tensors[0], Condition.classes(data.tensors[1])).loss.item() / math.log(2)
+    assert found.bits_per_token == pytest.approx(whole, rel=1e-5)
     assert found.bits_per_position.std() > 0  # a figure per position, not the mean repeated
     with torch.no_grad():
         model.output.weight.zero_()

@@ -277,7 +277,7 @@ def evaluate(
     nll = likelihood(pipe.generator, TensorDataset(ids, reference.labels))
     bits_per_scale = None
     scales = getattr(pipe.tokenizer, "scales", None)  # a multi-scale tokenizer: its maps, scale by scale
-    if nll is not None and nll.bits_per_position is not None and scales:
+    if nll is not None and scales:
         maps = pipe.tokenizer.split(nll.bits_per_position[None])
         bits_per_scale = [(pn, m.mean().item()) for pn, m in zip(scales, maps, strict=True)]
     effective = pipe.config(**sampler).flat()

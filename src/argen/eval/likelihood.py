@@ -14,8 +14,7 @@ from argen.models.interface import Condition
 @dataclass
 class Likelihood:
     bits_per_token: float
-    bits_per_position: torch.Tensor | None  # (L,) mean over the items, in the order's target layout; None where
-    # the order's loss reports no per-target figures
+    bits_per_position: torch.Tensor  # (L,) mean over the items, in the order's target layout
 
 
 @torch.no_grad()
@@ -26,22 +25,13 @@ def likelihood(model: torch.nn.Module, tokens: Dataset, batch_size: int = 256) -
     likelihood)."""
     model.eval()
     device = next(model.parameters()).device
-    total, count, per_position, items = 0.0, 0, None, 0
+    per_position, items = None, 0
     for ids, labels in DataLoader(tokens, batch_size=batch_size):
         out = model.loss(ids.to(device), Condition.classes(labels.to(device)))
-        if out.nll_sum is None:
+        if out.nll_targets is None:
             return None
-        total += out.nll_sum.item()
-        count += out.num_targets
-        if out.nll_targets is not None:
-            summed = out.nll_targets.double().sum(0).cpu()
-            per_position = summed if per_position is None else per_position + summed
-            items += out.nll_targets.shape[0]
-    by_position = None if per_position is None else (per_position / items / math.log(2)).float()
-    return Likelihood(total / count / math.log(2), by_position)
-
-
-def bits_per_token(model: torch.nn.Module, tokens: Dataset, batch_size: int = 256) -> float | None:
-    """`likelihood`'s mean bits per token alone."""
-    found = likelihood(model, tokens, batch_size)
-    return None if found is None else found.bits_per_token
+        summed = out.nll_targets.double().sum(0).cpu()
+        per_position = summed if per_position is None else per_position + summed
+        items += out.nll_targets.shape[0]
+    bits = per_position / items / math.log(2)
+    return Likelihood(bits.mean().item(), bits.float())

@@ -146,20 +146,22 @@ class LossOutput:
 
     loss: torch.Tensor  # () scalar
     num_targets: int
-    nll_sum: torch.Tensor | None = None  # () summed -log p in nats over every target, where the order has a likelihood
     # (B, L) -log p of each target in nats, detached, in the order's target layout (next-scale: scale by scale), where
-    # the order has a likelihood: what `argen eval`'s held-out bits per scale read
+    # the order has a likelihood: what `argen eval`'s test NLL and held-out bits per scale read
     nll_targets: torch.Tensor | None = None
+
+    @property
+    def nll_sum(self) -> torch.Tensor | None:
+        """() summed -log p in nats over every target; None where the order has no likelihood."""
+        return None if self.nll_targets is None else self.nll_targets.sum()
 
     @classmethod
     def cross_entropy(cls, logits: torch.Tensor, targets: torch.Tensor, likelihood: bool = True) -> LossOutput:
-        """Mean cross-entropy of logits (..., V) against targets (...). `likelihood`: the summed NLL is the
-        log-likelihood of the sequence under the order (false for masked training, which scores random subsets)."""
+        """Mean cross-entropy of logits (..., V) against targets (...). `likelihood`: the per-target NLL is the
+        sequence's log-likelihood under the order (false for masked training, which scores random subsets)."""
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        total, n = nll.sum(), targets.numel()
-        if not likelihood:
-            return cls(total / n, n)
-        return cls(total / n, n, total.detach(), nll.detach().view(targets.shape))
+        n = targets.numel()
+        return cls(nll.sum() / n, n, nll.detach().view(targets.shape) if likelihood else None)
 
 
 @dataclass(frozen=True)
