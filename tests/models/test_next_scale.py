@@ -221,14 +221,14 @@ def test_input_noise_corrupts_the_coarser_scales_inputs_in_training_only(shipped
         dataclasses.replace(shipped.config, input_noise=-0.1)
 
 
-def test_input_noise_grows_with_the_scale(shipped):
-    """None on the first map (a wrong token there redraws the layout), the full rate on the last input map."""
+def _changed_per_scale(shipped, **fields) -> list[float]:
+    """The share of each map's teacher-forced input tokens that one training loss replaced."""
     import dataclasses
 
     from argen.models.interface import Condition
     from argen.models.next_scale import NextScaleTransformer
 
-    model = NextScaleTransformer(dataclasses.replace(shipped.config, input_noise=0.9, class_dropout=0.0))
+    model = NextScaleTransformer(dataclasses.replace(shipped.config, class_dropout=0.0, **fields))
     model.load_state_dict(shipped.state_dict())
     model.bind(shipped._tokenizer[0])
     seen = []
@@ -243,8 +243,27 @@ def test_input_noise_grows_with_the_scale(shipped):
     starts = [0]
     for pn in model.scales:
         starts.append(starts[-1] + pn * pn)
-    per_scale = [changed[:, a:b].mean().item() for a, b in zip(starts[:-1], starts[1:], strict=True)]
-    inputs = len(model.scales) - 1
+    return [changed[:, a:b].mean().item() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def test_input_noise_grows_with_the_scale(shipped):
+    """None on the first map (a wrong token there redraws the layout), the full rate on the last input map."""
+    per_scale = _changed_per_scale(shipped, input_noise=0.9)
+    inputs = len(shipped.scales) - 1
     assert per_scale[0] == 0.0
     for i in range(1, inputs):  # rate i / (inputs - 1), less the codes redrawn equal by chance
         assert abs(per_scale[i] - 0.9 * i / (inputs - 1)) < 0.06, per_scale
+
+
+@pytest.mark.parametrize("maps", [1, 2])
+def test_input_noise_maps_narrows_the_ramp_to_the_last_input_maps(shipped, maps):
+    """`input_noise_maps=k`: the ramp rises over the last k input maps only, to the full rate on the last one."""
+    import dataclasses
+
+    per_scale = _changed_per_scale(shipped, input_noise=0.9, input_noise_maps=maps)
+    last = len(shipped.scales) - 2  # the last input map
+    for i in range(last + 1):
+        expected = 0.9 * max(i - (last - maps), 0) / maps
+        assert (per_scale[i] == 0.0) if expected == 0 else abs(per_scale[i] - expected) < 0.06, (i, per_scale)
+    with pytest.raises(ValueError, match="input_noise_maps=6: only 5 of the 6 maps are inputs"):
+        dataclasses.replace(shipped.config, input_noise_maps=6)

@@ -60,6 +60,7 @@ class NextScaleConfig:
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing), training only
     drop_rate: float = 0.0  # dropout on the attention projection's and the FFN's outputs (VAR's), training only
     input_noise: float = 0.0  # random-code rate on the last input map in training, 0 on the first map
+    input_noise_maps: int = 0  # how many of the last input maps the noise ramps over; 0: all of them
 
     def __post_init__(self) -> None:
         check_int(self, "vocab_size", minimum=2)
@@ -74,6 +75,12 @@ class NextScaleConfig:
         check_probability(self, "drop_path")
         check_probability(self, "drop_rate")
         check_probability(self, "input_noise")
+        check_int(self, "input_noise_maps", minimum=0)
+        if self.input_noise_maps > len(self.scales) - 1:
+            raise ConfigError(
+                f"NextScaleConfig.input_noise_maps={self.input_noise_maps}: only {len(self.scales) - 1} of the "
+                f"{len(self.scales)} maps are inputs"
+            )
         if self.dim % self.num_heads:
             raise ConfigError(f"NextScaleConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
 
@@ -307,11 +314,15 @@ class NextScaleTransformer(nn.Module, Pretrained):
         return LossOutput.cross_entropy(logits, tokens)
 
     def _input_noise_rates(self, device: torch.device) -> torch.Tensor:
-        """(L,) per-token input-noise rate, growing linearly from 0 at the first scale to `input_noise` at the last
-        scale that is an input: a wrong token on the coarsest maps redraws the whole layout, which uniform noise
-        showed (docs/quality.md), while on the fine maps it is a local slip, as in raster."""
+        """(L,) per-token input-noise rate, growing linearly to `input_noise` at the last input map over the last
+        `input_noise_maps` input maps (all of them by default: 0 on the first map) and 0 before them. A wrong token
+        on the coarsest maps redraws the whole layout, which uniform noise showed (docs/quality.md), while on the fine
+        maps it is a local slip, as in raster. Noise on the last input map only (`input_noise_maps=1`) aims at the
+        finest map, whose codes the generator otherwise looks up by the coarse maps it has seen."""
         inputs = len(self.scales) - 1  # the last map is only a target
-        ramp = [min(i / max(inputs - 1, 1), 1.0) for i in range(len(self.scales))]
+        window = self.config.input_noise_maps or inputs - 1
+        first = inputs - 1 - window  # the map before the window: rate 0
+        ramp = [min(max((i - first) / max(window, 1), 0.0), 1.0) for i in range(len(self.scales))]
         rates = torch.cat([torch.full((pn * pn,), r, device=device) for pn, r in zip(self.scales, ramp, strict=True)])
         return rates * self.config.input_noise
 
