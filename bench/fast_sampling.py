@@ -38,7 +38,7 @@ NEXT_SCALE = {
     "plain": {},
     "FastVAR prune 0.25 (7×7 map)": {"prune": 0.25, "prune_scales": 1},
     "FastVAR prune 0.5 (7×7 map)": {"prune": 0.5, "prune_scales": 1},
-    "FastVAR prune 0.5 (7×7, 5×5 at 0.25)": {"prune": 0.5, "prune_scales": 2},
+    "FastVAR prune 0.5 (7×7, 6×6 at 0.25)": {"prune": 0.5, "prune_scales": 2},
     "ScaleKV budget 32": {"kv_budget": 32},
     "ScaleKV budget 16": {"kv_budget": 16},
 }
@@ -49,7 +49,7 @@ def _short(name: str) -> str:
     """A plot label: 'MC-SJD, window 16' -> 'MC-SJD 16', 'LANTERN (MC-SJD 16, k 8, δ 0.1)' -> 'LANTERN δ 0.1'."""
     if name.startswith("LANTERN"):
         return "LANTERN " + name.split(", ")[-1].rstrip(")")
-    if "5×5" in name:
+    if "6×6" in name:
         return name.split(" (")[0].replace("FastVAR ", "") + " (2 maps)"
     return name.split(" (")[0].replace(", window", "").replace("FastVAR ", "").replace("ScaleKV budget", "KV")
 

@@ -22,7 +22,9 @@ def main() -> None:
     p.add_argument("--cfg", type=float, required=True, help="default guidance scale of the shipped pipeline")
     p.add_argument("--classifier", default=None, help="also ship this classifier as mnist-classifier")
     p.add_argument("--draft", default=None, help="a small generator folder: the drafter of speculative='draft'")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=V", help="another sampler default (JSON value)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=V", help="another sampler default (JSON value)"
+    )
     args = p.parse_args()
     pipe = ARPipeline.from_pretrained(Path(args.pipeline))
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}

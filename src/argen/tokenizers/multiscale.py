@@ -329,7 +329,8 @@ class MultiScaleVQ(nn.Module, Pretrained):
         return TokenizerOutput(recon, torch.cat(q.ids, 1), rec_loss + q.loss, rec_loss, q.loss, zero)
 
 
-# Presets are data. "mnist-multiscale" feeds the shipped next-scale model: 28x28 digits, 7x7 latent, 6 scales (L=104).
+# Presets are data. "mnist-multiscale" feeds the shipped next-scale model: 28x28 digits, 7x7 latent, 7 scales (L=140),
+# trained on prefixes too so that its coarse maps carry codes (docs/quality.md).
 MULTISCALE_PRESETS: dict[str, MultiScaleVQConfig] = {
     "mnist-multiscale": MultiScaleVQConfig(
         image_size=28,
@@ -339,7 +340,8 @@ MULTISCALE_PRESETS: dict[str, MultiScaleVQConfig] = {
         ch=32,
         ch_mult=(1, 1, 2),
         num_res_blocks=1,
-        scales=(1, 2, 3, 4, 5, 7),
+        scales=(1, 2, 3, 4, 5, 6, 7),
+        prefix_dropout=0.25,
     ),
     "var-vae-256": MultiScaleVQConfig(),
 }
