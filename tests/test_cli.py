@@ -398,7 +398,7 @@ def test_edit_and_progressive_commands(tmp_path, capsys):
         main(["sample", "--model", "next-scale", "--progressive", "--labels", "1,2", "-n", "1", "--out", str(strip)])
         == 0
     )
-    assert Image.open(strip).size == (6 * 30 + 2, 2 * 30 + 2)  # 6 scales, a row per image
+    assert Image.open(strip).size == (7 * 30 + 2, 2 * 30 + 2)  # 7 scales, a row per image
 
 
 def test_report_page_with_an_acceleration_setting(tmp_path):

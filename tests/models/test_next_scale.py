@@ -269,5 +269,6 @@ def test_input_noise_maps_narrows_the_ramp_to_the_last_input_maps(shipped, maps)
     for i in range(last + 1):
         expected = 0.9 * max(i - (last - maps), 0) / maps
         assert (per_scale[i] == 0.0) if expected == 0 else abs(per_scale[i] - expected) < 0.06, (i, per_scale)
-    with pytest.raises(ValueError, match="input_noise_maps=6: only 5 of the 6 maps are inputs"):
-        dataclasses.replace(shipped.config, input_noise_maps=6)
+    K = len(shipped.scales)
+    with pytest.raises(ValueError, match=f"input_noise_maps={K}: only {K - 1} of the {K} maps are inputs"):
+        dataclasses.replace(shipped.config, input_noise_maps=K)

@@ -128,9 +128,9 @@ def test_stream_sends_a_preview_per_step_then_the_images(client):
             (m.group(1), json.loads(m.group(2))) for m in re.finditer(r"event: (\w+)\ndata: (.*)\n", r.read().decode())
         ]
     kinds = [k for k, _ in events]
-    assert kinds[0] == "queued" and kinds[-1] == "done" and kinds.count("preview") == 5  # 6 scales
+    assert kinds[0] == "queued" and kinds[-1] == "done" and kinds.count("preview") == 6  # 7 scales
     steps = [d["step"] for k, d in events if k == "preview"]
-    assert steps == [1, 2, 3, 4, 5]
+    assert steps == [1, 2, 3, 4, 5, 6]
     assert png(base64.b64decode(events[1][1]["grid"])).shape == (32, 32)
 
 
