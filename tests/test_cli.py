@@ -300,6 +300,9 @@ def test_end_to_end_on_an_image_folder(tmp_path, capsys):
     assert main(masked) == 2
     err = capsys.readouterr().err
     assert "holds a 'raster_transformer', not a 'masked_transformer', which --preset trains (masked order)" in err
+    # the kind is checked before the data is read for the preset's order (next-scale would ask for a tokenizer)
+    assert main([*masked[:-4], "--preset", "mnist-next-scale", *init]) == 2
+    assert "not a 'next_scale_transformer', which --preset trains (next-scale order)" in capsys.readouterr().err
 
 
 def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys):

@@ -201,9 +201,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = [f"vocab_size={shards.vocab_size}"] if shards.values == "discrete" else []
     if shards.class_names:
         overrides.append(f"num_classes={len(shards.class_names)}")
+    # --init's kind first: a generator of another order would otherwise fail on what its data lacks for this one
+    init = _load_init(args.init, model_cls) if args.init else None
     fields = model_cls.config_class.data_fields(shards.seq_len, tokenizer)  # what the data fixes (grid, scales)
     overrides += [f"{k}={json.dumps(v)}" for k, v in fields.items()]
-    init = _load_init(args.init, model_cls) if args.init else None
     # Fine-tuning keeps the initial generator's architecture: its config stands in for the preset's.
     presets_now = {args.preset: init.config} if init is not None else generator_presets()
     config = _model_config(presets_now, args.preset, overrides, args.overrides)
