@@ -4,7 +4,7 @@
 # parameters, 7 scales) regularised with VAR's dropout and stochastic depth (0.1 each), weight decay 0.1, and 25 %
 # random codes among the 6x6 map's tokens where they feed the 7x7 step (`input_noise_maps=1`: the finest map is
 # what a small dataset's generator otherwise memorises), trained 3,000 steps, packed into argen/assets/next-scale-mnist
-# with guidance 1.5 on VAR's ramp at token temperature 1.15 (chosen by `argen eval --sweep`; docs/quality.md has the
+# with guidance 1.75 on VAR's ramp at token temperature 1.15 (chosen by `argen eval --sweep`; docs/quality.md has the
 # sweeps and what did not help).
 # Usage: bash scripts/make_next_scale.sh [RUNS_DIR]
 # TOKENIZER=fresh trains the multi-scale tokenizer from scratch first instead of reusing the shipped one (preset
@@ -31,5 +31,5 @@ time argen train --tokens "$runs/tokens" --tokenizer "$tok" --preset mnist-next-
     --set drop_rate=0.1 --set drop_path=0.1 --set input_noise=0.25 --set input_noise_maps=1 \
     --save-every 500 --preview-every 1000
 
-python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg 1.5 \
+python scripts/pack_default.py --pipeline "$runs/gen/pipeline" --name "$name" --cfg 1.75 \
     --set 'cfg_schedule="var_ramp"' --set temperature=1.15
