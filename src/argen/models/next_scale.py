@@ -59,7 +59,7 @@ class NextScaleConfig:
     class_dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing), training only
     drop_rate: float = 0.0  # dropout on the attention projection's and the FFN's outputs (VAR's), training only
-    input_noise: float = 0.0  # random-code rate on the last input map in training, 0 on the first map
+    input_noise: float = 0.0  # random-code rate on the last input map in training, ramping from 0 (input_noise_maps)
     input_noise_maps: int = 0  # how many of the last input maps the noise ramps over; 0: all of them
 
     def __post_init__(self) -> None:
