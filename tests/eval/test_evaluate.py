@@ -60,7 +60,7 @@ def test_a_next_scale_model_reports_held_out_bits_per_scale(setup):
     weighted = sum(pn * pn * bits for pn, bits in report.bits_per_scale) / tokens
     assert weighted == pytest.approx(report.bits_per_token, rel=1e-4)  # the per-scale figures make up the mean
     by_scale = dict(report.bits_per_scale)
-    assert by_scale[7] > 5 > by_scale[2]  # the finest map costs most of the held-out bits
+    assert by_scale[7] > 5 > by_scale[2]  # the finest map costs the most bits per token held out
     assert dict(report.rows())["test NLL per scale (bits/token)"].startswith("1x1: ")
 
 
