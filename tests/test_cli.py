@@ -171,7 +171,9 @@ def test_sample_takes_any_sampler_field(tmp_path, capsys):
     assert data["images"].shape[0] == 4 and data["images"].dtype == np.uint8 and data["images"].std() > 10
     capsys.readouterr()
     assert main(["sample", "--out", str(out), "--set", "speculativ=sjd"]) == 2
-    assert "--set: unknown sampler setting(s) ['speculativ']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--set: unknown sampler setting(s) ['speculativ']" in err
+    assert "did you mean speculative (for speculativ)?" in err
     assert main(["sample", "--out", str(out), "--set", "speculative=medusa"]) == 2
     assert "--set: speculative must be" in capsys.readouterr().err
 
@@ -359,6 +361,7 @@ def test_eval_bench_and_tokenizer_commands_print_their_figures(tmp_path, capsys)
     assert main(["bench", "--setting", "x:cfg=3"]) == 2
     err = capsys.readouterr().err
     assert "--setting x: unknown sampler setting(s) ['cfg']" in err and "run/s" not in err  # before any timing
+    assert "did you mean cfg_scale (for cfg)?" in err  # the CLI's flag is --cfg, the field cfg_scale
 
     assert main(["eval-tokenizer", "-n", "200"]) == 0
     out = capsys.readouterr().out

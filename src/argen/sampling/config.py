@@ -12,6 +12,7 @@ each field to its part and `flat()` writes it back, so old files keep loading.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -146,9 +147,10 @@ class SamplerConfig:
         unknown = sorted(set(self.order_options) - known)
         if unknown:
             own = f"its own are {sorted(known)}" if known else "it has none of its own"
+            common = sorted([*self.CORE, *_SPECULATIVE_FIELDS, "parallel_window"])
             raise ConfigError(
                 f"unknown sampler setting(s) {unknown} for the {order.name} order ({own}); the common ones are "
-                f"{sorted([*self.CORE, *_SPECULATIVE_FIELDS, 'parallel_window'])}"
+                f"{common}{_did_you_mean(unknown, [*known, *common])}"
             )
         return order.options_class(**self.order_options)
 
@@ -157,3 +159,12 @@ class SamplerConfig:
         if self.cfg_scale == 1.0:
             return None
         return guidance.SCHEDULES[self.cfg_schedule](self.cfg_scale)
+
+
+def _did_you_mean(unknown: list[str], names: list[str]) -> str:
+    """'; did you mean cfg_scale?' for `cfg` (the CLI's flag is --cfg, the field cfg_scale), or ''."""
+    hints = []
+    for name in unknown:
+        near = [n for n in names if n.startswith(name)] or difflib.get_close_matches(name, names, n=1)
+        hints += [f"{near[0]} (for {name})"] if near else []
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
