@@ -4,7 +4,13 @@ import sys
 
 import torch
 
-from argen.eval.metrics import classifier_score, frechet_distance, kernel_inception_distance, precision_recall
+from argen.eval.metrics import (
+    classifier_score,
+    frechet_distance,
+    kernel_inception_distance,
+    near_copy_share,
+    precision_recall,
+)
 
 
 def gaussian(n, d=8, shift=0.0, scale=1.0, seed=0):
@@ -95,3 +101,12 @@ def test_precision_recall_never_holds_an_n_by_n_matrix():
     )
     grown = int(out.stdout.split()[-1])
     assert grown < 200e6, f"peak memory grew by {grown / 1e6:.0f} MB during precision/recall at N = 9,000"
+
+
+def test_near_copy_share_is_five_percent_for_unseen_points_and_all_for_copies():
+    train, held_out = gaussian(3000, seed=20), gaussian(1000, seed=21)
+    unseen = near_copy_share(train, held_out, gaussian(2000, seed=22))
+    assert 0.02 < unseen < 0.09  # the threshold is held-out's 5th percentile: unseen draws land near 5 %
+    assert near_copy_share(train, held_out, train[:500]) == 1.0
+    assert near_copy_share(train, held_out, train[:500] + gaussian(500, scale=0.01, seed=23)) == 1.0
+    assert near_copy_share(train, held_out, gaussian(500, shift=3.0, seed=24)) == 0.0  # far from everything

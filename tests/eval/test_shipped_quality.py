@@ -6,7 +6,7 @@ regression of a few percent (`argen eval`, N = 1000 and 3 seeds, measures those)
 
 import pytest
 
-from argen.eval.evaluate import evaluate, reference_sets
+from argen.eval.evaluate import MEMORISING_SHARE, evaluate, reference_sets
 from argen.eval.features import DEFAULT_CLASSIFIER, ClassifierFeatures
 from argen.pipeline import ARPipeline
 from argen.pretrained import load_pretrained
@@ -30,3 +30,4 @@ def test_shipped_model_samples_recognisable_digits(model, features):
     assert report.class_accuracy.mean >= 0.8, report.rows()
     assert report.fd_multiple <= 2.0, report.rows()
     assert report.recall.mean >= 0.3, report.rows()
+    assert report.near_copies.mean <= MEMORISING_SHARE, report.rows()  # 5-7 % at N = 1000; a copier ~80-100 %
