@@ -92,7 +92,8 @@ def test_page_generates_with_previews_and_shows_errors(browser, url, tmp_path):
     # 4 classes (the first four are ticked) x 1 image: a column of 28 px digits with 2 px gaps
     assert natural_size(browser, "#grid img") == [32, 4 * 30 + 2]
     assert natural_size(browser, "#preview img") == [32, 4 * 30 + 2]  # the last preview stays
-    assert "step 6 of 7" in browser.find_element(By.ID, "step").text
+    maps = len(ARPipeline.from_pretrained("next-scale").tokenizer.scales)  # one step per map: 7 since session 16
+    assert f"step {maps - 1} of {maps}" in browser.find_element(By.ID, "step").text  # the last preview, 0-based
     links = browser.find_elements(By.CSS_SELECTOR, "#downloads a")
     assert len(links) == 4 and links[0].get_attribute("download") == "argen-next-scale-seed7-0.png"
     assert browser.find_element(By.ID, "error").text == ""
