@@ -23,7 +23,7 @@ def test_parse_axes_and_grid():
         parse_axes(["top_k=1", "top_k=2"])
 
 
-def _report(fd: float, acc: float) -> EvalReport:
+def _report(fd: float, acc: float, copies: float | None = None) -> EvalReport:
     one = MeanStd.of([fd])
     return EvalReport(
         num_samples=10,
@@ -38,13 +38,14 @@ def _report(fd: float, acc: float) -> EvalReport:
         classifier_score=None,
         bits_per_token=None,
         feature_extractor="x",
+        near_copies=None if copies is None else MeanStd.of([copies]),
     )
 
 
 def test_frontier_keeps_exactly_the_undominated_points():
     pts = [
         SweepPoint({"cfg_scale": 1}, _report(10.0, 0.80)),  # worst accuracy but lowest FD: on the frontier
-        SweepPoint({"cfg_scale": 2}, _report(12.0, 0.95)),  # on
+        SweepPoint({"cfg_scale": 2}, _report(12.0, 0.95, copies=0.06)),  # on
         SweepPoint({"cfg_scale": 3}, _report(13.0, 0.94)),  # dominated by cfg 2
         SweepPoint({"cfg_scale": 4}, _report(15.0, 0.99)),  # on
         SweepPoint({"cfg_scale": 5}, _report(15.0, 0.99)),  # a tie dominates neither
@@ -52,6 +53,7 @@ def test_frontier_keeps_exactly_the_undominated_points():
     assert [p.on_frontier for p in mark_frontier(pts)] == [True, True, False, True, True]
     table = rows(pts)
     assert table[1][0] == "cfg_scale=2" and table[1][1].endswith("(6.00x)") and table[1][2] == "95.0%"
+    assert table[1][4] == "6.0%" and table[0][4] == "-"  # near-copies, where the report has them
     assert [r[-1] for r in table] == ["*", "*", "", "*", "*"]
     svg = frontier_svg(pts)
     assert svg.count('class="point"') == 5 and svg.count("★") == 2 * 4  # in each point's label and its tooltip

@@ -121,7 +121,7 @@ def _sweep_and_report(args, pipe, reference, rest, extractor, common, sampler, i
         f"N = {args.n} per seed, seeds {args.seeds}, real-data floor FD {floor:.4g}; "
         "* = on the frontier (no other setting has both lower FD and higher accuracy)"
     )
-    print_table(["setting", "FD (x floor)", "accuracy", "recall", "bar", "frontier"], rows(points))
+    print_table(["setting", "FD (x floor)", "accuracy", "recall", "near-copies", "bar", "frontier"], rows(points))
     if args.json:
         data = [
             {"settings": p.settings, "on_frontier": p.on_frontier, "fd_multiple": p.report.fd_multiple}

@@ -115,17 +115,20 @@ def frontier_svg(points: list[SweepPoint]) -> str:
 
 
 def rows(points: list[SweepPoint]) -> list[list[str]]:
-    """One table row per setting: the setting, FD (x floor), accuracy, recall, bar, frontier."""
+    """One table row per setting: the setting, FD (x floor), accuracy, recall, near-copies, bar, frontier."""
     out = []
     for p in points:
         r = p.report
         acc = "-" if r.class_accuracy is None else f"{r.class_accuracy.mean:.1%}"
+        # a cold setting can buy FD and accuracy by drawing the training digits back
+        copies = "-" if r.near_copies is None else f"{r.near_copies.mean:.1%}"
         out.append(
             [
                 p.label(),
                 f"{r.fd} ({r.fd_multiple:.2f}x)",
                 acc,
                 f"{r.recall.mean:.3f}",
+                copies,
                 "met" if not r.below_bar() else "below",
                 "*" if p.on_frontier else "",
             ]
