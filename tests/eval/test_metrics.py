@@ -2,13 +2,14 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from argen.eval.metrics import (
+    NearCopyCheck,
     classifier_score,
     frechet_distance,
     kernel_inception_distance,
-    near_copy_share,
     precision_recall,
 )
 
@@ -105,8 +106,11 @@ def test_precision_recall_never_holds_an_n_by_n_matrix():
 
 def test_near_copy_share_is_five_percent_for_unseen_points_and_all_for_copies():
     train, held_out = gaussian(3000, seed=20), gaussian(1000, seed=21)
-    unseen = near_copy_share(train, held_out, gaussian(2000, seed=22))
+    check = NearCopyCheck.fit(train, held_out)
+    unseen = check.share(gaussian(2000, seed=22))
     assert 0.02 < unseen < 0.09  # the threshold is held-out's 5th percentile: unseen draws land near 5 %
-    assert near_copy_share(train, held_out, train[:500]) == 1.0
-    assert near_copy_share(train, held_out, train[:500] + gaussian(500, scale=0.01, seed=23)) == 1.0
-    assert near_copy_share(train, held_out, gaussian(500, shift=3.0, seed=24)) == 0.0  # far from everything
+    assert check.share(train[:500]) == 1.0
+    assert check.share(train[:500] + gaussian(500, scale=0.01, seed=23)) == 1.0
+    assert check.share(gaussian(500, shift=3.0, seed=24)) == 0.0  # far from everything
+    with pytest.raises(ValueError, match="4 features per image, the training set 8"):
+        check.share(gaussian(10, d=4))

@@ -30,4 +30,5 @@ def test_shipped_model_samples_recognisable_digits(model, features):
     assert report.class_accuracy.mean >= 0.8, report.rows()
     assert report.fd_multiple <= 2.0, report.rows()
     assert report.recall.mean >= 0.3, report.rows()
-    assert report.near_copies.mean <= MEMORISING_SHARE, report.rows()  # 5-7 % at N = 1000; a copier ~80-100 %
+    # near-copies of training digits: 3-8 % measured at N = 100, 5.0-5.9 % at N = 1000; a copier reads ~80 %
+    assert report.near_copies.mean <= MEMORISING_SHARE, report.rows()

@@ -115,17 +115,29 @@ def _nearest_distance(points: torch.Tensor, bank: torch.Tensor, chunk: int) -> t
 NEAR_COPY_QUANTILE = 0.05
 
 
-def near_copy_share(train: torch.Tensor, held_out: torch.Tensor, fake: torch.Tensor, chunk: int = PR_CHUNK) -> float:
+@dataclass
+class NearCopyCheck:
     """Share of fakes closer to their nearest training image than all but 5 % of held-out real images are.
 
     FD against a floor of training images cannot tell a model that copies its training set from one that
     generalises (a copier scores at the floor), so this is reported beside it: 5 % for images the model never
-    saw, near 100 % for a copier, ~80 % for a tokenizer's reconstructions of training images (docs/quality.md).
-    train (N, D) are the generator's training images' features, held_out (R, D) and fake (M, D) as for FD.
+    saw, near 100 % for exact copies, ~80 % for a tokenizer's reconstructions of training images (docs/quality.md).
+    Fitted once (`fit`: the training features and the held-out threshold), then applied to each seed's samples.
     """
-    train, held_out, fake = _check(train, "train"), _check(held_out, "held_out"), _check(fake, "fake")
-    threshold = _nearest_distance(held_out, train, chunk).quantile(NEAR_COPY_QUANTILE)
-    return (_nearest_distance(fake, train, chunk) < threshold).double().mean().item()
+
+    train: torch.Tensor  # (N, D) features of the generator's training images, float64 on the CPU
+    threshold: float  # held-out real images' 5th-percentile distance to their nearest training image
+
+    @classmethod
+    def fit(cls, train: torch.Tensor, held_out: torch.Tensor, chunk: int = PR_CHUNK) -> NearCopyCheck:
+        train, held_out = _check(train, "train"), _check(held_out, "held_out")
+        return cls(train, _nearest_distance(held_out, train, chunk).quantile(NEAR_COPY_QUANTILE).item())
+
+    def share(self, fake: torch.Tensor, chunk: int = PR_CHUNK) -> float:
+        fake = _check(fake, "fake")
+        if fake.shape[1] != self.train.shape[1]:
+            raise ValueError(f"fake has {fake.shape[1]} features per image, the training set {self.train.shape[1]}")
+        return (_nearest_distance(fake, self.train, chunk) < self.threshold).double().mean().item()
 
 
 def classifier_score(probs: torch.Tensor) -> float:

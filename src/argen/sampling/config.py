@@ -150,7 +150,7 @@ class SamplerConfig:
             common = sorted([*self.CORE, *_SPECULATIVE_FIELDS, "parallel_window"])
             raise ConfigError(
                 f"unknown sampler setting(s) {unknown} for the {order.name} order ({own}); the common ones are "
-                f"{common}{_did_you_mean(unknown, [*known, *common])}"
+                f"{common}{_did_you_mean(unknown, [*sorted(known), *common])}"
             )
         return order.options_class(**self.order_options)
 
@@ -162,7 +162,7 @@ class SamplerConfig:
 
 
 def _did_you_mean(unknown: list[str], names: list[str]) -> str:
-    """'; did you mean cfg_scale?' for `cfg` (the CLI's flag is --cfg, the field cfg_scale), or ''."""
+    """'; did you mean cfg_scale (for cfg)?' for `cfg` (the CLI's flag is --cfg, the field cfg_scale), or ''."""
     hints = []
     for name in unknown:
         near = [n for n in names if n.startswith(name)] or difflib.get_close_matches(name, names, n=1)
