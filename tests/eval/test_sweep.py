@@ -46,7 +46,7 @@ def test_frontier_keeps_exactly_the_undominated_points():
     pts = [
         SweepPoint({"cfg_scale": 1}, _report(10.0, 0.80)),  # worst accuracy but lowest FD: on the frontier
         SweepPoint({"cfg_scale": 2}, _report(12.0, 0.95, copies=0.06)),  # on
-        SweepPoint({"cfg_scale": 3}, _report(13.0, 0.94)),  # dominated by cfg 2
+        SweepPoint({"cfg_scale": 3}, _report(13.0, 0.94, copies=0.4)),  # dominated by cfg 2
         SweepPoint({"cfg_scale": 4}, _report(15.0, 0.99)),  # on
         SweepPoint({"cfg_scale": 5}, _report(15.0, 0.99)),  # a tie dominates neither
     ]
@@ -54,6 +54,7 @@ def test_frontier_keeps_exactly_the_undominated_points():
     table = rows(pts)
     assert table[1][0] == "cfg_scale=2" and table[1][1].endswith("(6.00x)") and table[1][2] == "95.0%"
     assert table[1][4] == "6.0%" and table[0][4] == "-"  # near-copies, where the report has them
+    assert table[2][4] == "40.0% MEMORISING" and pts[2].report.memorising and not pts[1].report.memorising
     assert [r[-1] for r in table] == ["*", "*", "", "*", "*"]
     svg = frontier_svg(pts)
     assert svg.count('class="point"') == 5 and svg.count("★") == 2 * 4  # in each point's label and its tooltip

@@ -87,6 +87,11 @@ class EvalReport:
         """FD as a multiple of the real-vs-real floor at the same N: 1.0 is as close as real images get."""
         return self.fd.mean / self.fd_real_floor
 
+    @property
+    def memorising(self) -> bool:
+        """Flagged beside the bar: more near-copies of training images than MEMORISING_SHARE."""
+        return self.near_copies is not None and self.near_copies.mean > MEMORISING_SHARE
+
     def below_bar(self) -> list[str]:
         """Why the model misses the quality bar (accuracy and FD multiple); empty when it meets it."""
         misses = []
@@ -112,7 +117,7 @@ class EvalReport:
         nll = "not defined for this order" if self.bits_per_token is None else f"{self.bits_per_token:.4f}"
         rows.append(("test NLL (bits/token)", nll))
         if self.near_copies is not None:
-            copying = " MEMORISING" if self.near_copies.mean > MEMORISING_SHARE else ""
+            copying = " MEMORISING" if self.memorising else ""
             rows.append(
                 (
                     "near-copies of training images",

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from argen.errors import ConfigError
-from argen.eval.evaluate import MEMORISING_SHARE, EvalReport, evaluate
+from argen.eval.evaluate import EvalReport, evaluate
 from argen.eval.report import Point, scatter_svg
 
 
@@ -122,7 +122,7 @@ def rows(points: list[SweepPoint]) -> list[list[str]]:
         acc = "-" if r.class_accuracy is None else f"{r.class_accuracy.mean:.1%}"
         # a setting can buy FD and accuracy by drawing samples nearer the training images; the frontier does not see it
         copies = "-" if r.near_copies is None else f"{r.near_copies.mean:.1%}"
-        copies += " MEMORISING" if r.near_copies is not None and r.near_copies.mean > MEMORISING_SHARE else ""
+        copies += " MEMORISING" if r.memorising else ""
         out.append(
             [
                 p.label(),
