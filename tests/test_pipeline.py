@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from argen.errors import ConfigError
 from argen.eval.classifier import accuracy
 from argen.pipeline import ASSETS, ARPipeline
 from argen.pretrained import load_pretrained
@@ -118,3 +119,20 @@ def test_a_compiled_pipeline_samples_what_the_eager_one_does():
     # fused kernels may sum in another order: logits within rounding, so the same draws here
     assert torch.equal(a.tokens, b.tokens)
     assert torch.allclose(a.images, b.images, atol=1e-4)
+
+
+def test_a_guide_model_is_saved_loaded_and_checked(tmp_path):
+    raster = ARPipeline.from_pretrained("raster")
+    # the raster default's draft model is a weaker raster generator on the same tokens: a guide for autoguidance
+    guided = ARPipeline(raster.tokenizer, raster.generator, raster.class_names, raster.sampler, guide=raster.draft)
+    guided.save_pretrained(tmp_path / "p")
+    assert (tmp_path / "p" / "guide" / "model.safetensors").is_file()
+    reloaded = ARPipeline.from_pretrained(tmp_path / "p")
+    a = guided([2, 3, 7], seed=1, guide_scale=2.0).tokens
+    assert torch.equal(reloaded([2, 3, 7], seed=1, guide_scale=2.0).tokens, a)
+    assert not torch.equal(guided([2, 3, 7], seed=1).tokens, a)
+    with pytest.raises(ConfigError, match="needs a guide model"):
+        raster([1], seed=0, guide_scale=2.0)
+    other = ARPipeline.from_pretrained("next-scale")
+    with pytest.raises(ConfigError, match="must share the generator's order"):
+        ARPipeline(raster.tokenizer, raster.generator, guide=other.generator)

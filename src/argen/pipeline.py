@@ -27,7 +27,7 @@ from argen.models.interface import Condition
 from argen.models.packed_linear import pack_linears, unpack_linears
 from argen.pretrained import atomic_write, load_pretrained
 from argen.sampling.config import SamplerConfig, Speculative
-from argen.sampling.decode import decode_steps, generate, seeded_generators
+from argen.sampling.decode import check_guide, decode_steps, generate, seeded_generators
 from argen.sampling.positions import KnownTokens
 from argen.sampling.speculative import SpeculativeStats
 
@@ -83,6 +83,7 @@ class ARPipeline:
         class_names: list[str] | None = None,
         sampler: SamplerConfig | None = None,
         draft: torch.nn.Module | None = None,
+        guide: torch.nn.Module | None = None,
     ):
         values = token_values(tokenizer)
         if values != generator.order.values:
@@ -107,6 +108,12 @@ class ARPipeline:
         self.sampler.options_for(generator.order)  # an option this order lacks fails here
         # Optional small generator of the same order, the drafter of speculative="draft".
         self.draft = draft.eval() if draft is not None else None
+        # Optional weaker generator of the same order, what autoguidance (guide_scale) contrasts with.
+        if guide is not None:
+            check_guide(generator, guide)
+            if guide.order.reads_tokenizer:
+                guide.bind(tokenizer)
+        self.guide = guide.eval() if guide is not None else None
         self.compiled = False
 
     @classmethod
@@ -124,31 +131,32 @@ class ARPipeline:
         tokenizer = load_pretrained(path / "tokenizer")
         generator = load_pretrained(path / "generator")
         draft = load_pretrained(path / "draft") if (path / "draft").is_dir() else None
-        return cls(tokenizer, generator, meta.get("class_names"), sampler, draft).to(device, torch_dtype)
+        guide = load_pretrained(path / "guide") if (path / "guide").is_dir() else None
+        return cls(tokenizer, generator, meta.get("class_names"), sampler, draft, guide).to(device, torch_dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ARPipeline:
-        """Move (and cast floating weights of) every component: tokenizer, generator, draft model."""
+        """Move (and cast floating weights of) every component: tokenizer, generator, draft and guide models."""
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"torch_dtype must be a floating dtype (float32, bfloat16, float16), got {dtype}")
-        for part in (self.tokenizer, self.generator, self.draft):
+        for part in (self.tokenizer, self.generator, self.draft, self.guide):
             if part is not None:
                 part.to(device=device, dtype=dtype)
         weight = next(self.generator.parameters())
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not self.compiled:
             # a decode step multiplies a few rows by every weight: prepacked for oneDNN, ~1.3-2x per layer
-            for part in (self.generator, self.draft):
+            for part in (self.generator, self.draft, self.guide):
                 if part is not None:
                     pack_linears(part)
         return self
 
     def compile(self, **options) -> ARPipeline:
         """`torch.compile` what sampling spends its time in, in place: each transformer block of the generator
-        (and of the draft model) and the tokenizer's decoder; `options` go to `torch.compile`. The first batch
-        of each shape pays the compilation. Meant for CUDA: on this project's CPU it did not pay (GPT-B at batch
+        (and of the draft and guide models) and the tokenizer's decoder; `options` go to `torch.compile`. The first
+        batch of each shape pays the compilation. Meant for CUDA: on this project's CPU it did not pay (GPT-B at batch
         8 in bf16, one thread, beside a training run: 256 decode steps 15.1 s compiled against 13.2 s eager with
         prepacked weights; LlamaGen's VQ decoder 256 s to compile and no faster). oneDNN-prepacked linear weights
         are unpacked first: inductor cannot take them."""
-        for part in (self.generator, self.draft):
+        for part in (self.generator, self.draft, self.guide):
             if part is not None:
                 unpack_linears(part)
                 for block in part.repeated_blocks():
@@ -164,6 +172,8 @@ class ARPipeline:
         self.generator.save_pretrained(directory / "generator", dtype=dtype)
         if self.draft is not None:
             self.draft.save_pretrained(directory / "draft", dtype=dtype)
+        if self.guide is not None:
+            self.guide.save_pretrained(directory / "guide", dtype=dtype)
         meta = {"class_names": self.class_names, "sampler": self.sampler.flat()}
         atomic_write(directory / PIPELINE_NAME, lambda t: Path(t).write_text(json.dumps(meta, indent=2) + "\n"))
         return directory
@@ -242,6 +252,7 @@ class ARPipeline:
                 draft_model=self.draft,
                 stats=stats,
                 codebook=self.codebook if speculative and config.acceleration.relax_k else None,
+                guide_model=self.guide,
             )
             tokens.append(ids)
             images.append(self.tokenizer.decode(ids).clamp(-1, 1).float().cpu())
@@ -285,7 +296,7 @@ class ARPipeline:
         labels = self.label_ids(labels)
         config = self.config(**sampler_overrides)
         gens = self.generators(len(labels), seed)
-        for step in decode_steps(self.generator, Condition.classes(labels), config, gens):
+        for step in decode_steps(self.generator, Condition.classes(labels), config, gens, guide_model=self.guide):
             yield self.tokenizer.decode_partial(step.tokens, step.filled).clamp(-1, 1).float().cpu()
 
     def config(self, **sampler_overrides) -> SamplerConfig:

@@ -7,10 +7,12 @@ leaked condition or a batch-dependent draw changes the sampled ids.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from argen.errors import NonFiniteError
+from argen.errors import ConfigError, NonFiniteError
 from argen.models.interface import Condition, Generator
 from argen.pretrained import load_pretrained
 from argen.sampling.config import SamplerConfig
@@ -205,3 +207,47 @@ def test_non_finite_predictions_raise_a_clear_error(factory, teacher_forced):
             p.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite"):
         _sample(model, [0], [0])
+
+
+def _guide_for(model, tokenizer, noise: float):
+    """A guide for autoguidance: a copy of the generator, its matrices perturbed by `noise` (0: the same model)."""
+    guide = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in guide.parameters():
+            if p.dim() == 2:
+                p.add_(noise * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return guide.bind(tokenizer) if model.order.reads_tokenizer else guide
+
+
+@pytest.mark.parametrize("factory, teacher_forced", ORDERS)
+def test_autoguidance(factory, teacher_forced):
+    """guide_scale contrasts the generator with a weaker model of the same order: nothing changes when the guide
+    is the generator itself, samples change when it is not, and the per-sample rules (batch == singles, known tokens
+    kept) hold as for classifier-free guidance."""
+    model, tokenizer = factory()
+    classes, seeds = Condition.classes([0, 1, 2, 1]), [20, 21, 22, 23]
+    same, other = _guide_for(model, tokenizer, 0.0), _guide_for(model, tokenizer, 1.0)
+    config = SamplerConfig(guide_scale=3.0, temperature=1.2)
+    if model.order.values == "continuous":
+        with pytest.raises(ConfigError, match="continuous"):
+            generate(model, classes, config, seeded_generators(seeds), guide_model=other)
+        return
+    plain = generate(model, classes, SamplerConfig(temperature=1.2), seeded_generators(seeds))
+    assert torch.equal(generate(model, classes, config, seeded_generators(seeds), guide_model=same), plain)
+    guided = generate(model, classes, config, seeded_generators(seeds), guide_model=other)
+    assert not torch.equal(guided, plain)
+    both = SamplerConfig(guide_scale=3.0, cfg_scale=2.0, temperature=1.2)
+    batch = generate(model, classes, both, seeded_generators(seeds), guide_model=other)
+    singles = [
+        generate(model, classes.rows([i]), both, seeded_generators([s]), guide_model=other)
+        for i, s in enumerate(seeds)
+    ]
+    assert torch.equal(batch, torch.cat(singles))
+    source = _random_tokens(model, 4, torch.Generator().manual_seed(1))
+    known = torch.rand(4, model.seq_len, generator=torch.Generator().manual_seed(2)) < 0.5
+    known_tokens = KnownTokens(source, known)
+    kept = generate(model, classes, both, seeded_generators(seeds), known=known_tokens, guide_model=other)
+    assert torch.equal(kept[known], source[known])
+    with pytest.raises(ConfigError, match="needs a guide model"):
+        generate(model, classes, config, seeded_generators(seeds))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from argen.convert.llamagen import load_gpt, raster_config
+from argen.errors import ConfigError
 from argen.models.raster import RasterTransformer
 from argen.sampling import guidance, values
 from argen.sampling.decode import SamplerConfig, generate, seeded_generators
@@ -98,3 +99,23 @@ def test_non_finite_logits_and_bad_labels_raise():
         generate(model, torch.tensor([0]))
     with pytest.raises(ValueError, match="class ids must be in"):
         generate(tiny(), torch.tensor([9]))
+
+
+def test_autoguidance_adds_the_contrast_with_the_guide_on_top_of_cfg():
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, guide = (torch.randn(3, 2, 5, generator=g) for _ in range(3))
+    cfg = values.guide_rows(torch.cat([cond, uncond]), torch.tensor([2.0, 2.0, 1.0]))
+    out = values.autoguide_rows(cfg, cond, guide, torch.tensor([3.0, 1.0, 3.0]))
+    assert torch.allclose(out[0], cond[0] + (cond[0] - uncond[0]) + 2 * (cond[0] - guide[0]))
+    assert torch.equal(out[1], cfg[1])  # guide scale 1: the CFG logits, bit for bit
+    assert torch.allclose(out[2], guide[2] + 3 * (cond[2] - guide[2]))  # alone: CFG's formula, the guide for uncond
+
+
+def test_autoguidance_settings_are_checked():
+    with pytest.raises(ConfigError, match="guide_scale must be >= 0"):
+        SamplerConfig(guide_scale=-1.0)
+    assert SamplerConfig(guide_scale=2.0).flat()["guide_scale"] == 2.0
+    model = tiny()
+    config = SamplerConfig.from_flat({"guide_scale": 2.0, "speculative": "sjd"})
+    with pytest.raises(ConfigError, match="not combined with speculative"):
+        generate(model, torch.tensor([0]), config, guide_model=tiny())

@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unguided",
         action="store_true",
-        help="also evaluate without guidance (cfg 1) and show both columns",
+        help="also evaluate without guidance (cfg 1, guide 1) and show both columns",
     )
     p.add_argument("--json", type=output_file, default=None, help="also write the report as JSON (default: no)")
     p.add_argument(

@@ -140,6 +140,7 @@ def parse_overrides(items: list[str], option: str = "--set") -> dict:
 # The sampler options every sampling command has: argparse dest -> (flag, SamplerConfig field).
 SAMPLER_OPTIONS = {
     "cfg": ("--cfg", "cfg_scale"),
+    "guide": ("--guide", "guide_scale"),
     "top_k": ("--top-k", "top_k"),
     "top_p": ("--top-p", "top_p"),
     "temperature": ("--temperature", "temperature"),
@@ -230,6 +231,13 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"classifier-free guidance scale, 1 = none; larger follows the label more closely "
         f"(default: the model's own: {guidance_defaults()})",
+    )
+    p.add_argument(
+        "--guide",
+        type=finite_float,
+        default=None,
+        help="autoguidance scale against the pipeline's guide model (a weaker model of the same order; on the "
+        f"schedule of --cfg), 1 = none {own}",
     )
     p.add_argument(
         "--top-k", type=int, default=None, help=f"sample among the k most likely tokens only; 0 = all {own}"

@@ -69,10 +69,11 @@ def _evaluate_and_report(args: argparse.Namespace, info) -> None:
         _sweep_and_report(args, pipe, reference, rest, extractor, common, sampler, info)
         return
     report = evaluate(pipe, reference, rest, extractor, args.seeds, **common, **sampler)
-    guided = pipe.config(**sampler).cfg_scale != 1.0
+    effective = pipe.config(**sampler)
+    guided = effective.cfg_scale != 1.0 or effective.guide_scale != 1.0
     reports = {"guided" if guided else "unguided": report}
-    if args.unguided and guided:
-        unguided = {**sampler, "cfg_scale": 1.0}
+    if args.unguided and guided:  # neither classifier-free guidance nor autoguidance
+        unguided = {**sampler, "cfg_scale": 1.0, "guide_scale": 1.0}
         reports["unguided"] = evaluate(pipe, reference, rest, extractor, args.seeds, **common, **unguided)
     npz = sample_uint8(pipe, args.n, args.seeds[0], args.batch_size, info, **sampler) if args.npz else None
     if not info.is_main:

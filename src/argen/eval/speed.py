@@ -138,6 +138,7 @@ def _one_run(pipe: ARPipeline, labels: torch.Tensor, seed: int, sampler: dict) -
             draft_model=pipe.draft,
             stats=stats,
             codebook=pipe.codebook if speculative and config.acceleration.relax_k else None,
+            guide_model=pipe.guide,
         )
         pipe.tokenizer.decode(ids)
     synchronize(pipe.device)

@@ -81,6 +81,9 @@ _SPECULATIVE_FIELDS = {"speculative", "window", "relax_k", "relax_delta"}
 class SamplerConfig:
     cfg_scale: float = 1.0  # classifier-free guidance; 1 = none, whatever the schedule
     cfg_schedule: str = "constant"  # a key of guidance.SCHEDULES: how the scale moves from 1 to cfg_scale
+    # autoguidance (Karras et al. 2024): a weaker model of the same order (the pipeline's guide) is contrasted with
+    # the conditional prediction, on the same schedule as cfg_scale; 1 = none
+    guide_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0  # 0 = no filtering
     top_p: float = 1.0  # 1 = no filtering
@@ -89,10 +92,12 @@ class SamplerConfig:
     acceleration: Acceleration | None = None
 
     def __post_init__(self) -> None:
-        for name in ("cfg_scale", "temperature", "top_p"):
+        for name in ("cfg_scale", "guide_scale", "temperature", "top_p"):
             _finite(name, getattr(self, name))
         if self.cfg_scale < 0:
             raise ConfigError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if self.guide_scale < 0:
+            raise ConfigError(f"guide_scale must be >= 0 (1 = no autoguidance), got {self.guide_scale}")
         if self.cfg_schedule not in guidance.SCHEDULES:
             raise ConfigError(f"cfg_schedule {self.cfg_schedule!r} unknown; choose from {sorted(guidance.SCHEDULES)}")
         if self.temperature < 0:
@@ -104,7 +109,15 @@ class SamplerConfig:
 
     # --- the flat namespace of files and the CLI ---
 
-    CORE: ClassVar[tuple[str, ...]] = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "greedy")
+    CORE: ClassVar[tuple[str, ...]] = (
+        "cfg_scale",
+        "cfg_schedule",
+        "guide_scale",
+        "temperature",
+        "top_k",
+        "top_p",
+        "greedy",
+    )
 
     @classmethod
     def from_flat(cls, fields: dict[str, Any]) -> SamplerConfig:
@@ -159,6 +172,12 @@ class SamplerConfig:
         if self.cfg_scale == 1.0:
             return None
         return guidance.SCHEDULES[self.cfg_schedule](self.cfg_scale)
+
+    def guide_schedule(self) -> guidance.Schedule | None:
+        """The autoguidance scale as a function of progress (the shape of `cfg_schedule`), or None without it."""
+        if self.guide_scale == 1.0:
+            return None
+        return guidance.SCHEDULES[self.cfg_schedule](self.guide_scale)
 
 
 def _did_you_mean(unknown: list[str], names: list[str]) -> str:

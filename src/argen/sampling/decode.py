@@ -47,6 +47,22 @@ def _rows(model: Generator, condition: Condition, known: KnownTokens | None) -> 
         )
 
 
+def check_guide(model: Generator, guide_model: Generator | None) -> None:
+    """A guide model for autoguidance: a weaker generator of the same order over the same tokens."""
+    if guide_model is None:
+        raise ConfigError(
+            "guide_scale needs a guide model (autoguidance): a pipeline with a guide/ folder, or set guide_scale=1"
+        )
+    if model.order.values != "discrete":
+        raise ConfigError(f"autoguidance contrasts logits: the {model.order.name} order draws continuous values")
+    ours = (model.order.name, model.vocab_size, model.seq_len, model.num_classes)
+    theirs = (guide_model.order.name, guide_model.vocab_size, guide_model.seq_len, guide_model.num_classes)
+    if ours != theirs:
+        raise ConfigError(
+            f"the guide model must share the generator's order, vocabulary, length and classes: {theirs} != {ours}"
+        )
+
+
 @torch.no_grad()
 def decode_steps(
     model: Generator,
@@ -55,12 +71,14 @@ def decode_steps(
     generators: list[torch.Generator] | None = None,
     schedule: guidance.Schedule | None = None,
     known: KnownTokens | None = None,
+    guide_model: Generator | None = None,
 ) -> Iterator[Step]:
     """The decode loop, one yield per step of the model's order, for B conditions (class ids are accepted).
 
     `schedule` overrides the config's guidance schedule (any function of progress t in [0, 1]); `known`
-    keeps some tokens (editing). The order's policy (`model.order.policy`) says which positions each step
-    predicts and commits.
+    keeps some tokens (editing); `guide_model` is the weaker model autoguidance contrasts with (read when the
+    config's guide_scale is not 1), decoded beside the generator on the same values. The order's policy
+    (`model.order.policy`) says which positions each step predicts and commits.
     """
     config = config or SamplerConfig()
     if config.acceleration is not None:
@@ -71,25 +89,39 @@ def decode_steps(
     condition = as_condition(condition)
     _rows(model, condition, known)
     schedule = schedule or config.schedule()
+    guide_schedule = config.guide_schedule()
     options = config.options_for(model.order)
     conditions = guidance.with_null_rows(condition) if schedule is not None else condition
     B, copies = len(condition), 2 if schedule is not None else 1
     state = model.start(conditions.to(model_device(model)), options)
+    guide_state = None
+    if guide_schedule is not None:
+        check_guide(model, guide_model)
+        guide_state = guide_model.start(condition.to(model_device(guide_model)), options)
     policy = policy_class(model.order.policy)(model, options, B, generators, known)
     policy.begin(state)
+    if guide_state is not None:  # the guide starts from the canvas the generator does (known tokens a policy wrote)
+        guide_state.tokens.copy_(state.tokens[:B])
+        guide_state.filled.copy_(state.filled[:B])
     sampler = value_sampler(model.order)  # ids from logits, or vectors from the order's diffusion head
     while not state.done:
         asked = policy.positions(state)
         prediction = model.predict(state, None if asked is None else asked.repeat(copies, 1))
-        scales = None  # one guidance scale per sample, at the progress its policy reads (MAR: its own schedule)
+        progress = policy.guidance_progress(state)  # per sample (MAR: its own schedule)
+        scales = None  # one guidance scale per sample
         if schedule is not None:
-            scales = torch.tensor([schedule(float(t)) for t in policy.guidance_progress(state)])
+            scales = torch.tensor([schedule(float(t)) for t in progress])
         rows = StepRows(prediction, state.tokens[:B], state.filled[:B], scales, state.step, state.num_steps)
+        if guide_state is not None:
+            rows.guide = guide_model.predict(guide_state, asked).logits.to(prediction.logits.device)
+            rows.guide_scales = torch.tensor([guide_schedule(float(t)) for t in progress])
         drawn = sampler.draw(model, rows, config, options, generators)
         positions, values = policy.select(state, prediction.positions[:B], drawn.logits, drawn.values)
         if known is not None:
             values = known.apply(values, positions)
         model.advance(state, positions.repeat(copies, 1), values.repeat(copies, *([1] * (values.dim() - 1))))
+        if guide_state is not None:
+            guide_model.advance(guide_state, positions, values)
         # copies: the state lives on, and a caller may keep every step
         yield Step(state.step, state.num_steps, positions, state.tokens[:B].clone(), state.filled[:B].clone())
 
@@ -108,16 +140,19 @@ def generate(
     draft_model: Generator | None = None,
     stats: SpeculativeStats | None = None,
     codebook: torch.Tensor | None = None,
+    guide_model: Generator | None = None,
 ) -> torch.Tensor:
     """Sample token sequences: B conditions -> ids (B, seq_len). Arguments as `decode_steps`; with a speculative
     acceleration, the same distribution is sampled with fewer target passes (`draft_model` is the
     drafter of speculative='draft', `stats` a speculative.SpeculativeStats to count acceptances, `codebook` the
-    tokenizer's code vectors for relaxed acceptance)."""
+    tokenizer's code vectors for relaxed acceptance; `guide_model` the weaker model of autoguidance)."""
     config = config or SamplerConfig()
     acceleration = config.acceleration
     if acceleration is None:
-        steps = decode_steps(model, condition, config, generators, schedule, known)
+        steps = decode_steps(model, condition, config, generators, schedule, known, guide_model)
         return collections.deque(steps, maxlen=1)[0].tokens  # run the loop, keep the final step
+    if config.guide_scale != 1.0:
+        raise ConfigError(f"autoguidance (guide_scale) is not combined with {acceleration.name} decoding yet")
     if acceleration.name not in model.order.accelerations:
         fits = sorted(model.order.accelerations) or ["none"]
         raise ConfigError(

@@ -37,6 +37,9 @@ class StepRows:
     scales: torch.Tensor | None  # (B,) guidance scale per sample; None: no unconditional rows
     step: int  # the samples' step of `num_steps`
     num_steps: int
+    # autoguidance: the guide model's conditional logits (B, n, V) at the same positions and one scale per sample
+    guide: torch.Tensor | None = None
+    guide_scales: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.filled.shape[0]
@@ -59,6 +62,17 @@ def guide_rows(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
 
+def autoguide_rows(
+    guided: torch.Tensor, cond: torch.Tensor, guide: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """Autoguidance on top of any classifier-free guidance: guided + (g - 1) (cond - guide) with g = scales (B,),
+    where `guide` is a weaker model's conditional prediction. Alone (no CFG) it is guide + g (cond - guide), the
+    CFG formula with the weaker model in the unconditional model's place; `guided` itself, bit for bit, where g = 1.
+    """
+    g = scales.to(guided.device, guided.dtype).reshape(-1, *([1] * (guided.dim() - 1)))
+    return torch.where(g == 1.0, guided, guided + (cond - guide) * (g - 1))
+
+
 class LogitValues:
     """Discrete ids drawn from logits: guidance, then temperature, top-k and top-p, then each sample's draw."""
 
@@ -78,8 +92,12 @@ class LogitValues:
     ) -> Drawn:
         logits = rows.prediction.logits
         check_finite(logits, f"logits at step {rows.step}")
+        cond = logits[: len(rows)]
         if rows.scales is not None:
             logits = guide_rows(logits, rows.scales)
+        if rows.guide is not None:
+            check_finite(rows.guide, f"the guide model's logits at step {rows.step}")
+            logits = autoguide_rows(logits, cond, rows.guide, rows.guide_scales)
         logits = process(logits, config.temperature, config.top_k, config.top_p)
         return Drawn(draw(logits, generators, config.greedy), logits)
 

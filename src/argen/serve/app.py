@@ -147,6 +147,8 @@ class Service:
             raise ClientError(
                 422, config.acceleration.name, "the server runs the plain sampler: leave accelerations unset"
             )
+        if config.guide_scale != 1.0:  # the scheduler stacks one model's rows; a guide's state is not batched yet
+            raise ClientError(422, "guide_scale", "the server does not run autoguidance yet: set guide_scale to 1")
         for name, steps in config.order_options.items():  # the order's step counts: steps, MAR's head_steps
             if name.endswith("steps") and isinstance(steps, int) and steps > self.limits.max_steps:
                 raise ClientError(422, name, f"{name}={steps} is over the server's cap of {self.limits.max_steps}")
