@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--cfg", type=float, required=True, help="default guidance scale of the shipped pipeline")
     p.add_argument("--classifier", default=None, help="also ship this classifier as mnist-classifier")
     p.add_argument("--draft", default=None, help="a small generator folder: the drafter of speculative='draft'")
+    p.add_argument("--guide", default=None, help="a weaker generator folder of the same order: autoguidance's guide")
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=V", help="another sampler default (JSON value)"
     )
@@ -32,6 +33,9 @@ def main() -> None:
     pipe.config()  # the defaults must fit the order
     if args.draft:
         pipe.draft = load_pretrained(args.draft)
+    if args.guide:  # through the constructor: it checks the guide against the generator and binds the tokenizer
+        guide = load_pretrained(args.guide)
+        pipe = ARPipeline(pipe.tokenizer, pipe.generator, pipe.class_names, pipe.sampler, pipe.draft, guide)
     shutil.rmtree(ASSETS / args.name, ignore_errors=True)
     pipe.save_pretrained(ASSETS / args.name, dtype=torch.float16)
     if args.classifier:

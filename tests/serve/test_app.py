@@ -97,7 +97,7 @@ BAD = [
     ({"model": "raster", "labels": [1], "cfg_schedule": "wild"}, 422, "cfg_schedule"),
     ({"model": "raster", "labels": [1], "temprature": 1}, 422, "temprature"),
     ({"model": "raster", "labels": [1], "speculative": "sjd"}, 422, "speculative"),
-    ({"model": "raster", "labels": [1], "guide_scale": 2}, 422, "guide_scale"),  # autoguidance is not served
+    ({"model": "raster", "labels": [1], "guide_scale": 2}, 422, "guide_scale"),  # raster ships no guide model
     ({"model": "raster", "labels": [1], "guide_scale": -1}, 422, "guide_scale"),
     ({"model": "next-scale", "labels": [1], "prune": 2}, 422, "prune"),
     ({"model": "next-scale", "labels": [1], "prune": 0.5, "prune_scales": 99}, 422, "prune_scales"),

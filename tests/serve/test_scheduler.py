@@ -2,6 +2,8 @@
 joined and left mid-way, for every shipped order (MAR's continuous values included); cancellation, bounds and
 per-request failures."""
 
+import copy
+
 import pytest
 import torch
 
@@ -227,6 +229,45 @@ def test_mar_requests_share_the_pass_and_the_head(pipelines, monkeypatch):
         assert torch.equal(recorder.done.tokens, alone.tokens)
         assert torch.equal(recorder.done.images, alone.images)
     assert torch.equal(late.done.tokens, pipe([9], seed=0, output_type="pt", **fast).tokens)
+
+
+def _with_guide(pipe: ARPipeline) -> ARPipeline:
+    """The pipeline with a guide for autoguidance: its generator with every matrix perturbed (a weaker model of the
+    same order, as far as the scheduler can tell)."""
+    guide = copy.deepcopy(pipe.generator)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in guide.parameters():
+            if p.dim() == 2:
+                p.add_(0.5 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return ARPipeline(pipe.tokenizer, pipe.generator, pipe.class_names, pipe.sampler, guide=guide)
+
+
+@pytest.mark.parametrize("name", ["raster", "next-scale", "masked", "random-order"])
+def test_autoguided_requests_batch_their_guide_rows_and_match_the_pipeline(pipelines, name):
+    """Under autoguidance a batch runs the guide model's rows beside its own, stacked, taken out and advanced with
+    them: an autoguided request among strangers (autoguided or not, joining and leaving) gets ARPipeline's images."""
+    pipe = _with_guide(pipelines[name])
+    served = {**pipelines, name: pipe}
+    scheduler, mine, other, plain = Scheduler(served, max_batches=4), Recorder(), Recorder(), Recorder()
+    scheduler.submit(Request(name, [3, 7], seed=11, config=pipe.config(guide_scale=2.5)), mine)
+    scheduler.submit(Request(name, [1], seed=2, config=pipe.config()), plain)  # no guide: a batch of its own
+    leaver = scheduler.submit(Request(name, [0, 5], seed=4, config=pipe.config(guide_scale=1.5)), Recorder())
+    scheduler.iterate()
+    guided = [b for b in scheduler.batches if b.guide is not None]
+    assert [len(b.jobs) for b in guided] == [2] and len(guided[0].guide.tokens) == 4
+    assert scheduler.running_rows == 2 * 4 + 4 + 2  # guided images run 3 rows: conditional, unconditional, guide
+    leaver.cancel()
+    scheduler.iterate()
+    # joins at its own step 0 (row_steps orders) or opens a batch of its own (next-scale)
+    scheduler.submit(Request(name, [9], seed=6, config=pipe.config(guide_scale=3.0, cfg_scale=1.0)), other)
+    run_until_idle(scheduler)
+    reference = pipe([3, 7], seed=11, output_type="pt", guide_scale=2.5)
+    assert torch.equal(mine.done.tokens, reference.tokens)
+    assert torch.equal(mine.done.images, reference.images)
+    assert not torch.equal(mine.done.tokens, pipe([3, 7], seed=11, output_type="pt").tokens)  # the guide mattered
+    assert torch.equal(other.done.tokens, pipe([9], seed=6, output_type="pt", guide_scale=3.0, cfg_scale=1.0).tokens)
+    assert torch.equal(plain.done.tokens, pipe([1], seed=2, output_type="pt").tokens)
 
 
 def test_the_batch_bound_holds_back_same_step_orders_only(pipelines):

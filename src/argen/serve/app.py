@@ -38,7 +38,8 @@ from starlette.exceptions import HTTPException
 from argen.data.images import grid, to_pil
 from argen.models.interface import Condition
 from argen.pipeline import ARPipeline
-from argen.sampling.config import SamplerConfig
+from argen.sampling.config import ConfigError, SamplerConfig
+from argen.sampling.decode import check_guide
 from argen.serve.scheduler import Draining, Event, QueueFull, Scheduler
 from argen.serve.scheduler import Request as Work
 
@@ -147,8 +148,11 @@ class Service:
             raise ClientError(
                 422, config.acceleration.name, "the server runs the plain sampler: leave accelerations unset"
             )
-        if config.guide_scale != 1.0:  # the scheduler stacks one model's rows; a guide's state is not batched yet
-            raise ClientError(422, "guide_scale", "the server does not run autoguidance yet: set guide_scale to 1")
+        if config.guide_scale != 1.0:
+            try:
+                check_guide(pipe.generator, pipe.guide)
+            except ConfigError as error:
+                raise ClientError(422, "guide_scale", f"model {body.model!r}: {error}") from None
         for name, steps in config.order_options.items():  # the order's step counts: steps, MAR's head_steps
             if name.endswith("steps") and isinstance(steps, int) and steps > self.limits.max_steps:
                 raise ClientError(422, name, f"{name}={steps} is over the server's cap of {self.limits.max_steps}")

@@ -8,7 +8,8 @@ requests of the same model and order options are a *batch*, their rows stacked r
 view of its own rows at its own step (`batching.rows`); the values come from the order's one value sampler
 (`argen.sampling.values`, as in `decode_steps`: logits guided, processed and drawn, or MAR's diffusion head run),
 called once for the requests that agree on its settings, with each request's own guidance scales and each image's
-own generator.
+own generator. Under autoguidance (guide_scale) a batch also holds its requests' rows of the pipeline's guide model
+(n per request, one state stacked the same way), predicted at the same positions and advanced with the same values.
 
 Between steps (one iteration of `_loop`), the scheduler
 - retires finished, cancelled and timed-out requests (their rows are taken out of the stacked state),
@@ -46,6 +47,7 @@ from argen.models.interface import Condition, DecodeState, Prediction
 from argen.pipeline import ARPipeline
 from argen.sampling import guidance
 from argen.sampling.config import SamplerConfig
+from argen.sampling.decode import check_guide
 from argen.sampling.positions import PositionPolicy, policy_class
 from argen.sampling.values import Drawn, StepRows, value_sampler
 from argen.serve import batching
@@ -96,6 +98,7 @@ class Job:
     pipeline: ARPipeline | None = None
     generators: list[torch.Generator] | None = None
     schedule: guidance.Schedule | None = None
+    guide_schedule: guidance.Schedule | None = None  # autoguidance: the guide model runs n rows beside
     policy: PositionPolicy | None = None
     options: Any = None  # the order's own options (its `options_class`)
     step: int = 0  # the request's own step, whatever the batch's other rows stand at
@@ -110,6 +113,11 @@ class Job:
         """Rows of the decode state: n, or 2n under guidance (conditional rows, then the unconditional ones)."""
         return self.n * (2 if self.schedule is not None else 1)
 
+    @property
+    def cost(self) -> int:
+        """Rows this request runs through a model per step: its decode-state rows, and n more under autoguidance."""
+        return self.rows + (self.n if self.guide_schedule is not None else 0)
+
     def cancel(self) -> None:
         """Stop this request at the next step boundary (the client went away, or its time ran out)."""
         self.cancelled = True
@@ -119,12 +127,14 @@ class Job:
 class Batch:
     """Requests whose rows are stacked into one state and share every forward pass, in `jobs` order (each job's
     rows one contiguous block). `mixed`: the order reads each row's progress from the state (`row_steps`), so the
-    jobs may stand at different steps; otherwise they all stand at the same step."""
+    jobs may stand at different steps; otherwise they all stand at the same step. `guide`: the guide model's state
+    under autoguidance (every job's n conditional rows, in `jobs` order; the key keeps guided and unguided apart)."""
 
     key: tuple
     jobs: list[Job]
     state: DecodeState
     mixed: bool
+    guide: DecodeState | None = None
 
     @property
     def step(self) -> int:
@@ -137,6 +147,17 @@ class Batch:
         for job in self.jobs:
             yield job, lo, lo + job.rows
             lo += job.rows
+
+    def guide_spans(self):
+        """(job, lo, hi) for every job: where its rows sit in the guide model's state."""
+        lo = 0
+        for job in self.jobs:
+            yield job, lo, lo + job.n
+            lo += job.n
+
+    @property
+    def rows(self) -> int:
+        return len(self.state.tokens) + (0 if self.guide is None else len(self.guide.tokens))
 
 
 @dataclass
@@ -176,7 +197,8 @@ class Stats:
 class Scheduler:
     """Runs the models of `pipelines` (name -> ARPipeline) in one background thread.
 
-    max_rows: decode-state rows running at once (guided images count twice); max_queue: requests waiting beyond
+    max_rows: rows running through a model at once (an image counts twice under classifier-free guidance, once more
+    under autoguidance); max_queue: requests waiting beyond
     them, past which `submit` raises QueueFull; batching=False runs one request at a time (the baseline).
     max_batches: same-step batches running at once, per model. An order with `row_steps` (all shipped ones but
     next-scale) keeps one batch per model and options, which an arrival joins at once, whatever step its rows stand
@@ -231,7 +253,7 @@ class Scheduler:
 
     @property
     def running_rows(self) -> int:
-        return sum(len(b.state.tokens) for b in self.batches)
+        return sum(b.rows for b in self.batches)
 
     @property
     def busy(self) -> bool:
@@ -308,7 +330,8 @@ class Scheduler:
         not enough free rows (or one request at a time without batching)."""
         if not self.batching:
             return None if self.batches else True
-        rows = job.n * (2 if job.request.config.schedule() is not None else 1)
+        config = job.request.config
+        rows = job.n * (2 if config.schedule() is not None else 1) + (job.n if config.guide_schedule() else 0)
         if self.batches and self.running_rows + rows > self.max_rows:
             return None
         try:
@@ -322,8 +345,11 @@ class Scheduler:
         return joinable or sum(not b.mixed and b.key[0] == model for b in self.batches) < self.max_batches
 
     def _key(self, request: Request) -> tuple:
-        """What two requests must share to share a pass: the model and the order's options."""
-        return (request.model, request.config.options_for(self.pipelines[request.model].generator.order))
+        """What two requests must share to share a pass: the model, the order's options and whether a guide model
+        runs beside."""
+        config = request.config
+        order = self.pipelines[request.model].generator.order
+        return (request.model, config.options_for(order), config.guide_schedule() is not None)
 
     def _start(self, job: Job) -> None:
         request = job.request
@@ -333,18 +359,26 @@ class Scheduler:
         # as ARPipeline makes them: on the model's device, whose draws for a seed differ from the CPU's
         job.generators = pipe.generators(job.n, request.seed)
         job.schedule = config.schedule()
+        job.guide_schedule = config.guide_schedule()
         options = job.options = config.options_for(model.order)
         labels = Condition.classes(torch.tensor(request.labels, device=pipe.device))
         rows = guidance.with_null_rows(labels) if job.schedule is not None else labels
         state = model.start(rows, options)
+        guide = None
+        if job.guide_schedule is not None:
+            check_guide(model, pipe.guide)
+            guide = pipe.guide.start(labels, options)
         job.policy = policy_class(model.order.policy)(model, options, job.n, job.generators, None)
         job.policy.begin(state)
+        if guide is not None:  # from the canvas the generator starts on, as decode_steps does
+            guide.tokens.copy_(state.tokens[: job.n])
+            guide.filled.copy_(state.filled[: job.n])
         job.num_steps = state.num_steps
-        shares = batching.stackable(state)
+        shares = batching.stackable(state) and (guide is None or batching.stackable(guide))
         key = self._key(request) if shares else (request.model, options, job.id)
         # a batch of its own until `_merge` stacks it into the running one: one copy of the running rows per
         # step however many requests join at that step
-        self.batches.append(Batch(key, [job], state, shares and model.order.row_steps))
+        self.batches.append(Batch(key, [job], state, shares and model.order.row_steps, guide))
 
     def _merge(self) -> None:
         """Batches of one key become one where the order allows: any two of a `row_steps` order, others at the
@@ -356,6 +390,8 @@ class Scheduler:
         for first, *others in groups.values():
             if others:
                 first.state = batching.stack([first.state, *(b.state for b in others)], aligned=not first.mixed)
+                if first.guide is not None:
+                    first.guide = batching.stack([first.guide, *(b.guide for b in others)], aligned=not first.mixed)
                 first.jobs = [*first.jobs, *(job for b in others for job in b.jobs)]
             self.batches.append(first)
 
@@ -374,6 +410,9 @@ class Scheduler:
             return
         rows = torch.cat([torch.arange(lo, hi) for _, lo, hi in keep]).to(batch.state.tokens.device)
         batch.state = batching.take(batch.state, rows)
+        if batch.guide is not None:
+            kept = [torch.arange(lo, hi) for job, lo, hi in batch.guide_spans() if job not in gone]
+            batch.guide = batching.take(batch.guide, torch.cat(kept).to(batch.guide.tokens.device))
         batch.jobs = [job for job, _, _ in keep]
 
     def _step(self, batch: Batch) -> None:
@@ -410,16 +449,21 @@ class Scheduler:
         state = batch.state
         views = [(job, lo, batching.rows(state, lo, hi, job.step, job.num_steps)) for job, lo, hi in batch.spans()]
         asked = [job.policy.positions(view) for job, _, view in views]
-        positions = None
+        positions = guide_positions = None
         if any(a is not None for a in asked):  # every request of the batch asks (one order)
             # a request asking fewer positions than its neighbours (random-order's count follows its own step)
             # repeats its first one; the extra predictions are dropped before its draw
             width = max(a.shape[1] for a in asked)
             pad = [torch.cat([a, a[:, :1].expand(-1, width - a.shape[1])], dim=1) for a in asked]
             positions = torch.cat([a.repeat(job.rows // job.n, 1) for (job, _, _), a in zip(views, pad, strict=True)])
+            guide_positions = torch.cat(pad)
         prediction = model.predict(state, positions)
+        guide_logits = None  # (sum of n, k, V): the guide model's conditional logits, in the jobs' order
+        if batch.guide is not None:
+            guide_logits = batch.jobs[0].pipeline.guide.predict(batch.guide, guide_positions).logits
+            guide_logits = guide_logits.to(prediction.logits.device)
         widths = [prediction.positions.shape[1] if a is None else a.shape[1] for a in asked]
-        drawn = self._draw(model, state, views, prediction, widths)
+        drawn = self._draw(model, state, views, prediction, widths, guide_logits)
         chosen = []
         for (job, lo, view), own, k in zip(views, drawn, widths, strict=True):
             chosen.append(job.policy.select(view, prediction.positions[lo : lo + job.n, :k], own.logits, own.values))
@@ -427,9 +471,14 @@ class Scheduler:
         if batch.mixed and len({p.shape[1] for p, _ in chosen}) > 1:
             # ragged commits (the masked order's counts follow each request's own schedule): each request commits
             # its own rows (a row_steps order's advance reads only those)
-            for (job, _, view), (positions, values) in zip(views, chosen, strict=True):
+            guides = batch.guide_spans() if batch.guide is not None else itertools.repeat(None)
+            for (job, _, view), (positions, values), span in zip(views, chosen, guides, strict=False):
                 copies = job.rows // job.n
                 model.advance(view, positions.repeat(copies, 1), values.repeat(copies, *([1] * (values.dim() - 1))))
+                if span is not None:
+                    _, lo, hi = span
+                    own = batching.rows(batch.guide, lo, hi, view.step, view.num_steps)
+                    job.pipeline.guide.advance(own, positions, values)
         else:  # one commit for all rows: the order may keep batch-wide bookkeeping (next-scale's residual map)
             # each row's image among the batch's images (guidance's unconditional rows follow the conditional ones)
             firsts = itertools.accumulate((job.n for job, _, _ in views), initial=0)
@@ -439,23 +488,39 @@ class Scheduler:
                 for row in range(job.rows)
             ]
             image = torch.tensor(image, device=state.tokens.device)
-            model.advance(state, torch.cat([p for p, _ in chosen])[image], torch.cat([v for _, v in chosen])[image])
+            positions, values = torch.cat([p for p, _ in chosen]), torch.cat([v for _, v in chosen])
+            model.advance(state, positions[image], values[image])
+            if batch.guide is not None:  # the guide's rows are the images themselves
+                batch.jobs[0].pipeline.guide.advance(batch.guide, positions, values)
 
-    def _draw(self, model: Any, state: DecodeState, views, prediction: Prediction, widths: list[int]) -> list[Drawn]:
+    def _draw(
+        self,
+        model: Any,
+        state: DecodeState,
+        views,
+        prediction: Prediction,
+        widths: list[int],
+        guide_logits: torch.Tensor | None = None,
+    ) -> list[Drawn]:
         """Each request's values of its n images at its own `widths` positions, through the order's one value
         sampler (`argen.sampling.values`: logits drawn, or the diffusion head run). Requests that agree on what the
         draw reads (the sampler's `key`), on guidance being on and, unless the sampler takes ragged widths, on the
         width share one call, with per-sample guidance scales at each request's own step and each image's own
-        generator: every op is per row, so this is what each would get on its own."""
+        generator: every op is per row, so this is what each would get on its own. `guide_logits`: the guide
+        model's, n rows per request in `views` order, under autoguidance."""
         sampler = value_sampler(model.order)
         groups: dict[tuple, list] = {}
-        for (job, lo, view), k in zip(views, widths, strict=True):
+        guide_lo = itertools.accumulate((job.n for job, _, _ in views), initial=0)
+        for (job, lo, view), k, glo in zip(views, widths, guide_lo, strict=False):
             key = sampler.key(job.request.config, job.options, view.step, view.num_steps)
-            scales = None
+            progress = job.policy.guidance_progress(view)
+            scales = guide_scales = None
             if job.schedule is not None:
-                scales = torch.tensor([job.schedule(float(t)) for t in job.policy.guidance_progress(view)])
+                scales = torch.tensor([job.schedule(float(t)) for t in progress])
+            if job.guide_schedule is not None:
+                guide_scales = torch.tensor([job.guide_schedule(float(t)) for t in progress])
             width = None if sampler.ragged else k
-            groups.setdefault((key, scales is None, width), []).append((job, lo, view, scales, k))
+            groups.setdefault((key, scales is None, width), []).append((job, lo, glo, view, scales, guide_scales, k))
         out = {}
         for (_, unguided, _), members in groups.items():
             cond = torch.cat([torch.arange(lo, lo + job.n) for job, lo, *_ in members]).to(state.tokens.device)
@@ -463,18 +528,24 @@ class Scheduler:
             if not unguided:  # the conditional rows, then the unconditional ones (guidance.with_null_rows)
                 uncond = [torch.arange(lo + job.n, lo + 2 * job.n) for job, lo, *_ in members]
                 rows = torch.cat([cond, torch.cat(uncond).to(cond.device)])
-            first, _, view, _, _ = members[0]  # the key: what the draw reads of config, options and step is theirs
+            first, _, _, view, *_ = members[0]  # the key: what the draw reads of config, options and step is theirs
+            width = max(k for *_, k in members)
+            step_rows = StepRows(
+                # past a request's own width, its positions are padded with its first (`_decode_step`)
+                _prediction_rows(prediction, rows, width),
+                state.tokens[cond],
+                state.filled[cond],
+                None if unguided else torch.cat([m[4] for m in members]),
+                view.step,
+                view.num_steps,
+            )
+            if guide_logits is not None:  # a batch's jobs all run the guide or none does (the batch key)
+                own = torch.cat([torch.arange(glo, glo + job.n) for job, _, glo, *_ in members])
+                step_rows.guide = guide_logits[own.to(guide_logits.device), :width]
+                step_rows.guide_scales = torch.cat([m[5] for m in members])
             drawn = sampler.draw(
                 model,
-                StepRows(
-                    # past a request's own width, its positions are padded with its first (`_decode_step`)
-                    _prediction_rows(prediction, rows, max(k for *_, k in members)),
-                    state.tokens[cond],
-                    state.filled[cond],
-                    None if unguided else torch.cat([scales for *_, scales, _ in members]),
-                    view.step,
-                    view.num_steps,
-                ),
+                step_rows,
                 first.request.config,
                 first.options,
                 [g for job, *_ in members for g in job.generators],
