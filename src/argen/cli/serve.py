@@ -39,7 +39,12 @@ def add_serve_parser(sub) -> None:
     p.add_argument(
         "--max-steps", type=positive_int, default=64, help="cap on an order's own step counts (steps, head_steps)"
     )
-    p.add_argument("--max-rows", type=positive_int, default=64, help="decode rows running at once (guided x2)")
+    p.add_argument(
+        "--max-rows",
+        type=positive_int,
+        default=64,
+        help="rows running through a model at once (an image counts 2 under guidance, 3 under autoguidance)",
+    )
     p.add_argument("--max-queue", type=positive_int, default=32, help="waiting requests; beyond them 503")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds a request may take")
     p.add_argument("--no-batching", action="store_true", help="run one request at a time (a baseline)")

@@ -178,7 +178,7 @@ class Service:
             "# HELP argen_queue_depth Requests waiting for rows.",
             "# TYPE argen_queue_depth gauge",
             f"argen_queue_depth {len(sched.waiting)}",
-            "# HELP argen_running_rows Decode-state rows running now (guided images count twice).",
+            "# HELP argen_running_rows Rows in models now (an image: 2 under guidance, 3 under autoguidance).",
             "# TYPE argen_running_rows gauge",
             f"argen_running_rows {sched.running_rows}",
             "# HELP argen_batch_occupancy Running rows over the row limit.",
