@@ -117,5 +117,5 @@ def test_autoguidance_settings_are_checked():
     assert SamplerConfig(guide_scale=2.0).flat()["guide_scale"] == 2.0
     model = tiny()
     config = SamplerConfig.from_flat({"guide_scale": 2.0, "speculative": "sjd"})
-    with pytest.raises(ConfigError, match="not combined with speculative"):
+    with pytest.raises(ConfigError, match="not combined with speculative decoding yet: set guide_scale=1"):
         generate(model, torch.tensor([0]), config, guide_model=tiny())

@@ -251,7 +251,8 @@ def test_autoguided_requests_batch_their_guide_rows_and_match_the_pipeline(pipel
     served = {**pipelines, name: pipe}
     scheduler, mine, other, plain = Scheduler(served, max_batches=4), Recorder(), Recorder(), Recorder()
     scheduler.submit(Request(name, [3, 7], seed=11, config=pipe.config(guide_scale=2.5)), mine)
-    scheduler.submit(Request(name, [1], seed=2, config=pipe.config()), plain)  # no guide: a batch of its own
+    # no guide (next-scale's default has one): a batch of its own
+    scheduler.submit(Request(name, [1], seed=2, config=pipe.config(guide_scale=1.0)), plain)
     leaver = scheduler.submit(Request(name, [0, 5], seed=4, config=pipe.config(guide_scale=1.5)), Recorder())
     scheduler.iterate()
     guided = [b for b in scheduler.batches if b.guide is not None]
@@ -265,9 +266,10 @@ def test_autoguided_requests_batch_their_guide_rows_and_match_the_pipeline(pipel
     reference = pipe([3, 7], seed=11, output_type="pt", guide_scale=2.5)
     assert torch.equal(mine.done.tokens, reference.tokens)
     assert torch.equal(mine.done.images, reference.images)
-    assert not torch.equal(mine.done.tokens, pipe([3, 7], seed=11, output_type="pt").tokens)  # the guide mattered
+    unguided = pipe([3, 7], seed=11, output_type="pt", guide_scale=1.0)
+    assert not torch.equal(mine.done.tokens, unguided.tokens)  # the guide mattered
     assert torch.equal(other.done.tokens, pipe([9], seed=6, output_type="pt", guide_scale=3.0, cfg_scale=1.0).tokens)
-    assert torch.equal(plain.done.tokens, pipe([1], seed=2, output_type="pt").tokens)
+    assert torch.equal(plain.done.tokens, pipe([1], seed=2, output_type="pt", guide_scale=1.0).tokens)
 
 
 def test_the_batch_bound_holds_back_same_step_orders_only(pipelines):

@@ -151,12 +151,15 @@ def generate(
     if acceleration is None:
         steps = decode_steps(model, condition, config, generators, schedule, known, guide_model)
         return collections.deque(steps, maxlen=1)[0].tokens  # run the loop, keep the final step
-    if config.guide_scale != 1.0:
-        raise ConfigError(f"autoguidance (guide_scale) is not combined with {acceleration.name} decoding yet")
     if acceleration.name not in model.order.accelerations:
         fits = sorted(model.order.accelerations) or ["none"]
         raise ConfigError(
             f"{acceleration.name} decoding does not fit the {model.order.name} order (it supports: {', '.join(fits)})"
+        )
+    if config.guide_scale != 1.0:
+        raise ConfigError(
+            f"autoguidance (guide_scale {config.guide_scale:g}) is not combined with {acceleration.name} decoding yet: "
+            "set guide_scale=1 (--guide 1)"
         )
     if known is not None:
         raise ConfigError(f"editing (known tokens) is not combined with {acceleration.name} decoding")
