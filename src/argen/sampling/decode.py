@@ -158,8 +158,8 @@ def generate(
         )
     if config.guide_scale != 1.0:
         raise ConfigError(
-            f"autoguidance (guide_scale {config.guide_scale:g}) is not combined with {acceleration.name} decoding yet: "
-            "set guide_scale=1 (--guide 1)"
+            f"autoguidance (guide_scale {config.guide_scale:g}) is not combined with {acceleration.name} decoding "
+            "yet: set guide_scale=1 (--guide 1)"
         )
     if known is not None:
         raise ConfigError(f"editing (known tokens) is not combined with {acceleration.name} decoding")
