@@ -31,7 +31,12 @@ SETTINGS = {
         "MC-SJD, window 16 (lossless)": {"speculative": "mc-sjd", "window": 16},
         "ZipAR, window 3": {"parallel_window": 3},
     },
-    "next-scale": {"plain": {}, "FastVAR prune 0.25": {"prune": 0.25, "prune_scales": 1}},
+    "next-scale": {
+        "plain": {},
+        "FastVAR prune 0.25": {"prune": 0.25, "prune_scales": 1},
+        # the defaults shipped until session 22, CFG alone: what its guide model costs and buys
+        "no guide (cfg 1.75, T 1.15)": {"guide_scale": 1.0, "cfg_scale": 1.75, "temperature": 1.15},
+    },
     "masked": {"plain": {}, "8 steps": {"steps": 8}},
     "random-order": {
         "plain": {},
@@ -67,6 +72,7 @@ def measure(args: argparse.Namespace, where: dict[str, str]) -> dict:
                 "setting": name,
                 "sampler": q.sampler,
                 "parameters": sum(p.numel() for p in pipe.generator.parameters()),
+                "guide_parameters": sum(p.numel() for p in pipe.guide.parameters()) if guided(q.sampler) else 0,
                 "tokens": pipe.generator.seq_len,
                 "nfe": by_batch[args.batch_sizes[0]].nfe,
                 "seconds_per_image": {bs: r.seconds_per_image for bs, r in by_batch.items()},
@@ -88,6 +94,16 @@ def measure(args: argparse.Namespace, where: dict[str, str]) -> dict:
     }
 
 
+def guided(sampler: dict) -> bool:
+    """Whether a setting runs the pipeline's guide model beside the generator (autoguidance)."""
+    return sampler.get("guide_scale", 1.0) != 1.0
+
+
+def params(r: dict) -> str:
+    guide = r.get("guide_parameters")  # absent in runs saved before session 22
+    return f"{r['parameters'] / 1e6:.2f} M" + (f" + {guide / 1e6:.2f} M guide" if guide else "")
+
+
 def render(run: dict, args: argparse.Namespace) -> None:
     sizes = [str(bs) for bs in run["batch_sizes"]]
     header = ["order", "setting", "params", "NFE", *(f"s/image b{bs}" for bs in sizes), "FD (× floor)"]
@@ -99,7 +115,7 @@ def render(run: dict, args: argparse.Namespace) -> None:
             [
                 r["order"],
                 r["setting"],
-                f"{r['parameters'] / 1e6:.2f} M",
+                params(r),
                 r["nfe"],
                 *(f"{r['seconds_per_image'][bs]:.4f}" for bs in sizes),
                 f"{r['fd'][0]:.3g} ± {r['fd'][1]:.2g} ({r['fd_multiple']:.2f}×)",

@@ -31,7 +31,7 @@ time argen train --tokens "$runs/tokens" --tokenizer "$tok" --preset mnist-next-
     --steps "$steps" --batch-size 64 --lr 2e-3 --warmup-steps 60 --weight-decay 0.1 --ema-decay 0.995 \
     --set drop_rate=0.1 --set drop_path=0.1 --set input_noise=0.25 --set input_noise_maps=1 \
     --save-every 500 --preview-every 1000
-# The guide of autoguidance: the same recipe, narrower (dim 128, 4 heads, 1.92 M parameters) and stopped early (500
+# The guide of autoguidance: the same recipe, narrower (dim 128, 4 heads, 1.90 M parameters) and stopped early (500
 # steps, ~7 min) and without EMA (its raw weights are weaker than their average, and guided better: 1.42x against
 # 1.50x): a weaker model whose errors resemble the generator's, so guidance against it sharpens digits without the
 # variety plain CFG costs (Karras et al. 2024; docs/quality.md, sessions 20-22).
