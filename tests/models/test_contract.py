@@ -229,10 +229,6 @@ def test_autoguidance(factory, teacher_forced):
     classes, seeds = Condition.classes([0, 1, 2, 1]), [20, 21, 22, 23]
     same, other = _guide_for(model, tokenizer, 0.0), _guide_for(model, tokenizer, 1.0)
     config = SamplerConfig(guide_scale=3.0, temperature=1.2)
-    if model.order.values == "continuous":
-        with pytest.raises(ConfigError, match="continuous"):
-            generate(model, classes, config, seeded_generators(seeds), guide_model=other)
-        return
     plain = generate(model, classes, SamplerConfig(temperature=1.2), seeded_generators(seeds))
     assert torch.equal(generate(model, classes, config, seeded_generators(seeds), guide_model=same), plain)
     guided = generate(model, classes, config, seeded_generators(seeds), guide_model=other)

@@ -141,9 +141,9 @@ def test_sample_tokens_parity(official, mar_fixture, monkeypatch, case, cfg):
 
     heads = []
 
-    def recording_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip):
+    def recording_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip, *guide):
         heads.append(z if z_null is None else torch.cat([z, z_null]))
-        assert clip == 0.0  # the official sampler does not clip
+        assert clip == 0.0 and guide == (None, None, None)  # the official sampler neither clips nor autoguides
         return sample_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip)
 
     monkeypatch.setattr(MARPolicy, "draw_order", draw_order)

@@ -79,3 +79,38 @@ def test_clip_clamps_the_x0_prediction_and_zero_leaves_it():
     torch.testing.assert_close(clipped, want)
     assert not torch.allclose(free, clipped)
     torch.testing.assert_close(s.p_mean_variance(out, x, t, clip=0.0)[0], free)
+
+
+def test_autoguidance_contrasts_the_noise_predictions_of_two_heads_on_the_same_chain():
+    """A guide head adds (g - 1) (cond - guide) to the noise prediction at every step, with the generator's
+    variance: the same chain as one head predicting that sum. g = 1 leaves the chain bit for bit, CFG included."""
+    schedule = DiffusionSchedule.cosine(1000).respaced(20)
+    n, g = 64, torch.full((64,), 2.5)
+    z, z_null, z_guide = (torch.randn(n, 1, generator=torch.Generator().manual_seed(s)) for s in range(3))
+
+    def head(x, t, z):  # variance values unlike the guide's: the chain must keep the generator's
+        return torch.cat([0.5 * x + z, 0.3 + 0 * x], dim=1)
+
+    def guide(x, t, z):
+        return torch.cat([0.2 * x - z, -0.9 + 0 * x], dim=1)
+
+    def noise():
+        return per_sample_noise([torch.Generator().manual_seed(7)], torch.zeros(n, dtype=torch.long), 1, "cpu")
+
+    def combined(x, t, zz):
+        eps, var = head(x, t, zz).split(1, dim=1)
+        return torch.cat([eps + (g[:, None] - 1) * (eps - guide(x, t, z_guide)[:, :1]), var], dim=1)
+
+    auto = sample_head(head, z, schedule, noise(), guide_head=guide, z_guide=z_guide, guide_scale=g)
+    assert torch.allclose(auto, sample_head(combined, z, schedule, noise()), atol=1e-5)
+    plain = sample_head(head, z, schedule, noise())
+    assert not torch.allclose(auto, plain, atol=1e-2)
+    ones = torch.ones(n)
+    assert torch.equal(
+        sample_head(head, z, schedule, noise(), guide_head=guide, z_guide=z_guide, guide_scale=ones), plain
+    )
+    cfg = sample_head(head, z, schedule, noise(), cfg_scale=2.0, z_null=z_null)
+    both = sample_head(
+        head, z, schedule, noise(), 1.0, 2.0, z_null, guide_head=guide, z_guide=z_guide, guide_scale=ones
+    )
+    assert torch.equal(both, cfg) and not torch.equal(cfg, plain)

@@ -243,7 +243,7 @@ def _with_guide(pipe: ARPipeline) -> ARPipeline:
     return ARPipeline(pipe.tokenizer, pipe.generator, pipe.class_names, pipe.sampler, guide=guide)
 
 
-@pytest.mark.parametrize("name", ["raster", "next-scale", "masked", "random-order"])
+@pytest.mark.parametrize("name", ORDERS)
 def test_autoguided_requests_batch_their_guide_rows_and_match_the_pipeline(pipelines, name):
     """Under autoguidance a batch runs the guide model's rows beside its own, stacked, taken out and advanced with
     them: an autoguided request among strangers (autoguided or not, joining and leaving) gets ARPipeline's images."""

@@ -53,14 +53,20 @@ def check_guide(model: Generator, guide_model: Generator | None) -> None:
         raise ConfigError(
             "guide_scale needs a guide model (autoguidance): a pipeline with a guide/ folder, or set guide_scale=1"
         )
-    if model.order.values != "discrete":
-        raise ConfigError(f"autoguidance contrasts logits: the {model.order.name} order draws continuous values")
-    ours = (model.order.name, model.vocab_size, model.seq_len, model.num_classes)
-    theirs = (guide_model.order.name, guide_model.vocab_size, guide_model.seq_len, guide_model.num_classes)
+    # a continuous order's values are vectors of token_dim, denoised by heads over one diffusion process
+    ours, theirs = (
+        (m.order.name, m.vocab_size, m.seq_len, m.num_classes, getattr(m, "token_dim", None))
+        for m in (model, guide_model)
+    )
     if ours != theirs:
         raise ConfigError(
-            f"the guide model must share the generator's order, vocabulary, length and classes: {theirs} != {ours}"
+            "the guide model must share the generator's order, vocabulary, length, classes and value size: "
+            f"{theirs} != {ours}"
         )
+    if model.order.values == "continuous" and not torch.equal(
+        guide_model.head_schedule.betas, model.head_schedule.betas
+    ):
+        raise ConfigError("the guide model's diffusion head must run the generator's noise schedule")
 
 
 @torch.no_grad()
@@ -113,8 +119,9 @@ def decode_steps(
             scales = torch.tensor([schedule(float(t)) for t in progress])
         rows = StepRows(prediction, state.tokens[:B], state.filled[:B], scales, state.step, state.num_steps)
         if guide_state is not None:
-            rows.guide = guide_model.predict(guide_state, asked).logits.to(prediction.logits.device)
+            rows.guide = sampler.output(guide_model.predict(guide_state, asked)).to(sampler.output(prediction).device)
             rows.guide_scales = torch.tensor([guide_schedule(float(t)) for t in progress])
+            rows.guide_model = guide_model
         drawn = sampler.draw(model, rows, config, options, generators)
         positions, values = policy.select(state, prediction.positions[:B], drawn.logits, drawn.values)
         if known is not None:

@@ -2,7 +2,8 @@
 
 The head is a callable `head(x_t (N, C), t (N,), z (N, Dz)) -> (N, 2C)` (the predicted noise, then the variance
 values), DiT's pattern: the loop owns the process, the network only predicts. Classifier-free guidance is
-applied to the noise prediction (MAR's `forward_with_cfg`), with the conditional rows' variance; the
+applied to the noise prediction (MAR's `forward_with_cfg`), with the conditional rows' variance, and so is
+autoguidance (a weaker model's head on the same x_t); the
 temperature scales the noise of every step (MAR §3.3, their "temperature" tau). Noise comes from a function
 of the draw index, so that each sample draws from its own generator (`per_sample_noise`) and tests can feed
 recorded draws back.
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from argen.diffusion import DiffusionSchedule
+from argen.sampling.guidance import autoguide_rows
 
 if TYPE_CHECKING:  # values imports this module
     from argen.sampling.values import StepRows
@@ -33,9 +35,15 @@ def sample_head(
     cfg_scale: float | torch.Tensor = 1.0,
     z_null: torch.Tensor | None = None,
     clip: float = 0.0,
+    guide_head: Head | None = None,
+    z_guide: torch.Tensor | None = None,
+    guide_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample (N, C) values given z (N, Dz) through the `schedule`'s steps (a respaced process). With `z_null`
-    (N, Dz), the noise prediction is guided: uncond + cfg_scale (cond - uncond), cfg_scale one number or (N,)."""
+    (N, Dz), the noise prediction is guided: uncond + cfg_scale (cond - uncond), cfg_scale one number or (N,).
+    With `guide_head` and its conditions `z_guide` (N, Dz'), autoguidance adds (g - 1) (cond - guide) to the noise
+    prediction, g = guide_scale (N,): the weaker model's head denoises the same x_t (Karras et al. 2024's own
+    setting, a diffusion model guided by a worse version of itself)."""
     x = noise(0).float()  # x_T, (N, C)
     N, C = x.shape
     if z_null is not None:  # one scale per row; a row at exactly 1 keeps its conditional prediction bit for bit
@@ -46,11 +54,15 @@ def sample_head(
         net_t = schedule.timestep_map.to(x.device)[t]  # the network knows the original 1000-step timesteps
         if z_null is None:
             out = head(x, net_t, z).float()
+            cond = out[:, :C]
         else:
             both = head(torch.cat([x, x]), torch.cat([net_t, net_t]), torch.cat([z, z_null])).float()
             cond, uncond = both[:N, :C], both[N:, :C]
             eps = torch.where(cfg_scale == 1.0, cond, uncond + cfg_scale * (cond - uncond))
             out = torch.cat([eps, both[:N, C:]], dim=1)
+        if guide_head is not None:  # the variance stays the conditional rows'
+            guide = guide_head(x, net_t, z_guide).float()[:, :C]
+            out = torch.cat([autoguide_rows(out[:, :C], cond, guide, guide_scale), out[:, C:]], dim=1)
         mean, log_variance = schedule.p_mean_variance(out, x, t, clip)
         # DDPM: no noise is added by the last step (t = 0).
         x = mean + torch.exp(0.5 * log_variance) * noise(steps - i).float() * temperature if i > 0 else mean
@@ -112,7 +124,13 @@ def sample_values(
     scales = rows.scales.to(z.device)[owners] if guided else 1.0
     noise = per_sample_noise(generators, owners, D, z.device)
     schedule = model.head_schedule.respaced(head_steps)
-    sampled = sample_head(model.head, z, schedule, noise, temperature, scales, z_null, clip)
+    guide_head = z_guide = guide_scales = None
+    if rows.guide is not None and bool((rows.guide_scales != 1.0).any()):
+        guide_head, z_guide = rows.guide_model.head, rows.guide.to(z.device)[keep]
+        guide_scales = rows.guide_scales.to(z.device)[owners]
+    sampled = sample_head(
+        model.head, z, schedule, noise, temperature, scales, z_null, clip, guide_head, z_guide, guide_scales
+    )
     values = torch.zeros(B, positions.shape[1], D, device=z.device)
     values[keep] = sampled
     # Padding keeps what the samples hold there, or repeats the sample's first row (then the same position).

@@ -1,4 +1,4 @@
-"""Classifier-free guidance and its schedules.
+"""Classifier-free guidance and its schedules; autoguidance's contrast with a weaker model.
 
 A schedule is a plain function of progress t in [0, 1] (0 at the first step, 1 at the last) giving the
 scale s; guided logits = uncond + s * (cond - uncond). s = 1 is the conditional model alone.
@@ -59,3 +59,14 @@ def guide(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     if scale == 1.0:
         return cond
     return uncond + (cond - uncond) * scale
+
+
+def autoguide_rows(
+    guided: torch.Tensor, cond: torch.Tensor, guide: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """Autoguidance on top of any classifier-free guidance: guided + (g - 1) (cond - guide) with g = scales (B,),
+    where `guide` is a weaker model's conditional prediction. Alone (no CFG) it is guide + g (cond - guide), the
+    CFG formula with the weaker model in the unconditional model's place; `guided` itself, bit for bit, where g = 1.
+    """
+    g = scales.to(guided.device, guided.dtype).reshape(-1, *([1] * (guided.dim() - 1)))
+    return torch.where(g == 1.0, guided, guided + (cond - guide) * (g - 1))

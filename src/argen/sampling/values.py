@@ -22,6 +22,7 @@ import torch
 from argen.models.interface import OrderSpec, Prediction
 from argen.sampling import diffusion
 from argen.sampling.config import SamplerConfig
+from argen.sampling.guidance import autoguide_rows
 from argen.sampling.logits import check_finite, draw, process
 
 
@@ -37,9 +38,12 @@ class StepRows:
     scales: torch.Tensor | None  # (B,) guidance scale per sample; None: no unconditional rows
     step: int  # the samples' step of `num_steps`
     num_steps: int
-    # autoguidance: the guide model's conditional logits (B, n, V) at the same positions and one scale per sample
+    # autoguidance: the guide model's conditional output at the same positions (what the value sampler's `output`
+    # reads of its prediction: logits (B, n, V), or the conditions z (B, n, Dz) of its own diffusion head), one
+    # scale per sample, and the guide model itself (a continuous order's draw runs its head)
     guide: torch.Tensor | None = None
     guide_scales: torch.Tensor | None = None
+    guide_model: Any = None
 
     def __len__(self) -> int:
         return self.filled.shape[0]
@@ -62,23 +66,17 @@ def guide_rows(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
 
-def autoguide_rows(
-    guided: torch.Tensor, cond: torch.Tensor, guide: torch.Tensor, scales: torch.Tensor
-) -> torch.Tensor:
-    """Autoguidance on top of any classifier-free guidance: guided + (g - 1) (cond - guide) with g = scales (B,),
-    where `guide` is a weaker model's conditional prediction. Alone (no CFG) it is guide + g (cond - guide), the
-    CFG formula with the weaker model in the unconditional model's place; `guided` itself, bit for bit, where g = 1.
-    """
-    g = scales.to(guided.device, guided.dtype).reshape(-1, *([1] * (guided.dim() - 1)))
-    return torch.where(g == 1.0, guided, guided + (cond - guide) * (g - 1))
-
-
 class LogitValues:
     """Discrete ids drawn from logits: guidance, then temperature, top-k and top-p, then each sample's draw."""
 
     # Samples asking fewer positions than others share a call only at their own width: a padding position would
     # take a draw from the sample's generator.
     ragged = False
+
+    @staticmethod
+    def output(prediction: Prediction) -> torch.Tensor:
+        """What a draw reads of a model's prediction besides its positions (a guide model's, under autoguidance)."""
+        return prediction.logits
 
     @staticmethod
     def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
@@ -111,6 +109,10 @@ class HeadValues:
     ragged = True
 
     @staticmethod
+    def output(prediction: Prediction) -> torch.Tensor:
+        return prediction.z
+
+    @staticmethod
     def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
         return (config.temperature, options.head_steps_at(step, num_steps), options.head_clip)
 
@@ -119,6 +121,8 @@ class HeadValues:
         model: Any, rows: StepRows, config: SamplerConfig, options: Any, generators: list[torch.Generator] | None
     ) -> Drawn:
         check_finite(rows.prediction.z, f"the head's conditions z at step {rows.step}")
+        if rows.guide is not None:
+            check_finite(rows.guide, f"the guide model's conditions z at step {rows.step}")
         head_steps = options.head_steps_at(rows.step, rows.num_steps)
         return Drawn(
             diffusion.sample_values(model, rows, head_steps, config.temperature, generators, options.head_clip)

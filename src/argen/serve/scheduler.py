@@ -458,12 +458,14 @@ class Scheduler:
             positions = torch.cat([a.repeat(job.rows // job.n, 1) for (job, _, _), a in zip(views, pad, strict=True)])
             guide_positions = torch.cat(pad)
         prediction = model.predict(state, positions)
-        guide_logits = None  # (sum of n, k, V): the guide model's conditional logits, in the jobs' order
+        # (sum of n, k, ...): the guide model's conditional output (logits, or its head's z), in the jobs' order
+        guide_out = None
         if batch.guide is not None:
-            guide_logits = batch.jobs[0].pipeline.guide.predict(batch.guide, guide_positions).logits
-            guide_logits = guide_logits.to(prediction.logits.device)
+            output = value_sampler(model.order).output
+            guide_out = output(batch.jobs[0].pipeline.guide.predict(batch.guide, guide_positions))
+            guide_out = guide_out.to(output(prediction).device)
         widths = [prediction.positions.shape[1] if a is None else a.shape[1] for a in asked]
-        drawn = self._draw(model, state, views, prediction, widths, guide_logits)
+        drawn = self._draw(model, state, views, prediction, widths, guide_out)
         chosen = []
         for (job, lo, view), own, k in zip(views, drawn, widths, strict=True):
             chosen.append(job.policy.select(view, prediction.positions[lo : lo + job.n, :k], own.logits, own.values))
@@ -500,14 +502,14 @@ class Scheduler:
         views,
         prediction: Prediction,
         widths: list[int],
-        guide_logits: torch.Tensor | None = None,
+        guide_out: torch.Tensor | None = None,
     ) -> list[Drawn]:
         """Each request's values of its n images at its own `widths` positions, through the order's one value
         sampler (`argen.sampling.values`: logits drawn, or the diffusion head run). Requests that agree on what the
         draw reads (the sampler's `key`), on guidance being on and, unless the sampler takes ragged widths, on the
         width share one call, with per-sample guidance scales at each request's own step and each image's own
-        generator: every op is per row, so this is what each would get on its own. `guide_logits`: the guide
-        model's, n rows per request in `views` order, under autoguidance."""
+        generator: every op is per row, so this is what each would get on its own. `guide_out`: the guide
+        model's output, n rows per request in `views` order, under autoguidance."""
         sampler = value_sampler(model.order)
         groups: dict[tuple, list] = {}
         guide_lo = itertools.accumulate((job.n for job, _, _ in views), initial=0)
@@ -539,10 +541,11 @@ class Scheduler:
                 view.step,
                 view.num_steps,
             )
-            if guide_logits is not None:  # a batch's jobs all run the guide or none does (the batch key)
+            if guide_out is not None:  # a batch's jobs all run the guide or none does (the batch key)
                 own = torch.cat([torch.arange(glo, glo + job.n) for job, _, glo, *_ in members])
-                step_rows.guide = guide_logits[own.to(guide_logits.device), :width]
+                step_rows.guide = guide_out[own.to(guide_out.device), :width]
                 step_rows.guide_scales = torch.cat([m[5] for m in members])
+                step_rows.guide_model = first.pipeline.guide
             drawn = sampler.draw(
                 model,
                 step_rows,
