@@ -10,7 +10,7 @@ from argen.models.interface import Condition
 from argen.models.mar import MARConfig, MAROptions, MARTransformer
 from argen.sampling import diffusion
 from argen.sampling.config import SamplerConfig
-from argen.sampling.decode import decode_steps
+from argen.sampling.decode import check_guide, decode_steps
 from argen.sampling.diffusion import sample_head
 from argen.sampling.mar import MARPolicy
 from tests.conftest import PARITY, assert_close_ref
@@ -275,3 +275,12 @@ def test_loss_takes_tokens_or_the_tokenizers_latents():
     torch.manual_seed(5)
     from_tokens = model.loss(model.patchify(latents), Condition.classes([0, 1]))
     assert torch.equal(from_latents.loss, from_tokens.loss) and from_latents.nll_sum is None
+
+
+def test_a_guide_must_sample_the_same_values_over_the_same_noise_schedule():
+    """Autoguidance contrasts two heads' noise predictions on one chain: a guide of another value size is refused by
+    name; one of another width (a weaker head) is a guide."""
+    model = tiny_mar()
+    check_guide(model, tiny_mar(head_width=16))
+    with pytest.raises(ConfigError, match="value size and noise schedule"):
+        check_guide(model, tiny_mar(latent_channels=2))

@@ -53,20 +53,17 @@ def check_guide(model: Generator, guide_model: Generator | None) -> None:
         raise ConfigError(
             "guide_scale needs a guide model (autoguidance): a pipeline with a guide/ folder, or set guide_scale=1"
         )
-    # a continuous order's values are vectors of token_dim, denoised by heads over one diffusion process
-    ours, theirs = (
-        (m.order.name, m.vocab_size, m.seq_len, m.num_classes, getattr(m, "token_dim", None))
-        for m in (model, guide_model)
-    )
+    ours, theirs = ((m.order.name, m.vocab_size, m.seq_len, m.num_classes) for m in (model, guide_model))
     if ours != theirs:
         raise ConfigError(
-            "the guide model must share the generator's order, vocabulary, length, classes and value size: "
-            f"{theirs} != {ours}"
+            f"the guide model must share the generator's order, vocabulary, length and classes: {theirs} != {ours}"
         )
-    if model.order.values == "continuous" and not torch.equal(
-        guide_model.head_schedule.betas, model.head_schedule.betas
+    # a continuous order's values are vectors of token_dim, which both heads denoise over one diffusion process
+    if model.order.values == "continuous" and (
+        guide_model.token_dim != model.token_dim
+        or not torch.equal(guide_model.head_schedule.betas, model.head_schedule.betas)
     ):
-        raise ConfigError("the guide model's diffusion head must run the generator's noise schedule")
+        raise ConfigError("the guide model's diffusion head must sample the generator's value size and noise schedule")
 
 
 @torch.no_grad()
