@@ -180,7 +180,8 @@ def main() -> None:
             if saved["batch_sizes"] != run["batch_sizes"] or saved["n"] != run["n"]:
                 raise SystemExit(f"--update {args.update}: its batch sizes and N differ from this run's")
             kept = [r for r in saved["results"] if r["order"] not in args.models]
-            run = {**saved, "results": kept + run["results"], "updated": sorted(args.models)}
+            updated = sorted(set(saved.get("updated", [])) | set(args.models))  # every order measured apart
+            run = {**saved, "results": kept + run["results"], "updated": updated}
             args.json = args.json or args.update
         if args.json:
             with open(args.json, "w") as f:
