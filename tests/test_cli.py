@@ -55,7 +55,7 @@ SURFACE = {
         "--port",
         "--api-key",
         "--max-images",
-        "--max-steps",
+        "--max-work",
         "--max-rows",
         "--max-queue",
         "--timeout",

@@ -247,3 +247,19 @@ def test_autoguidance(factory, teacher_forced):
     assert torch.equal(kept[known], source[known])
     with pytest.raises(ConfigError, match="needs a guide model"):
         generate(model, classes, config, seeded_generators(seeds))
+
+
+@pytest.mark.parametrize("factory, teacher_forced", ORDERS)
+def test_passes_count_the_network_calls_a_decode_makes(factory, teacher_forced):
+    """`DecodeState.passes` is what a server caps, one measure across orders: it must be what decoding costs."""
+    model, _ = factory()
+    calls = []
+    predict = model.predict
+    model.predict = lambda *a, **k: calls.append("predict") or predict(*a, **k)
+    flat = {}
+    if model.order.values == "continuous":  # the head's network, called once per head step
+        model.diffloss.net.register_forward_hook(lambda *_: calls.append("head"))
+        flat = {"steps": 4, "head_steps": 8}  # fewer steps than the 9 tokens: a step revealing none skips its head
+    _sample(model, [0, 1], [0, 1], **flat)
+    state = model.start(Condition.classes([0]), SamplerConfig.from_flat(flat).options_for(model.order))
+    assert state.passes == len(calls) and calls.count("predict") == state.num_steps

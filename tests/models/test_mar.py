@@ -247,7 +247,10 @@ def test_disa_anneals_the_heads_steps_as_specified(annealing, expected):
     assert [options.head_steps_at(k, 5) for k in range(5)] == expected
     fields = {"steps": 5, "head_steps": 9, "head_steps_last": 2, "head_annealing": annealing}
     config = SamplerConfig(cfg_scale=2.0, cfg_schedule="linear", order_options=fields)
-    assert _head_calls(tiny_mar().eval(), config, [0, 2])[1] == expected
+    model = tiny_mar().eval()
+    assert _head_calls(model, config, [0, 2])[1] == expected
+    # what a server caps: the AR steps' transformer passes plus the head calls they make
+    assert model.start(Condition.classes([0]), options).passes == 5 + sum(expected)
 
 
 def test_disa_off_is_plain_mar_and_on_changes_the_samples():

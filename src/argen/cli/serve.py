@@ -37,7 +37,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--api-key", default=None, help="require this key (default: $ARGEN_API_KEY, else no key)")
     p.add_argument("--max-images", type=positive_int, default=16, help="images per request")
     p.add_argument(
-        "--max-steps", type=positive_int, default=64, help="cap on an order's own step counts (steps, head_steps)"
+        "--max-work",
+        type=positive_float,
+        default=8.0,
+        help="what an image may cost, as a multiple of its model's default: network passes (steps, MAR's head steps)",
     )
     p.add_argument(
         "--max-rows",
@@ -83,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     pipelines = {
         name: ARPipeline.from_pretrained(path, device=device) for name, path in parse_models(args.model).items()
     }
-    limits = Limits(args.max_images, args.max_steps, args.max_rows, args.max_queue, args.timeout, api_key)
+    limits = Limits(args.max_images, args.max_work, args.max_rows, args.max_queue, args.timeout, api_key)
     app = create_app(pipelines, limits, batching=not args.no_batching)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -108,6 +108,10 @@ class DecodeState:
     # choosing (random-order): `commit` numbers new positions after the filled ones, and a sampler that rewrites
     # positions (speculative drafts) numbers them itself. None: the order's positions say it (raster).
     rank: torch.Tensor | None = None
+    # network passes a row costs beyond the model's own `num_steps`: a second network run inside each step, summed
+    # over the steps (MAR's diffusion head, `head_steps` of them an AR step; a step that reveals no token, with more
+    # steps than tokens, skips its head); `passes` is what a server caps
+    extra_passes: int = 0
 
     @property
     def done(self) -> bool:
@@ -123,6 +127,12 @@ class DecodeState:
         self.tokens.scatter_(1, index, values)
         self.filled.scatter_(1, positions, True)
         self.step += 1
+
+    @property
+    def passes(self) -> int:
+        """Network passes one row costs from start to done: the cost of these options, compared across orders'
+        unlike step counts (a masked order's `steps`, MAR's AR steps and head steps)."""
+        return self.num_steps + self.extra_passes
 
     @property
     def progress(self) -> float:

@@ -385,7 +385,8 @@ class MARTransformer(nn.Module, Pretrained):
         tokens = torch.zeros((B, self.seq_len, self.token_dim), dtype=torch.float32, device=weight.device)
         filled = torch.zeros((B, self.seq_len), dtype=torch.bool, device=weight.device)
         extra = {"class_embedding": self.class_embedding(condition)}
-        return DecodeState(condition, tokens, filled, num_steps=options.steps, extra=extra)
+        head_passes = sum(options.head_steps_at(step, options.steps) for step in range(options.steps))
+        return DecodeState(condition, tokens, filled, num_steps=options.steps, extra=extra, extra_passes=head_passes)
 
     def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:
         """One encoder-decoder pass over the known tokens -> the head's conditions z (B, n, Dd) at the (B, n)

@@ -49,11 +49,18 @@ STATIC = Path(__file__).parent / "static"
 @dataclass
 class Limits:
     max_images: int = 16  # images per request (labels x n)
-    max_steps: int = 64  # cap on an order's own step counts (`steps` of masked, random-order, MAR; MAR's head_steps)
+    # what an image may cost, as a multiple of its model's default settings: network passes from start to done
+    # (`DecodeState.passes`: a masked order's steps; MAR's AR steps plus its head's steps), one measure for every
+    # order's unlike step counts, and a model shipped with costly defaults is served at them
+    max_work: float = 8.0
     max_rows: int = 64  # decode-state rows running at once
     max_queue: int = 32  # requests waiting beyond them; more get 503
     timeout: float = 60.0  # seconds a request may take in all
     api_key: str | None = None  # when set, /v1/* and /metrics need "Authorization: Bearer KEY" or "X-API-Key: KEY"
+
+    def __post_init__(self) -> None:
+        if self.max_work < 1:
+            raise ConfigError(f"max_work must be at least 1 (a model's own defaults), got {self.max_work}")
 
 
 class ImagesBody(BaseModel):
@@ -75,6 +82,12 @@ class ClientError(Exception):
     def __init__(self, status: int, field: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.field, self.message, self.headers = status, field, message, headers
+
+
+def _passes(pipe: ARPipeline, config: SamplerConfig) -> int:
+    """Network passes an image of `pipe` costs under `config` (its order's options; guidance's rows aside)."""
+    options = config.options_for(pipe.generator.order)
+    return pipe.generator.start(Condition.classes([0]).to(pipe.device), options).passes
 
 
 def _png(image) -> bytes:
@@ -99,6 +112,7 @@ class Service:
         self.pipelines, self.limits = pipelines, limits
         self.scheduler = Scheduler(pipelines, limits.max_rows, limits.max_queue, batching)
         self.draining = False
+        self.default_passes = {name: _passes(pipe, pipe.config()) for name, pipe in pipelines.items()}
 
     def models(self) -> dict[str, Any]:
         out = {}
@@ -112,8 +126,14 @@ class Service:
                 "order_options": sorted(options.__dataclass_fields__),
                 "image_size": getattr(tokenizer.config, "image_size", None),
                 "previews": True,
+                "passes": self.default_passes[name],
+                "max_passes": self.max_passes(name),
             }
-        return {"models": out, "max_images": self.limits.max_images, "max_steps": self.limits.max_steps}
+        return {"models": out, "max_images": self.limits.max_images, "max_work": self.limits.max_work}
+
+    def max_passes(self, model: str) -> int:
+        """The most network passes an image of `model` may cost."""
+        return math.floor(self.limits.max_work * self.default_passes[model])
 
     def work(self, body: ImagesBody, previews: bool) -> Work:
         """Check a request against the loaded models and limits; every refusal names its field."""
@@ -140,7 +160,7 @@ class Service:
         try:
             config = pipe.config(**settings)
             # the order's own checks of its options (next-scale's prune_scales against its scales) run at start
-            pipe.generator.start(Condition.classes([0]).to(pipe.device), config.options_for(pipe.generator.order))
+            passes = _passes(pipe, config)
         except Exception as error:  # any setting a client gets wrong is its 4xx, never a 500
             named = sorted((n for n in settings if re.search(rf"\b{re.escape(n)}\b", str(error))), key=len)
             raise ClientError(422, named[-1] if named else "settings", f"{error}") from None
@@ -153,9 +173,17 @@ class Service:
                 check_guide(pipe.generator, pipe.guide)
             except ConfigError as error:
                 raise ClientError(422, "guide_scale", f"model {body.model!r}: {error}") from None
-        for name, steps in config.order_options.items():  # the order's step counts: steps, MAR's head_steps
-            if name.endswith("steps") and isinstance(steps, int) and steps > self.limits.max_steps:
-                raise ClientError(422, name, f"{name}={steps} is over the server's cap of {self.limits.max_steps}")
+        if passes > self.max_passes(body.model):
+            options = pipe.generator.order.options_class.__dataclass_fields__
+            named = [name for name in settings if name in options] or ["settings"]
+            given = ", ".join(f"{name}={settings[name]}" for name in named if name in settings)
+            raise ClientError(
+                422,
+                named[0],
+                f"{given or 'these settings'}: {passes} network passes an image, over the server's cap of "
+                f"{self.max_passes(body.model)} ({self.limits.max_work:g}x model {body.model!r}'s default "
+                f"{self.default_passes[body.model]})",
+            )
         seed = body.seed if body.seed is not None else int(torch.randint(0, 2**31, ()).item())
         return Work(body.model, ids.repeat_interleave(body.n).tolist(), seed, config, previews)
 

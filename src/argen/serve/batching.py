@@ -116,6 +116,7 @@ def stack(states: list[DecodeState], aligned: bool = True) -> DecodeState:
         num_steps=first.num_steps,
         cache=cache,
         extra=extra,
+        extra_passes=first.extra_passes,
         rank=None if first.rank is None else torch.cat([s.rank for s in states]),
     )
 
@@ -132,6 +133,7 @@ def take(state: DecodeState, rows: Rows) -> DecodeState:
         num_steps=state.num_steps,
         cache=cache,
         extra={key: _take_value(value, rows, total) for key, value in state.extra.items()},
+        extra_passes=state.extra_passes,
         rank=None if state.rank is None else state.rank[rows],
     )
 
