@@ -111,6 +111,21 @@ def test_autoguidance_adds_the_contrast_with_the_guide_on_top_of_cfg():
     assert torch.allclose(out[2], guide[2] + 3 * (cond[2] - guide[2]))  # alone: CFG's formula, the guide for uncond
 
 
+def test_one_cfg_formula_per_sample_or_per_position():
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    both = torch.cat([cond, uncond])
+    per_sample = guidance.guide_rows(both, torch.tensor([2.0, 1.0]))
+    assert torch.allclose(per_sample[0], uncond[0] + 2 * (cond[0] - uncond[0])) and torch.equal(per_sample[1], cond[1])
+    per_position = guidance.guide_rows(both, torch.tensor([[1.0, 2.0, 3.0]]))  # (1, n): every sample alike
+    assert torch.equal(per_position[:, 0], cond[:, 0])  # scale 1: the conditional logits, bit for bit
+    assert torch.allclose(per_position[:, 2], uncond[:, 2] + 3 * (cond[:, 2] - uncond[:, 2]))
+    assert torch.equal(
+        guidance.guide_rows(both, torch.tensor([[2.0, 2.0, 2.0]] * 2)),
+        guidance.guide_rows(both, torch.tensor([2.0, 2.0])),
+    )
+
+
 def test_autoguidance_settings_are_checked():
     with pytest.raises(ConfigError, match="guide_scale must be >= 0"):
         SamplerConfig(guide_scale=-1.0)

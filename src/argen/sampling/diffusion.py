@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from argen.diffusion import DiffusionSchedule
-from argen.sampling.guidance import autoguide_rows
+from argen.sampling.guidance import autoguide_rows, guide_rows
 
 if TYPE_CHECKING:  # values imports this module
     from argen.sampling.values import StepRows
@@ -47,7 +47,7 @@ def sample_head(
     x = noise(0).float()  # x_T, (N, C)
     N, C = x.shape
     if z_null is not None:  # one scale per row; a row at exactly 1 keeps its conditional prediction bit for bit
-        cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=x.device).expand(N)[:, None]
+        cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=x.device).expand(N)
     steps = schedule.num_timesteps
     for i in reversed(range(steps)):
         t = torch.full((N,), i, dtype=torch.long, device=x.device)
@@ -57,9 +57,8 @@ def sample_head(
             cond = out[:, :C]
         else:
             both = head(torch.cat([x, x]), torch.cat([net_t, net_t]), torch.cat([z, z_null])).float()
-            cond, uncond = both[:N, :C], both[N:, :C]
-            eps = torch.where(cfg_scale == 1.0, cond, uncond + cfg_scale * (cond - uncond))
-            out = torch.cat([eps, both[:N, C:]], dim=1)
+            cond = both[:N, :C]
+            out = torch.cat([guide_rows(both[:, :C], cfg_scale), both[:N, C:]], dim=1)
         if guide_head is not None:  # the variance stays the conditional rows'
             guide = guide_head(x, net_t, z_guide).float()[:, :C]
             out = torch.cat([autoguide_rows(out[:, :C], cond, guide, guide_scale), out[:, C:]], dim=1)

@@ -50,15 +50,17 @@ def position_scales(schedule: Schedule, positions, num_steps: int) -> torch.Tens
     return torch.tensor([schedule(p / max(num_steps - 1, 1)) for p in positions])
 
 
-def guide(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """logits: (2B, n, V) with conditional rows first -> (B, n, V) guided logits. scale: one number, or (n,)
-    scales, one per position."""
-    cond, uncond = logits.chunk(2, dim=0)
-    if isinstance(scale, torch.Tensor):
-        return uncond + (cond - uncond) * scale.to(logits.device)[None, :, None]
-    if scale == 1.0:
-        return cond
-    return uncond + (cond - uncond) * scale
+def guide_rows(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(2B, ...) conditional rows first -> (B, ...): uncond + s (cond - uncond), and the conditional rows
+    themselves, bit for bit, where s = 1. The one CFG formula, for logits and a diffusion head's noise alike.
+
+    scales: (B,) one per sample (the decode loop, the server: samples at their own point of the schedule), or
+    (B, n) / (1, n) one per sample and position (decoding that samples several positions a pass at different
+    points of the schedule: parallel, speculative); broadcast over the trailing dimensions."""
+    cond, uncond = out.chunk(2, dim=0)
+    s = scales.to(out.device, out.dtype)
+    s = s.reshape(*s.shape, *([1] * (out.dim() - s.dim())))
+    return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
 
 def autoguide_rows(

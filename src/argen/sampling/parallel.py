@@ -45,7 +45,7 @@ def generate_parallel(
         logits = model.predict(state, positions).logits  # (rows, n, V)
         check_finite(logits, f"logits at positions {targets.tolist()}")
         if schedule is not None:
-            logits = guidance.guide(logits, guidance.position_scales(schedule, targets.tolist(), L))
+            logits = guidance.guide_rows(logits, guidance.position_scales(schedule, targets.tolist(), L)[None])
         ids = draw(process(logits, config.temperature, config.top_k, config.top_p), generators, config.greedy)
         model.advance(state, positions, ids.repeat(len(rows) // B, 1))
         for r in ready:

@@ -64,7 +64,7 @@ def _probs(logits: torch.Tensor, positions: range, num_steps: int, schedule, con
     """(rows, n, V) logits of the target/draft at `positions` -> (n, V) sampling distribution of the sample."""
     check_finite(logits, f"logits at positions {positions.start}..{positions.stop - 1}")
     if schedule is not None:
-        logits = guidance.guide(logits, guidance.position_scales(schedule, positions, num_steps))
+        logits = guidance.guide_rows(logits, guidance.position_scales(schedule, positions, num_steps)[None])
     return process(logits, config.temperature, config.top_k, config.top_p)[0].float().softmax(-1)
 
 

@@ -22,7 +22,7 @@ import torch
 from argen.models.interface import OrderSpec, Prediction
 from argen.sampling import diffusion
 from argen.sampling.config import SamplerConfig
-from argen.sampling.guidance import autoguide_rows
+from argen.sampling.guidance import autoguide_rows, guide_rows
 from argen.sampling.logits import check_finite, draw, process
 
 
@@ -56,14 +56,6 @@ class Drawn:
     values: torch.Tensor  # (B, n) ids or (B, n, D) vectors
     logits: torch.Tensor | None = None  # (B, n, V) the processed logits the ids were drawn from (what MaskGIT's
     # confidence reads); None for continuous values
-
-
-def guide_rows(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(2B, ...) conditional rows first -> (B, ...) uncond + s (cond - uncond) with s = scales (B,) per row, and the
-    conditional rows themselves, bit for bit, where s = 1."""
-    cond, uncond = out.chunk(2, dim=0)
-    s = scales.to(out.device, out.dtype).reshape(-1, *([1] * (out.dim() - 1)))
-    return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
 
 class LogitValues:
