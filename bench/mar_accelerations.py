@@ -1,13 +1,14 @@
 """MAR's accelerations against plain MAR in one run: DiSA (diffusion step annealing), fewer AR steps, both.
 
     python bench/mar_accelerations.py [--model mar] [--n 200] [--seeds 0] [--batch-sizes 1 8] [--repeats 3]
-        [--threads 2] [--fewer-steps 16] [--disa-last 5] [--json run.json] [--markdown table.md] [--quick]
+        [--threads 2] [--fewer-steps 8] [--disa-last N] [--json run.json] [--markdown table.md] [--quick]
 
 For each setting: transformer NFE (sequential encoder-decoder passes), head evaluations (sequential calls of the
 diffusion MLP, and the token rows it evaluates per image, guided rows included), seconds per image (generation +
 decode) at each batch size with the settings interleaved within every repeat, FD as a multiple of the real-data
 floor, class accuracy and recall (argen.eval, held-out mnist:test, the shipped classifier's features). `--model`
-takes a MAR pipeline folder or shipped name. Plain MAR is the pipeline's own sampler defaults.
+takes a MAR pipeline folder or shipped name. Every setting is the pipeline's own sampler defaults but for its
+head's steps (all of them at every AR step, or DiSA's annealing) and AR steps.
 """
 
 import argparse
@@ -24,15 +25,17 @@ from argen.pipeline import ARPipeline
 from argen.pretrained import load_pretrained
 
 
-def settings(pipe: ARPipeline, fewer_steps: int, disa_last: int) -> dict[str, dict]:
-    """Plain MAR (the pipeline's defaults), DiSA from its head steps down to `disa_last`, `fewer_steps` AR steps,
-    and both together."""
-    plain = pipe.config().options_for(pipe.generator.order)
-    disa = {"head_steps_last": disa_last, "head_annealing": "linear"}
+def settings(pipe: ARPipeline, fewer_steps: int, disa_last: int | None) -> dict[str, dict]:
+    """MAR with its head's `head_steps` at every AR step (no DiSA), DiSA from them down to `disa_last` (default: the
+    pipeline's own `head_steps_last`, else 5), `fewer_steps` AR steps, and both together."""
+    own = pipe.config().options_for(pipe.generator.order)
+    last = disa_last or own.head_steps_last or 5
+    plain = {"head_steps_last": 0}
+    disa = {"head_steps_last": last, "head_annealing": "linear"}
     return {
-        f"plain ({plain.steps} AR steps, {plain.head_steps} head steps)": {},
-        f"DiSA {plain.head_steps}->{disa_last} (linear)": disa,
-        f"{fewer_steps} AR steps": {"steps": fewer_steps},
+        f"no DiSA ({own.steps} AR steps, {own.head_steps} head steps)": plain,
+        f"DiSA {own.head_steps}->{last} (linear)": disa,
+        f"{fewer_steps} AR steps": {"steps": fewer_steps, **plain},
         f"{fewer_steps} AR steps + DiSA": {"steps": fewer_steps, **disa},
     }
 
@@ -137,8 +140,10 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--fewer-steps", type=int, default=16, help="AR steps of the 'fewer AR steps' settings")
-    p.add_argument("--disa-last", type=int, default=5, help="DiSA: the head's steps at the last AR step")
+    p.add_argument("--fewer-steps", type=int, default=8, help="AR steps of the 'fewer AR steps' settings")
+    p.add_argument(
+        "--disa-last", type=int, default=None, help="DiSA: the head's steps at the last AR step (default: the model's)"
+    )
     p.add_argument("--json", help="also save the measurements")
     p.add_argument("--markdown", help="also write the table as markdown")
     p.add_argument("--from-json", help="render a saved run instead of measuring")

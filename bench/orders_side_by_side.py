@@ -44,7 +44,8 @@ SETTINGS = {
         "raster order": {"order": "raster"},
         "MC-SJD, window 8 (lossless)": {"speculative": "mc-sjd", "window": 8},
     },
-    "mar": {"plain": {}, "DiSA, head steps to 5": {"head_steps_last": 5}, "half the AR steps": {"steps": 8}},
+    # plain MAR anneals its head's steps from 100 to 10 already (DiSA, its pipeline's defaults)
+    "mar": {"plain": {}, "DiSA ending at 5 head steps": {"head_steps_last": 5}, "half the AR steps": {"steps": 8}},
 }
 
 

@@ -259,7 +259,8 @@ def test_passes_count_the_network_calls_a_decode_makes(factory, teacher_forced):
     flat = {}
     if model.order.values == "continuous":  # the head's network, called once per head step
         model.diffloss.net.register_forward_hook(lambda *_: calls.append("head"))
-        flat = {"steps": 4, "head_steps": 8}  # fewer steps than the 9 tokens: a step revealing none skips its head
+        # more steps than the 9 tokens (the steps revealing none skip the head), the head's steps annealed by DiSA
+        flat = {"steps": 12, "head_steps": 8, "head_steps_last": 2}
     _sample(model, [0, 1], [0, 1], **flat)
     state = model.start(Condition.classes([0]), SamplerConfig.from_flat(flat).options_for(model.order))
     assert state.passes == len(calls) and calls.count("predict") == state.num_steps

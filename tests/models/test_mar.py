@@ -253,6 +253,13 @@ def test_disa_anneals_the_heads_steps_as_specified(annealing, expected):
     assert model.start(Condition.classes([0]), options).passes == 5 + sum(expected)
 
 
+def test_counting_the_heads_calls_does_not_walk_steps_that_reveal_nothing():
+    huge = MAROptions(steps=10**12, head_steps=3)  # a request's JSON can carry any integer
+    assert huge.head_passes(9) == 9 * 3  # 8 steps reveal one token each, the last step the ninth
+    assert MAROptions(steps=1, head_steps=3).head_passes(49) == 3
+    assert MAROptions(steps=16, head_steps=100, head_steps_last=10).head_passes(49) == 16 * 55
+
+
 def test_disa_off_is_plain_mar_and_on_changes_the_samples():
     model = tiny_mar().eval()
     plain = SamplerConfig(order_options={"steps": 4, "head_steps": 8})

@@ -15,11 +15,20 @@ log = logging.getLogger(__name__)
 DEFAULT_MODELS = ["raster", "next-scale", "masked", "random-order", "mar"]  # every shipped order (mar where packed)
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+def positive_float(text: str, minimum: float = 0.0) -> float:
+    """argparse type: a finite number > 0 (at least `minimum` when given)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf") or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a number {f'>= {minimum:g}' if minimum else '> 0'}, got {text!r}")
     return value
+
+
+def work_multiple(text: str) -> float:
+    """argparse type of --max-work: a multiple of a model's default cost, at least 1 (its own defaults)."""
+    return positive_float(text, minimum=1.0)
 
 
 def add_serve_parser(sub) -> None:
@@ -38,9 +47,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-images", type=positive_int, default=16, help="images per request")
     p.add_argument(
         "--max-work",
-        type=positive_float,
+        type=work_multiple,
         default=8.0,
-        help="what an image may cost, as a multiple of its model's default: network passes (steps, MAR's head steps)",
+        help="what an image may cost, as a multiple of its model's default (at least 1): network passes (steps, MAR's "
+        "head steps)",
     )
     p.add_argument(
         "--max-rows",

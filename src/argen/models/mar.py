@@ -82,6 +82,26 @@ class MAROptions:
         ratio = math.cos(math.pi / 2.0 * (step + 1) / num_steps)
         return (masked_at_start * ratio).floor().long()
 
+    def still_masked(
+        self, step: int, num_steps: int, now: torch.Tensor, masked_at_start: torch.Tensor
+    ) -> torch.Tensor:
+        """(B,) masked after `step` given (B,) `now` masked before it, as MAR counts it: the schedule's count, but at
+        least one fewer than now and at least 1 (the last step, which reveals the rest, aside)."""
+        return torch.minimum(self.masked_after(step, num_steps, masked_at_start), now - 1).clamp(min=1)
+
+    def head_passes(self, tokens: int) -> int:
+        """The head's calls (its steps, summed over the AR steps) to fill `tokens` masked tokens. Each step reveals
+        at least one token while two or more are masked; with more steps than tokens the ones revealing none skip the
+        head, and the walk jumps over them to the last step (so a huge `steps` costs nothing to count)."""
+        start = torch.tensor([tokens])
+        now, calls = start, 0
+        for step in range(self.steps - 1):
+            if int(now) <= 1:
+                break
+            calls += self.head_steps_at(step, self.steps)
+            now = self.still_masked(step, self.steps, now, start)
+        return calls + (self.head_steps_at(self.steps - 1, self.steps) if tokens else 0)
+
 
 @dataclass
 class MARConfig:
@@ -385,7 +405,7 @@ class MARTransformer(nn.Module, Pretrained):
         tokens = torch.zeros((B, self.seq_len, self.token_dim), dtype=torch.float32, device=weight.device)
         filled = torch.zeros((B, self.seq_len), dtype=torch.bool, device=weight.device)
         extra = {"class_embedding": self.class_embedding(condition)}
-        head_passes = sum(options.head_steps_at(step, options.steps) for step in range(options.steps))
+        head_passes = options.head_passes(self.seq_len)
         return DecodeState(condition, tokens, filled, num_steps=options.steps, extra=extra, extra_passes=head_passes)
 
     def predict(self, state: DecodeState, positions: torch.Tensor | None = None) -> Prediction:

@@ -38,8 +38,7 @@ class MARPolicy(PositionPolicy):
         """(B,) still masked now, and (B,) masked after this step by MAR's formula max(1, min(now - 1,
         floor(n cos(...))))."""
         now = (~state.filled[: self.num_samples]).sum(dim=1)
-        schedule = self.options.masked_after(state.step, state.num_steps, self.masked_at_start)
-        return now, torch.minimum(schedule, now - 1).clamp(min=1)
+        return now, self.options.still_masked(state.step, state.num_steps, now, self.masked_at_start)
 
     def positions(self, state: DecodeState) -> torch.Tensor:
         """(B, k) positions revealed this step, ascending per sample (MAR's row order); a sample revealing fewer

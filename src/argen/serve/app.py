@@ -60,7 +60,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         if self.max_work < 1:
-            raise ConfigError(f"max_work must be at least 1 (a model's own defaults), got {self.max_work}")
+            raise ConfigError(f"max_work (--max-work) must be at least 1 (a model's defaults), got {self.max_work}")
 
 
 class ImagesBody(BaseModel):
@@ -174,18 +174,27 @@ class Service:
             except ConfigError as error:
                 raise ClientError(422, "guide_scale", f"model {body.model!r}: {error}") from None
         if passes > self.max_passes(body.model):
-            options = pipe.generator.order.options_class.__dataclass_fields__
-            named = [name for name in settings if name in options] or ["settings"]
-            given = ", ".join(f"{name}={settings[name]}" for name in named if name in settings)
-            raise ClientError(
-                422,
-                named[0],
-                f"{given or 'these settings'}: {passes} network passes an image, over the server's cap of "
-                f"{self.max_passes(body.model)} ({self.limits.max_work:g}x model {body.model!r}'s default "
-                f"{self.default_passes[body.model]})",
-            )
+            raise self.over_cap(body.model, settings, passes)
         seed = body.seed if body.seed is not None else int(torch.randint(0, 2**31, ()).item())
         return Work(body.model, ids.repeat_interleave(body.n).tolist(), seed, config, previews)
+
+    def over_cap(self, model: str, settings: dict[str, Any], passes: int) -> ClientError:
+        """The refusal of a request costing more than the cap, naming the option whose return to the model's
+        default saves the most passes (the one the client most likely wants to lower)."""
+        pipe = self.pipelines[model]
+        given = [name for name in settings if name in pipe.generator.order.options_class.__dataclass_fields__]
+
+        def saved(name: str) -> int:
+            return passes - _passes(pipe, pipe.config(**{k: v for k, v in settings.items() if k != name}))
+
+        field = max(given, key=saved) if given else "settings"
+        return ClientError(
+            422,
+            field,
+            f"{', '.join(f'{name}={settings[name]}' for name in given)}: {passes} network passes an image, over "
+            f"the server's cap of {self.max_passes(model)} ({self.limits.max_work:g}x the "
+            f"{self.default_passes[model]} of model {model!r} at its defaults): lower {field}",
+        )
 
     def submit(self, work: Work, loop: asyncio.AbstractEventLoop) -> tuple[Any, asyncio.Queue]:
         events: asyncio.Queue[Event] = asyncio.Queue()

@@ -151,6 +151,7 @@ def rows(state: DecodeState, lo: int, hi: int, step: int, num_steps: int) -> Dec
         num_steps=num_steps,
         cache=None,  # a request's rows predict only through the stacked state
         extra={key: _view_value(value, lo, hi, total) for key, value in state.extra.items()},
+        extra_passes=state.extra_passes,
         rank=None if state.rank is None else state.rank[lo:hi],
     )
 
