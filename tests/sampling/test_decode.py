@@ -124,6 +124,8 @@ def test_one_cfg_formula_per_sample_or_per_position():
         guidance.guide_rows(both, torch.tensor([[2.0, 2.0, 2.0]] * 2)),
         guidance.guide_rows(both, torch.tensor([2.0, 2.0])),
     )
+    with pytest.raises(ValueError, match="do not fit 2 samples"):
+        guidance.guide_rows(both, torch.tensor([1.0, 2.0, 3.0]))  # (n,) per position needs its row dimension
 
 
 def test_autoguidance_settings_are_checked():

@@ -59,6 +59,9 @@ def guide_rows(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     points of the schedule: parallel, speculative); broadcast over the trailing dimensions."""
     cond, uncond = out.chunk(2, dim=0)
     s = scales.to(out.device, out.dtype)
+    if s.dim() > out.dim() or (s.dim() and s.shape[0] not in (1, len(cond))):
+        # (n,) per-position scales passed without their row dimension would broadcast as one per sample
+        raise ValueError(f"guidance scales of shape {tuple(s.shape)} do not fit {len(cond)} samples {cond.shape}")
     s = s.reshape(*s.shape, *([1] * (out.dim() - s.dim())))
     return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
