@@ -114,3 +114,37 @@ def test_autoguidance_contrasts_the_noise_predictions_of_two_heads_on_the_same_c
         head, z, schedule, noise(), 1.0, 2.0, z_null, guide_head=guide, z_guide=z_guide, guide_scale=ones
     )
     assert torch.equal(both, cfg) and not torch.equal(cfg, plain)
+
+
+def test_row_groups_of_different_step_counts_share_one_loop():
+    """Rows with their own respaced processes (a server's MAR requests at different AR steps under DiSA) run in one
+    loop whose calls serve every running row: each group's values are the ones its own loop gives, and the head is
+    called as many times as the longest process has steps, not their sum."""
+    from argen.sampling.diffusion import RowGroup
+
+    full = DiffusionSchedule.cosine(1000)
+    z = torch.randn(6, 1, generator=torch.Generator().manual_seed(0))
+    z_null, scales = torch.zeros(6, 1), torch.tensor([2.0, 2.0, 1.0, 1.5, 3.0, 3.0])
+    calls = []
+
+    def head(x, t, z):
+        calls.append(len(x))
+        return torch.cat([0.5 * x + z * t[:, None] / 1000, 0.3 + 0 * x], dim=1)
+
+    def noise(owners):
+        gens = [torch.Generator().manual_seed(s) for s in range(3)]
+        return per_sample_noise(gens, owners, 1, "cpu")
+
+    owners = torch.tensor([0, 0, 1, 1, 2, 2])  # sample 1 (rows 2, 3) runs 4 steps, samples 0 and 2 run 10
+    alone = [
+        sample_head(head, z[r], full.respaced(k), noise(owners[r]), 0.9, scales[r], z_null[r])
+        for r, k in ((torch.tensor([0, 1, 4, 5]), 10), (torch.tensor([2, 3]), 4))
+    ]
+    calls.clear()
+    groups = [
+        RowGroup(full.respaced(10), torch.tensor([0, 1, 4, 5]), noise(owners[[0, 1, 4, 5]])),
+        RowGroup(full.respaced(4), torch.tensor([2, 3]), noise(owners[[2, 3]])),
+    ]
+    together = sample_head(head, z, groups, None, 0.9, scales, z_null)
+    assert torch.equal(together[[0, 1, 4, 5]], alone[0]) and torch.equal(together[[2, 3]], alone[1])
+    assert len(calls) == 10 and calls == [8] * 6 + [12] * 4  # the 4-step rows join for the last 4 calls (CFG doubles)

@@ -188,7 +188,9 @@ def test_mar_requests_share_the_pass_and_the_head(pipelines, monkeypatch):
     the running batch at its own step 0. Every request gets its images alone, bit for bit."""
     from argen.sampling import diffusion
 
-    pipe, fast = pipelines["mar"], {"steps": 6, "head_steps": 10}
+    # DiSA: the head's steps fall from 10 to 4 over the 6 AR steps, so requests at different steps run different
+    # numbers of head steps, and still share one loop (`diffusion.RowGroup`: the loops end together)
+    pipe, fast = pipelines["mar"], {"steps": 6, "head_steps": 10, "head_steps_last": 4}
     head_calls = []
     sample_head = diffusion.sample_head
 
@@ -219,7 +221,8 @@ def test_mar_requests_share_the_pass_and_the_head(pipelines, monkeypatch):
     scheduler.iterate()  # the arrival joins the running batch at its own step 0, beside rows at step 3
     (batch,) = scheduler.batches
     assert [job.step for job in batch.jobs] == [4, 4, 4, 4, 1] and scheduler.stats.forward_passes == 4
-    # it reveals another number of positions than the rows at step 3 and still shares their head call
+    # it reveals another number of positions than the rows at step 3, with 10 head steps against their 6, and still
+    # shares their head loop
     assert len(head_calls) - before == 3
     run_until_idle(scheduler)
     assert scheduler.stats.forward_passes == 3 + 6 and scheduler.stats.mixed_passes == 3

@@ -12,6 +12,7 @@ recorded draws back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,11 +27,21 @@ Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Noise = Callable[[int], torch.Tensor]  # draw index (0: x_T; i: the noise added by the i-th step) -> (N, C)
 
 
+@dataclass
+class RowGroup:
+    """Rows of one head loop that run their own respaced process (a server's requests at different AR steps under
+    DiSA): `rows` (N_j,) index the loop's rows, `noise` draws theirs."""
+
+    schedule: DiffusionSchedule
+    rows: torch.Tensor
+    noise: Noise
+
+
 def sample_head(
     head: Head,
     z: torch.Tensor,
-    schedule: DiffusionSchedule,
-    noise: Noise,
+    schedule: DiffusionSchedule | list[RowGroup],
+    noise: Noise | None,
     temperature: float = 1.0,
     cfg_scale: float | torch.Tensor = 1.0,
     z_null: torch.Tensor | None = None,
@@ -43,28 +54,56 @@ def sample_head(
     (N, Dz), the noise prediction is guided: uncond + cfg_scale (cond - uncond), cfg_scale one number or (N,).
     With `guide_head` and its conditions `z_guide` (N, Dz'), autoguidance adds (g - 1) (cond - guide) to the noise
     prediction, g = guide_scale (N,): the weaker model's head denoises the same x_t (Karras et al. 2024's own
-    setting, a diffusion model guided by a worse version of itself)."""
-    x = noise(0).float()  # x_T, (N, C)
-    N, C = x.shape
+    setting, a diffusion model guided by a worse version of itself).
+
+    `schedule` may instead be groups of rows, each with its own process and noise (`noise` is then None): their
+    loops end together, a group of k steps joining at the k-th step from the end, and each step's rows that are
+    running share one call of the head, so groups of 100 and 40 steps cost 100 calls, not 140."""
+    groups = schedule if isinstance(schedule, list) else [RowGroup(schedule, torch.arange(len(z)), noise)]
+    N = len(z)
     if z_null is not None:  # one scale per row; a row at exactly 1 keeps its conditional prediction bit for bit
-        cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=x.device).expand(N)
-    steps = schedule.num_timesteps
+        cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=z.device).expand(N)
+    x = None
+    for group in groups:  # x_T, (N, C)
+        first = group.noise(0).float()
+        x = torch.empty(N, first.shape[1], device=first.device) if x is None else x
+        x[group.rows.to(x.device)] = first
+    C = x.shape[1]
+    steps = max(group.schedule.num_timesteps for group in groups)
     for i in reversed(range(steps)):
-        t = torch.full((N,), i, dtype=torch.long, device=x.device)
-        net_t = schedule.timestep_map.to(x.device)[t]  # the network knows the original 1000-step timesteps
+        live = [group for group in groups if group.schedule.num_timesteps > i]
+        rows = None if len(live) == len(groups) == 1 else torch.cat([g.rows for g in live]).to(x.device)
+
+        def part(tensor, rows=rows):  # the running rows of a per-row tensor
+            return tensor if rows is None or tensor is None else tensor[rows]
+
+        x_i, z_i = part(x), part(z)
+        # the network knows the original 1000-step timesteps
+        net_t = torch.cat([g.schedule.timestep_map[i].expand(len(g.rows)) for g in live]).to(x.device)
         if z_null is None:
-            out = head(x, net_t, z).float()
+            out = head(x_i, net_t, z_i).float()
             cond = out[:, :C]
         else:
-            both = head(torch.cat([x, x]), torch.cat([net_t, net_t]), torch.cat([z, z_null])).float()
-            cond = both[:N, :C]
-            out = torch.cat([guide_rows(both[:, :C], cfg_scale), both[:N, C:]], dim=1)
+            n = len(x_i)
+            both = head(torch.cat([x_i, x_i]), torch.cat([net_t, net_t]), torch.cat([z_i, part(z_null)])).float()
+            cond = both[:n, :C]
+            out = torch.cat([guide_rows(both[:, :C], part(cfg_scale)), both[:n, C:]], dim=1)
         if guide_head is not None:  # the variance stays the conditional rows'
-            guide = guide_head(x, net_t, z_guide).float()[:, :C]
-            out = torch.cat([autoguide_rows(out[:, :C], cond, guide, guide_scale), out[:, C:]], dim=1)
-        mean, log_variance = schedule.p_mean_variance(out, x, t, clip)
-        # DDPM: no noise is added by the last step (t = 0).
-        x = mean + torch.exp(0.5 * log_variance) * noise(steps - i).float() * temperature if i > 0 else mean
+            guide = guide_head(x_i, net_t, part(z_guide)).float()[:, :C]
+            out = torch.cat([autoguide_rows(out[:, :C], cond, guide, part(guide_scale)), out[:, C:]], dim=1)
+        offset = 0
+        for group in live:
+            own = slice(offset, offset + len(group.rows))
+            offset = own.stop
+            k = group.schedule.num_timesteps
+            t = torch.full((own.stop - own.start,), i, dtype=torch.long, device=x.device)
+            mean, log_variance = group.schedule.p_mean_variance(out[own], x_i[own], t, clip)
+            # DDPM: no noise is added by the last step (t = 0).
+            new = mean + torch.exp(0.5 * log_variance) * group.noise(k - i).float() * temperature if i > 0 else mean
+            if rows is None:
+                x = new
+            else:
+                x[group.rows.to(x.device)] = new
     return x
 
 
@@ -99,15 +138,15 @@ def padding_rows(positions: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
 def sample_values(
     model,
     rows: StepRows,
-    head_steps: int,
+    head_steps: list[int],
     temperature: float,
     generators: list[torch.Generator] | None,
     clip: float = 0.0,
 ) -> torch.Tensor:
     """A continuous order's step for B samples: their prediction's z ((copies B, n, Dz), conditional rows first)
-    -> values (B, n, D) sampled by the order's head (`model.head`, `model.head_schedule`), sample b's noise from
-    generators[b]. rows.scales: (B,) guidance scales, or None without unconditional rows; all ones runs the
-    conditional rows alone."""
+    -> values (B, n, D) sampled by the order's head (`model.head`, `model.head_schedule`) in head_steps[b] steps,
+    sample b's noise from generators[b]. rows.scales: (B,) guidance scales, or None without unconditional rows; all
+    ones runs the conditional rows alone."""
     B = len(rows)
     positions, z_all = rows.prediction.positions[:B], rows.prediction.z
     D = model.token_dim
@@ -121,8 +160,14 @@ def sample_values(
     guided = rows.scales is not None and bool((rows.scales != 1.0).any())
     z_null = z_all[B : 2 * B][keep] if guided else None
     scales = rows.scales.to(z.device)[owners] if guided else 1.0
-    noise = per_sample_noise(generators, owners, D, z.device)
-    schedule = model.head_schedule.respaced(head_steps)
+    groups = []
+    for k in sorted(set(head_steps), reverse=True):  # samples of one step count share a process
+        mine = torch.tensor([head_steps[b] == k for b in range(B)], device=owners.device)[owners]
+        index = mine.nonzero().squeeze(1)
+        groups.append(
+            RowGroup(model.head_schedule.respaced(k), index, per_sample_noise(generators, owners[index], D, z.device))
+        )
+    schedule, noise = (groups[0].schedule, groups[0].noise) if len(groups) == 1 else (groups, None)
     guide_head = z_guide = guide_scales = None
     if rows.guide is not None and bool((rows.guide_scales != 1.0).any()):
         guide_head, z_guide = rows.guide_model.head, rows.guide.to(z.device)[keep]

@@ -38,6 +38,8 @@ class StepRows:
     scales: torch.Tensor | None  # (B,) guidance scale per sample; None: no unconditional rows
     step: int  # the samples' step of `num_steps`
     num_steps: int
+    # (B,) each sample's own step where they differ (a server's requests that joined at different times); None: `step`
+    sample_steps: list[int] | None = None
     # autoguidance: the guide model's conditional output at the same positions (what the value sampler's `output`
     # reads of its prediction: logits (B, n, V), or the conditions z (B, n, Dz) of its own diffusion head), one
     # scale per sample, and the guide model itself (a continuous order's draw runs its head)
@@ -47,6 +49,10 @@ class StepRows:
 
     def __len__(self) -> int:
         return self.filled.shape[0]
+
+    def steps(self) -> list[int]:
+        """(B,) each sample's step."""
+        return self.sample_steps if self.sample_steps is not None else [self.step] * len(self)
 
 
 @dataclass
@@ -106,7 +112,8 @@ class HeadValues:
 
     @staticmethod
     def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
-        return (config.temperature, options.head_steps_at(step, num_steps), options.head_clip)
+        # not the head's steps: samples at different AR steps under DiSA share one loop (`diffusion.RowGroup`)
+        return (config.temperature, options.head_clip)
 
     @staticmethod
     def draw(
@@ -115,7 +122,7 @@ class HeadValues:
         check_finite(rows.prediction.z, f"the head's conditions z at step {rows.step}")
         if rows.guide is not None:
             check_finite(rows.guide, f"the guide model's conditions z at step {rows.step}")
-        head_steps = options.head_steps_at(rows.step, rows.num_steps)
+        head_steps = [options.head_steps_at(step, rows.num_steps) for step in rows.steps()]
         return Drawn(
             diffusion.sample_values(model, rows, head_steps, config.temperature, generators, options.head_clip)
         )

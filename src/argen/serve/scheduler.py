@@ -540,6 +540,7 @@ class Scheduler:
                 None if unguided else torch.cat([m[4] for m in members]),
                 view.step,
                 view.num_steps,
+                [v.step for job, _, _, v, *_ in members for _ in range(job.n)],
             )
             if guide_out is not None:  # a batch's jobs all run the guide or none does (the batch key)
                 own = torch.cat([torch.arange(glo, glo + job.n) for job, _, glo, *_ in members])
