@@ -77,9 +77,9 @@ class LogitValues:
         return prediction.logits
 
     @staticmethod
-    def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
-        """The settings a draw reads besides the per-sample scales and generators: samples that agree on them may
-        share one call."""
+    def key(config: SamplerConfig, options: Any) -> tuple:
+        """The settings a draw reads besides the per-sample scales, steps and generators: samples that agree on them
+        may share one call."""
         return (config.temperature, config.top_k, config.top_p, config.greedy)
 
     @staticmethod
@@ -111,7 +111,7 @@ class HeadValues:
         return prediction.z
 
     @staticmethod
-    def key(config: SamplerConfig, options: Any, step: int, num_steps: int) -> tuple:
+    def key(config: SamplerConfig, options: Any) -> tuple:
         # not the head's steps: samples at different AR steps under DiSA share one loop (`diffusion.RowGroup`)
         return (config.temperature, options.head_clip)
 

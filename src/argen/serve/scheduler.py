@@ -514,7 +514,7 @@ class Scheduler:
         groups: dict[tuple, list] = {}
         guide_lo = itertools.accumulate((job.n for job, _, _ in views), initial=0)
         for (job, lo, view), k, glo in zip(views, widths, guide_lo, strict=False):
-            key = sampler.key(job.request.config, job.options, view.step, view.num_steps)
+            key = sampler.key(job.request.config, job.options)
             progress = job.policy.guidance_progress(view)
             scales = guide_scales = None
             if job.schedule is not None:
