@@ -161,12 +161,12 @@ def sample_values(
     z_null = z_all[B : 2 * B][keep] if guided else None
     scales = rows.scales.to(z.device)[owners] if guided else 1.0
     groups = []
-    for k in sorted(set(head_steps), reverse=True):  # samples of one step count share a process
-        mine = torch.tensor([head_steps[b] == k for b in range(B)], device=owners.device)[owners]
-        index = mine.nonzero().squeeze(1)
-        groups.append(
-            RowGroup(model.head_schedule.respaced(k), index, per_sample_noise(generators, owners[index], D, z.device))
-        )
+    row_owners = owners.cpu()  # the groups' bookkeeping stays on the CPU, as the noise's does
+    row_steps = torch.tensor(head_steps)[row_owners]
+    for k in sorted(set(row_steps.tolist()), reverse=True):  # samples of one step count share a process
+        index = (row_steps == k).nonzero().squeeze(1)
+        noise = per_sample_noise(generators, row_owners[index], D, z.device)
+        groups.append(RowGroup(model.head_schedule.respaced(k), index, noise))
     schedule, noise = (groups[0].schedule, groups[0].noise) if len(groups) == 1 else (groups, None)
     guide_head = z_guide = guide_scales = None
     if rows.guide is not None and bool((rows.guide_scales != 1.0).any()):
