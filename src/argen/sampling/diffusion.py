@@ -66,7 +66,7 @@ def sample_head(
     x = None
     for group in groups:  # x_T, (N, C)
         first = group.noise(0).float()
-        x = torch.empty(N, first.shape[1], device=first.device) if x is None else x
+        x = torch.empty(N, first.shape[1], dtype=first.dtype, device=first.device) if x is None else x
         x[group.rows.to(x.device)] = first
     C = x.shape[1]
     steps = max(group.schedule.num_timesteps for group in groups)
