@@ -167,13 +167,12 @@ def sample_values(
         index = (row_steps == k).nonzero().squeeze(1)
         noise = per_sample_noise(generators, row_owners[index], D, z.device)
         groups.append(RowGroup(model.head_schedule.respaced(k), index, noise))
-    schedule, noise = (groups[0].schedule, groups[0].noise) if len(groups) == 1 else (groups, None)
     guide_head = z_guide = guide_scales = None
     if rows.guide is not None and bool((rows.guide_scales != 1.0).any()):
         guide_head, z_guide = rows.guide_model.head, rows.guide.to(z.device)[keep]
         guide_scales = rows.guide_scales.to(z.device)[owners]
     sampled = sample_head(
-        model.head, z, schedule, noise, temperature, scales, z_null, clip, guide_head, z_guide, guide_scales
+        model.head, z, groups, None, temperature, scales, z_null, clip, guide_head, z_guide, guide_scales
     )
     values = torch.zeros(B, positions.shape[1], D, device=z.device)
     values[keep] = sampled
