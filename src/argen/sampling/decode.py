@@ -114,7 +114,7 @@ def decode_steps(
         scales = None  # one guidance scale per sample
         if schedule is not None:
             scales = torch.tensor([schedule(float(t)) for t in progress])
-        rows = StepRows(prediction, state.tokens[:B], state.filled[:B], scales, state.step, state.num_steps)
+        rows = StepRows(prediction, state.tokens[:B], state.filled[:B], scales, [state.step] * B, state.num_steps)
         if guide_state is not None:
             rows.guide = sampler.output(guide_model.predict(guide_state, asked)).to(sampler.output(prediction).device)
             rows.guide_scales = torch.tensor([guide_schedule(float(t)) for t in progress])

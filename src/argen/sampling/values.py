@@ -36,10 +36,9 @@ class StepRows:
     tokens: torch.Tensor  # (B, L) ids or (B, L, D) vectors: the samples' values so far (what padding keeps)
     filled: torch.Tensor  # (B, L) bool
     scales: torch.Tensor | None  # (B,) guidance scale per sample; None: no unconditional rows
-    step: int  # the samples' step of `num_steps`
+    # (B,) each sample's step of `num_steps` (a server's requests that joined at different times stand at their own)
+    steps: list[int]
     num_steps: int
-    # (B,) each sample's own step where they differ (a server's requests that joined at different times); None: `step`
-    sample_steps: list[int] | None = None
     # autoguidance: the guide model's conditional output at the same positions (what the value sampler's `output`
     # reads of its prediction: logits (B, n, V), or the conditions z (B, n, Dz) of its own diffusion head), one
     # scale per sample, and the guide model itself (a continuous order's draw runs its head)
@@ -50,9 +49,10 @@ class StepRows:
     def __len__(self) -> int:
         return self.filled.shape[0]
 
-    def steps(self) -> list[int]:
-        """(B,) each sample's step."""
-        return self.sample_steps if self.sample_steps is not None else [self.step] * len(self)
+    def at(self) -> str:
+        """Where the samples stand, for messages: "step 3", or "steps 2..5" when they differ."""
+        lo, hi = min(self.steps), max(self.steps)
+        return f"step {lo}" if lo == hi else f"steps {lo}..{hi}"
 
 
 @dataclass
@@ -87,12 +87,12 @@ class LogitValues:
         model: Any, rows: StepRows, config: SamplerConfig, options: Any, generators: list[torch.Generator] | None
     ) -> Drawn:
         logits = rows.prediction.logits
-        check_finite(logits, f"logits at step {rows.step}")
+        check_finite(logits, f"logits at {rows.at()}")
         cond = logits[: len(rows)]
         if rows.scales is not None:
             logits = guide_rows(logits, rows.scales)
         if rows.guide is not None:
-            check_finite(rows.guide, f"the guide model's logits at step {rows.step}")
+            check_finite(rows.guide, f"the guide model's logits at {rows.at()}")
             logits = autoguide_rows(logits, cond, rows.guide, rows.guide_scales)
         logits = process(logits, config.temperature, config.top_k, config.top_p)
         return Drawn(draw(logits, generators, config.greedy), logits)
@@ -119,10 +119,10 @@ class HeadValues:
     def draw(
         model: Any, rows: StepRows, config: SamplerConfig, options: Any, generators: list[torch.Generator] | None
     ) -> Drawn:
-        check_finite(rows.prediction.z, f"the head's conditions z at step {rows.step}")
+        check_finite(rows.prediction.z, f"the head's conditions z at {rows.at()}")
         if rows.guide is not None:
-            check_finite(rows.guide, f"the guide model's conditions z at step {rows.step}")
-        head_steps = [options.head_steps_at(step, rows.num_steps) for step in rows.steps()]
+            check_finite(rows.guide, f"the guide model's conditions z at {rows.at()}")
+        head_steps = [options.head_steps_at(step, rows.num_steps) for step in rows.steps]
         return Drawn(
             diffusion.sample_values(model, rows, head_steps, config.temperature, generators, options.head_clip)
         )

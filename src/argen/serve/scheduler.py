@@ -538,9 +538,8 @@ class Scheduler:
                 state.tokens[cond],
                 state.filled[cond],
                 None if unguided else torch.cat([m[4] for m in members]),
-                view.step,
-                view.num_steps,
                 [v.step for job, _, _, v, *_ in members for _ in range(job.n)],
+                view.num_steps,
             )
             if guide_out is not None:  # a batch's jobs all run the guide or none does (the batch key)
                 own = torch.cat([torch.arange(glo, glo + job.n) for job, _, glo, *_ in members])
