@@ -195,11 +195,13 @@ class Server:
 
 
 def test_overload_gets_503_with_retry_after_on_a_real_socket(pipelines):
+    # a request fills the rows (two images, unguided): one runs and two wait, so a burst of 12 overflows the queue
+    # even where the machine is slow to deliver it (one image a request once let them all be served in turn)
     with Server(create_app(pipelines, Limits(max_rows=2, max_queue=2))) as s:
 
         async def burst():
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
-                body = {"model": "raster", "labels": [1], "cfg_scale": 1.0}
+                body = {"model": "raster", "labels": [1, 2], "cfg_scale": 1.0}
                 return await asyncio.gather(*(c.post("/v1/images", json=body) for _ in range(12)))
 
         responses = asyncio.run(burst())
