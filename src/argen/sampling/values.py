@@ -51,7 +51,7 @@ class StepRows:
 
     def at(self) -> str:
         """Where the samples stand, for messages: "step 3", or "steps 2..5" when they differ."""
-        lo, hi = min(self.steps), max(self.steps)
+        lo, hi = min(self.steps, default=0), max(self.steps, default=0)
         return f"step {lo}" if lo == hi else f"steps {lo}..{hi}"
 
 
