@@ -64,7 +64,7 @@ SURFACE = {
         "--open",
     },
     "train-tokenizer": {"--data", "--preset", "--restart-every"},
-    "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--normalize", "--device"},
+    "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--device"},
     "train": {"--tokens", "--tokenizer", "--preset", "--init", "--reinit"},
     "train-classifier": {"--data", "--eval-data", "--image-size", "--channels"},
     "eval": {
