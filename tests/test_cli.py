@@ -64,7 +64,7 @@ SURFACE = {
         "--open",
     },
     "train-tokenizer": {"--data", "--preset", "--restart-every"},
-    "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--device"},
+    "tokenize": {"--tokenizer", "--data", "--out", "--batch-size", "--hflip", "--normalize", "--device"},
     "train": {"--tokens", "--tokenizer", "--preset", "--init", "--reinit"},
     "train-classifier": {"--data", "--eval-data", "--image-size", "--channels"},
     "eval": {
@@ -464,10 +464,19 @@ def test_mar_end_to_end_on_latent_shards(tmp_path, capsys):
     pipeline = run / "gen" / "pipeline"
     saved = json.loads((pipeline / "tokenizer" / "config.json").read_text())["config"]
     assert saved["scale_factor"] == scale  # the pipeline decodes with the factor the latents were scaled by
+    assert saved["latent_shift"] is None
     images = tmp_path / "s.npz"
     sample = ["sample", "--model", str(pipeline), "--labels", "d3", "-n", "2", "--out", str(images)]
     assert main([*sample, "--set", "steps=4", "--set", "head_steps=5"]) == 0
     assert np.load(images)["images"].shape == (2, 28, 28, 1)
+    # latents standardised per channel: the pipeline's tokenizer takes each channel's shift and scale
+    assert main([*tokens[:-1], str(run / "std"), "--normalize", "channel"]) == 0
+    meta = json.loads((run / "std" / "meta.json").read_text())
+    std = ["train", "--tokens", str(run / "std"), "--tokenizer", str(run / "tok" / "final"), "--preset", "mnist-mar"]
+    assert main([*std, "--out", str(run / "gen-std"), *small, *mar]) == 0
+    saved = json.loads((run / "gen-std" / "pipeline" / "tokenizer" / "config.json").read_text())["config"]
+    assert len(meta["scale_factor"]) == 4 and saved["scale_factor"] == meta["scale_factor"]
+    assert saved["latent_shift"] == meta["latent_shift"]
     capsys.readouterr()
     assert main([*train, "--preset", "mnist-small", "--out", str(run / "raster"), *small]) == 2
     err = capsys.readouterr().err

@@ -69,3 +69,19 @@ def test_an_order_on_the_other_kind_of_shards_is_a_clear_error(tmp_path):
         latents.check_order(RasterTransformer.order)
     with pytest.raises(ConfigError, match="holds discrete tokens, but the mar order models continuous"):
         ids.check_order(MARTransformer.order)
+
+
+def test_latent_shards_standardised_per_channel(tmp_path):
+    """`per_channel`: each channel's mean and std are measured at tokenize time and the values read are
+    (latent - mean_c) / std_c: mean 0 and std 1 in every channel, where one scale factor leaves channels apart."""
+    tokenizer = tiny_kl_tokenizer().eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (23, 16, 16, 1), dtype=np.uint8)
+    data = ArrayDataset(pixels, np.arange(23) % 3, ["a", "b", "c"])
+    write_shards(tokenizer, data, tmp_path, batch_size=5, shard_size=10, per_channel=True)
+    shards = TokenShards(tmp_path)
+    assert len(shards.scale_factor) == 3 and len(shards.latent_shift) == 3
+    stored = torch.from_numpy(np.concatenate(shards.tokens).astype(np.float32))  # (23, 64, 3)
+    assert torch.allclose(torch.tensor(shards.latent_shift), stored.double().mean((0, 1)).float(), atol=1e-4)
+    got = torch.stack([shards[i][0] for i in range(23)])
+    assert torch.allclose(got.mean((0, 1)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(got.std((0, 1), unbiased=False), torch.ones(3), atol=1e-3)

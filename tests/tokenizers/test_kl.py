@@ -1,9 +1,12 @@
 """The KL tokenizer against MAR's official AutoencoderKL (../shared/parity/MAR_*), and its own round trips."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from argen.convert.mar import load_kl
+from argen.errors import ConfigError
 from argen.pretrained import load_pretrained
 from argen.tokenizers.kl import KLConfig, KLTokenizer
 from tests.conftest import PARITY, assert_close_ref
@@ -112,3 +115,35 @@ def test_tokens_are_latent_positions_in_raster_order():
         assert torch.equal(model.from_tokens(tokens), latents)
         assert torch.equal(model.decode(tokens), model.decode(latents))
         assert torch.allclose(model.unscaled_tokens(images) * model.config.scale_factor, tokens)
+
+
+@torch.no_grad()
+def test_a_per_channel_shift_and_scale_standardise_and_decode_back(tmp_path):
+    """Latents normalised per channel ((z - shift_c) * scale_c, what `argen tokenize --normalize channel` measures)
+    decode to the images the posterior means decode to, and survive a save and load."""
+    model = tiny_kl().eval()
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    means = model.posterior(images).mean  # (3, 4, 4, 4)
+    shift, std = means.mean((0, 2, 3)), means.std((0, 2, 3), unbiased=False)
+    model.config = dataclasses.replace(model.config, scale_factor=(1 / std).tolist(), latent_shift=shift.tolist())
+    latents = model.latents(images)
+    assert torch.allclose(latents.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(latents.std((0, 2, 3), unbiased=False), torch.ones(4), atol=1e-4)
+    assert torch.allclose(model.decode(latents), model.decode_unscaled(means), atol=1e-5)
+    assert torch.allclose(model.decode(model.encode(images)), model.decode_unscaled(means), atol=1e-5)  # tokens
+    model.save_pretrained(tmp_path / "kl")
+    assert torch.equal(load_pretrained(tmp_path / "kl").latents(images), latents)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"scale_factor": [1.0, 2.0]}, "one per channel"),
+        ({"scale_factor": [1.0, 0.0, 1.0, 1.0]}, "one per channel"),
+        ({"latent_shift": [0.0, 1.0, 2.0]}, "latent_shift"),
+        ({"latent_shift": [0.0, float("nan"), 0.0, 0.0]}, "latent_shift"),
+    ],
+)
+def test_per_channel_normalisation_must_fit_the_channels(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        KLConfig(image_size=8, image_channels=1, embed_dim=4, ch=32, ch_mult=(1, 2), **fields)

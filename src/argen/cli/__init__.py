@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=run_folder, required=True, help="folder for the token shards")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images tokenized at once")
     p.add_argument("--hflip", action="store_true", help="also store mirrored images (not for digits)")
+    p.add_argument(
+        "--normalize",
+        choices=["global", "channel"],
+        default="global",
+        help="latents (KL tokenizers): one scale factor for every value (MAR), or each channel standardised to mean "
+        "0 and std 1 (its own shift and scale)",
+    )
     p.add_argument("--device", default="cpu", help=device)
     p.set_defaults(func=cmd_tokenize)
 

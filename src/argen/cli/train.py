@@ -176,7 +176,15 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     try:
         tokenizer = load_tokenizer(args.tokenizer).to(info.device)
         dataset = load_dataset(args.data, tokenizer.config.image_size, tokenizer.config.image_channels)
-        out = write_shards(tokenizer, dataset, args.out, batch_size=args.batch_size, hflip=args.hflip, dist_info=info)
+        out = write_shards(
+            tokenizer,
+            dataset,
+            args.out,
+            batch_size=args.batch_size,
+            hflip=args.hflip,
+            dist_info=info,
+            per_channel=args.normalize == "channel",
+        )
     finally:
         cleanup(info)
     if info.is_main:
@@ -273,13 +281,15 @@ def _copy_weights(init, model, path: str, reinit: list[str] = ()) -> None:
 
 def _match_latents(model, shards, tokenizer) -> None:
     """A continuous order on latent shards: the model's tokens must be the shards' (one per latent position), and
-    the tokenizer decodes them with the scale factor measured when they were written."""
+    the tokenizer decodes them with the scale factor (and per-channel shift) measured when they were written."""
     if (model.seq_len, model.token_dim) != (shards.seq_len, shards.token_dim):
         raise ConfigError(
             f"the model takes {model.seq_len} tokens of {model.token_dim} values, the shards hold {shards.seq_len} "
             f"of {shards.token_dim} (one per latent position): drop --set patch_size"
         )
-    tokenizer.config = dataclasses.replace(tokenizer.config, scale_factor=shards.scale_factor)
+    tokenizer.config = dataclasses.replace(
+        tokenizer.config, scale_factor=shards.scale_factor, latent_shift=shards.latent_shift
+    )
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:

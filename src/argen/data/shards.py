@@ -13,7 +13,6 @@ and, per shard, `tokens-NNNNN.npy` (n, L) or (n, L, D) and `labels-NNNNN.npy` (n
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -47,15 +46,22 @@ def _encode(tokenizer: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return tokenizer.encode(images)
 
 
-def _scale_factor(parts: list[np.ndarray]) -> float:
-    """One over the std of every latent value (float64 sums over all shards' float16 values)."""
-    n = sum(p.size for p in parts)
-    total = sum(float(p.astype(np.float64).sum()) for p in parts)
-    squares = sum(float(np.square(p.astype(np.float64)).sum()) for p in parts)
-    std = math.sqrt(max(squares / n - (total / n) ** 2, 0.0))
-    if not std > 0:
+def _normalisation(parts: list[np.ndarray], per_channel: bool = False) -> dict:
+    """What makes the latents unit-scale: {"scale_factor": one over the std of every latent value}, or with
+    `per_channel` each channel's own mean and std ({"scale_factor": [1 / std_c], "latent_shift": [mean_c]}), so each
+    channel is standardised (a diffusion head's noise is unit normal in every channel). float64 sums over all shards'
+    float16 values."""
+    axes = tuple(range(parts[0].ndim - 1)) if per_channel else None
+    n = sum(p.size for p in parts) // (parts[0].shape[-1] if per_channel else 1)
+    total = sum(p.astype(np.float64).sum(axis=axes) for p in parts)
+    squares = sum(np.square(p.astype(np.float64)).sum(axis=axes) for p in parts)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    if not np.all(std > 0):
         raise ValueError("the tokenizer's latents are constant (std 0): no scale factor; is the tokenizer trained?")
-    return 1.0 / std
+    if per_channel:
+        return {"scale_factor": (1.0 / std).tolist(), "latent_shift": mean.tolist()}
+    return {"scale_factor": float(1.0 / std)}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -75,12 +81,14 @@ def write_shards(
     shard_size: int = 100_000,
     hflip: bool = False,
     dist_info: DistInfo | None = None,
+    per_channel: bool = False,
 ) -> Path:
     """Encode every image of `dataset` with `tokenizer` (and optionally its mirror image, as more data).
 
     A shard is closed once it holds `shard_size` rows, at a batch boundary. Under torchrun (`dist_info` with several
     ranks) the batches of each shard are dealt out to the ranks and rank 0 writes the shard: the files are those
-    one process writes.
+    one process writes. Latents (a KL tokenizer's) are stored in the posterior's own scale with what makes them
+    unit-scale when read: one scale factor, or with `per_channel` a shift and a scale per channel.
     """
     info = dist_info or DistInfo()
     out_dir = Path(out_dir)
@@ -124,7 +132,7 @@ def write_shards(
         }
         if meta["values"] == "continuous":
             stored = [np.load(out_dir / s["tokens"], mmap_mode="r") for s in shards]
-            meta.update(token_dim=int(tokenizer.token_dim), scale_factor=_scale_factor(stored))
+            meta.update(token_dim=int(tokenizer.token_dim), **_normalisation(stored, per_channel))
         atomic_write(out_dir / META_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out_dir
 
@@ -142,7 +150,11 @@ class TokenShards(Dataset):
         self.vocab_size, self.seq_len = self.meta["vocab_size"], self.meta["seq_len"]
         self.values = self.meta.get("values", "discrete")  # shards written before latents hold ids
         self.token_dim = self.meta.get("token_dim")  # continuous: values per token
-        self.scale_factor = self.meta.get("scale_factor", 1.0)  # continuous: applied when read
+        # continuous: (latent - latent_shift) * scale_factor when read, one number or one per channel
+        self.scale_factor = self.meta.get("scale_factor", 1.0)
+        self.latent_shift = self.meta.get("latent_shift")
+        self._scale = np.asarray(self.scale_factor, dtype=np.float32)
+        self._shift = np.asarray(self.latent_shift or 0.0, dtype=np.float32)
         self.class_names = self.meta.get("class_names", [])
         self.tokens = [np.load(self.directory / s["tokens"], mmap_mode="r") for s in self.meta["shards"]]
         self.labels = [np.load(self.directory / s["labels"], mmap_mode="r") for s in self.meta["shards"]]
@@ -169,5 +181,5 @@ class TokenShards(Dataset):
         j = i - self.offsets[s]
         label = torch.tensor(int(self.labels[s][j]))
         if self.values == "continuous":
-            return torch.from_numpy(self.tokens[s][j].astype(np.float32)) * self.scale_factor, label
+            return torch.from_numpy((self.tokens[s][j].astype(np.float32) - self._shift) * self._scale), label
         return torch.from_numpy(self.tokens[s][j].astype(np.int64)), label

@@ -18,6 +18,7 @@ a pixel region, where a VQ tokenizer speaks (B, L) ids: known tokens for editing
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,10 @@ class KLConfig:
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
-    scale_factor: float = 0.2325  # latents the generator sees = posterior sample * scale_factor (MAR's vae scale)
+    # latents the generator sees = (posterior sample - latent_shift) * scale_factor: one number (MAR's vae scale),
+    # or one per channel with a per-channel shift (`argen tokenize --normalize channel` measures them)
+    scale_factor: float | list[float] = 0.2325
+    latent_shift: list[float] | None = None  # None: 0
     kl_weight: float = 1e-6  # weight of the KL term in the training loss
 
     def __post_init__(self) -> None:
@@ -45,7 +49,7 @@ class KLConfig:
             check_int(self, name)
         check_int(self, "ch", minimum=32)
         check_sizes(self, "ch_mult")
-        check_number(self, "scale_factor", above=0.0)
+        self._check_channels()
         check_number(self, "kl_weight", at_least=0.0)
         if self.ch % 32:
             raise ConfigError(f"KLConfig.ch={self.ch}: must be a multiple of 32 (GroupNorm uses 32 groups)")
@@ -53,6 +57,28 @@ class KLConfig:
             raise ConfigError(
                 f"KLConfig.image_size={self.image_size} is not a multiple of the downsample factor {self.downsample}"
             )
+
+    def _check_channels(self) -> None:
+        scale, shift = self.scale_factor, self.latent_shift
+        if isinstance(scale, (list, tuple)):
+            if len(scale) != self.embed_dim or not all(isinstance(v, (int, float)) and v > 0 for v in scale):
+                raise ConfigError(
+                    f"KLConfig.scale_factor: one number > 0, or {self.embed_dim} (one per channel), got {scale!r}"
+                )
+        else:
+            check_number(self, "scale_factor", above=0.0)
+        if shift is not None and (
+            not isinstance(shift, (list, tuple))
+            or len(shift) != self.embed_dim
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in shift)
+        ):
+            raise ConfigError(f"KLConfig.latent_shift: None or {self.embed_dim} finite numbers, got {shift!r}")
+
+    def channels(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) as (C, 1, 1) tensors on `like`'s device and dtype, for latents (B, C, h, w)."""
+        scale = torch.as_tensor(self.scale_factor, dtype=like.dtype, device=like.device).reshape(-1, 1, 1)
+        shift = torch.as_tensor(self.latent_shift or 0.0, dtype=like.dtype, device=like.device).reshape(-1, 1, 1)
+        return scale, shift
 
     @property
     def downsample(self) -> int:
@@ -170,10 +196,12 @@ class KLTokenizer(nn.Module, Pretrained):
         """(B, C, H, W) -> scaled latents (B, embed_dim, h, w): the posterior's mean, or a sample of it with
         `sample` (noise from `generator`)."""
         posterior = self.posterior(images)
-        if not sample:
-            return posterior.mean * self.config.scale_factor
-        noise = torch.randn(posterior.mean.shape, generator=generator, device=generator.device if generator else None)
-        return posterior.sample(noise.to(posterior.mean.device)) * self.config.scale_factor
+        z = posterior.mean
+        if sample:
+            noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else None)
+            z = posterior.sample(noise.to(z.device))
+        scale, shift = self.config.channels(z)
+        return (z - shift) * scale
 
     def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim, h, w) latents in the posterior's own scale -> (B, C, H, W) images, not clamped."""
@@ -191,11 +219,12 @@ class KLTokenizer(nn.Module, Pretrained):
             latents = self.from_tokens(latents)
         if latents.dim() != 4 or latents.shape[1] != self.config.embed_dim:
             raise ValueError(f"latents must be (B, {self.config.embed_dim}, h, w), got {tuple(latents.shape)}")
-        return self.decode_unscaled(latents / self.config.scale_factor)
+        scale, shift = self.config.channels(latents)
+        return self.decode_unscaled(latents / scale + shift)
 
     def decode_partial(self, tokens: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
         """A preview of partly generated tokens (B, L, D) with their (B, L) filled mask: unknown positions get a
-        zero latent (the prior's mean)."""
+        zero token (the prior's mean; the latents' own mean under a per-channel shift)."""
         return self.decode(tokens * filled[..., None].to(tokens.dtype))
 
     def forward(self, images: torch.Tensor) -> KLOutput:
