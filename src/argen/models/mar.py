@@ -427,12 +427,13 @@ class MARTransformer(nn.Module, Pretrained):
         state.commit(positions, values.to(state.tokens.dtype))
 
 
-# Presets are data. "mnist-mar" pairs with the "mnist-kl" tokenizer (28 / 4 = 7 x 7 latents of 8 channels).
+# Presets are data. "mnist-mar" pairs with the "mnist-kl" tokenizer (28 / 4 = 7 x 7 latents of 4 channels); argen train
+# takes latent_size and latent_channels from the tokenizer whatever a preset says (data_fields).
 MAR_PRESETS: dict[str, MARConfig] = {
     "mnist-mar": MARConfig(
         num_classes=10,
         latent_size=7,
-        latent_channels=8,
+        latent_channels=4,
         encoder_dim=128,
         encoder_depth=3,
         encoder_heads=4,
