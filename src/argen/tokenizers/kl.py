@@ -7,9 +7,10 @@ continuous values. The conv encoder and decoder are argen's shared ones (`tokeni
 taming-transformers design MAR's `models/vae.py` also uses); official checkpoints load through
 `argen.convert.mar`, which renames their keys.
 
-The generator sees latents multiplied by `scale_factor` (MAR: 0.2325, about one over the latents' std), so the
-factor lives here, on the component that owns it, and nowhere else. `argen tokenize` measures it on the data it
-encodes (one over the std of the posterior means) and `argen train` stores it in the pipeline's tokenizer.
+The generator sees latents as (z - `latent_shift`) * `scale_factor` (MAR: no shift and 0.2325, about one over the
+latents' std; per channel, a shift and a scale each), so the normalisation lives here, on the component that owns it.
+`argen tokenize` measures it on the data it encodes (the posterior means' std, or each channel's mean and std) and
+`argen train` stores it in the pipeline's tokenizer.
 
 As a generator's tokenizer it speaks tokens: `encode` gives (B, L, D) scaled posterior means, one token per latent
 position in raster order (D = embed_dim; MAR's patchify at patch size 1), and `token_mask` the (B, L) positions of
