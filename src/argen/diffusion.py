@@ -4,8 +4,15 @@ model's p(x_{t-1} | x_t) under a learned-range variance.
 
 Shared by the head's training loss (`models/diffusion_head.py`) and its sampling loop (`sampling/diffusion.py`),
 so both read one set of tables. The tables are computed in float64 and each looked-up value is rounded to
-float32, as MAR's (IDDPM's) numpy tables are; the network predicts eps and a value in [-1, 1] interpolating the
-log-variance between the posterior's and beta_t (LEARNED_RANGE).
+float32, as MAR's (IDDPM's) numpy tables are; the network predicts eps (MAR's choice) or v, and a value in [-1, 1]
+interpolating the log-variance between the posterior's and beta_t (LEARNED_RANGE).
+
+The prediction target belongs to the process, so the loss and the sampler read it from one place: with
+x_t = a x_0 + s eps (a = sqrt(alpha-bar), s = sqrt(1 - alpha-bar)), `eps` asks the network for the noise and
+recovers x_0 = (x_t - s eps) / a, which multiplies the network's error by s / a (~300 at t = 999 of the cosine
+schedule); `v` (Salimans & Ho 2022) asks for v = a eps - s x_0 and recovers x_0 = a x_t - s v, whose error is never
+amplified. Both are affine in x_t with the same coefficients for every row, so guidance that mixes two
+predictions linearly means the same thing under either.
 """
 
 from __future__ import annotations
@@ -36,11 +43,17 @@ def spaced_timesteps(num_timesteps: int, count: int) -> list[int]:
     return sorted({round(i * stride) for i in range(count)})
 
 
+PREDICTIONS = ("eps", "v")
+
+
 class DiffusionSchedule:
     """The tables of one discrete diffusion process; `timestep_map[i]` is the original timestep a (respaced)
     index i stands for, which is what the network is told."""
 
-    def __init__(self, betas: torch.Tensor, timestep_map: list[int] | None = None):
+    def __init__(self, betas: torch.Tensor, timestep_map: list[int] | None = None, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"the head's prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         self.betas = b = betas.to(torch.float64)
         self.num_timesteps = len(b)
         self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(b)))
@@ -60,12 +73,12 @@ class DiffusionSchedule:
         self.log_betas = b.log()
 
     @classmethod
-    def cosine(cls, num_timesteps: int = 1000) -> DiffusionSchedule:
+    def cosine(cls, num_timesteps: int = 1000, prediction: str = "eps") -> DiffusionSchedule:
         """The training process MAR uses: cosine, T = 1000 (its `create_diffusion("", "cosine")`)."""
-        return cls.respaced_from(cosine_betas(num_timesteps), num_timesteps)
+        return cls.respaced_from(cosine_betas(num_timesteps), num_timesteps, prediction)
 
     @classmethod
-    def respaced_from(cls, betas: torch.Tensor, count: int) -> DiffusionSchedule:
+    def respaced_from(cls, betas: torch.Tensor, count: int, prediction: str = "eps") -> DiffusionSchedule:
         """The process keeping `count` of the timesteps of `betas`, with betas recomputed so that the kept
         steps have the original alpha-bar (IDDPM's SpacedDiffusion)."""
         kept = spaced_timesteps(len(betas), count)
@@ -74,11 +87,11 @@ class DiffusionSchedule:
         for i in kept:
             new_betas.append(1 - ac[i] / last)
             last = ac[i]
-        return cls(torch.stack(new_betas), kept)
+        return cls(torch.stack(new_betas), kept, prediction)
 
     def respaced(self, count: int) -> DiffusionSchedule:
-        """This process (a full one) sampled in `count` steps."""
-        return DiffusionSchedule.respaced_from(self.betas, count)
+        """This process (a full one) sampled in `count` steps, with the same prediction target."""
+        return DiffusionSchedule.respaced_from(self.betas, count, self.prediction)
 
     @staticmethod
     def take(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -91,23 +104,38 @@ class DiffusionSchedule:
             self.take(self.sqrt_alphas_cumprod, t) * x_start + self.take(self.sqrt_one_minus_alphas_cumprod, t) * noise
         )
 
+    def target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output for x_t = q_sample(x_start, t, noise): (N, C)."""
+        if self.prediction == "eps":
+            return noise
+        a, s = self.take(self.sqrt_alphas_cumprod, t), self.take(self.sqrt_one_minus_alphas_cumprod, t)
+        return a * noise - s * x_start
+
+    def predict_xstart(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x_0 that the network's (N, C) prediction at x_t stands for."""
+        if self.prediction == "eps":
+            return (
+                self.take(self.sqrt_recip_alphas_cumprod, t) * x_t
+                - self.take(self.sqrt_recipm1_alphas_cumprod, t) * prediction
+            )
+        a, s = self.take(self.sqrt_alphas_cumprod, t), self.take(self.sqrt_one_minus_alphas_cumprod, t)
+        return a * x_t - s * prediction
+
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         mean = self.take(self.posterior_mean_coef1, t) * x_start + self.take(self.posterior_mean_coef2, t) * x_t
         return mean, self.take(self.posterior_log_variance_clipped, t) + torch.zeros_like(x_t)
 
     def p_mean_variance(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip: float = 0.0):
-        """The network's (N, 2C) output (eps, variance value in [-1, 1]) at x_t -> the mean and log-variance of
+        """The network's (N, 2C) output (eps or v, variance value in [-1, 1]) at x_t -> the mean and log-variance of
         p(x_{t-1} | x_t). clip > 0 clamps the x_0 prediction to [-clip, clip] (0: unclipped, as MAR: latents are
         unbounded)."""
-        eps, var_values = model_output.split(x.shape[1], dim=1)
+        prediction, var_values = model_output.split(x.shape[1], dim=1)
         min_log = self.take(self.posterior_log_variance_clipped, t)
         max_log = self.take(self.log_betas, t)
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = (
-            self.take(self.sqrt_recip_alphas_cumprod, t) * x - self.take(self.sqrt_recipm1_alphas_cumprod, t) * eps
-        )
+        pred_xstart = self.predict_xstart(prediction, x, t)
         if clip > 0:
             pred_xstart = pred_xstart.clamp(-clip, clip)
         mean, _ = self.q_posterior(pred_xstart, x, t)

@@ -294,3 +294,27 @@ def test_a_guide_must_sample_the_same_values_over_the_same_noise_schedule():
     check_guide(model, tiny_mar(head_width=16))
     with pytest.raises(ConfigError, match="value size and noise schedule"):
         check_guide(model, tiny_mar(latent_channels=2))
+    with pytest.raises(ConfigError, match="eps or v"):
+        check_guide(model, tiny_mar(head_prediction="v"))
+
+
+def test_a_v_predicting_head_is_trained_on_v_and_sampled_as_v():
+    """`head_prediction="v"` changes what the loss asks of the head (the same draws give another loss) and what the
+    sampler reads from it; the config refuses anything else by name."""
+    eps, v = tiny_mar(), tiny_mar(head_prediction="v")
+    assert v.head_schedule.prediction == "v" and v.head_schedule.respaced(10).prediction == "v"
+    latents, labels = torch.randn(2, 4, 3, 3), Condition.classes([0, 1])
+    torch.manual_seed(5)
+    loss_eps = eps.loss(latents, labels).loss
+    torch.manual_seed(5)
+    loss_v = v.loss(latents, labels).loss
+    assert torch.isfinite(loss_v) and not torch.allclose(loss_eps, loss_v)
+    # the same network outputs, read as v: a different chain, as finite
+    z = torch.randn(6, 32)
+    schedule = v.head_schedule.respaced(5)
+    noise = torch.randn(6, 4)
+    as_v = sample_head(v.head, z, schedule, lambda i: noise * (i + 1) / 5)
+    as_eps = sample_head(eps.head, z, eps.head_schedule.respaced(5), lambda i: noise * (i + 1) / 5)
+    assert torch.isfinite(as_v).all() and not torch.allclose(as_v, as_eps)
+    with pytest.raises(ConfigError, match="head_prediction"):
+        MARConfig(head_prediction="x0")

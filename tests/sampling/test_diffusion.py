@@ -1,4 +1,4 @@
-"""The diffusion head's sampling loop against a closed form: a 1-D Gaussian target, for which the ideal noise
+"""The diffusion head's sampling loop against a closed form: a 1-D Gaussian target, for which the ideal noise (or v)
 prediction and reverse variance are known, must be sampled with its mean and variance."""
 
 import math
@@ -13,7 +13,8 @@ MU, SIGMA = 1.5, 0.5
 
 
 def ideal_head(schedule: DiffusionSchedule):
-    """For x_0 ~ N(MU, SIGMA^2): E[eps | x_t] and the variance value in [-1, 1] giving the exact reverse variance
+    """For x_0 ~ N(MU, SIGMA^2): E[eps | x_t] (or E[v | x_t] = E[eps | x_t] / a - s / a x_t for a v-predicting
+    schedule) and the variance value in [-1, 1] giving the exact reverse variance
     Var[x_{t-1} | x_t] = posterior variance + coef1^2 Var[x_0 | x_t], for the (respaced) `schedule`."""
     index = torch.zeros(int(schedule.timestep_map.max()) + 1, dtype=torch.long)
     index[schedule.timestep_map] = torch.arange(len(schedule.timestep_map))
@@ -28,14 +29,18 @@ def ideal_head(schedule: DiffusionSchedule):
         low, high = schedule.posterior_log_variance_clipped[i][:, None], schedule.log_betas[i][:, None]
         frac = ((exact.log() - low) / (high - low)).clamp(0, 1)
         frac = torch.where(high > low, frac, torch.zeros_like(frac))
+        if schedule.prediction == "v":
+            eps = (eps - (1 - ab).sqrt() * x.double()) / ab.sqrt()
         return torch.cat([eps, 2 * frac - 1], dim=1).float()
 
     return head
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("steps", [1000, 50])
-def test_samples_a_gaussian_with_its_mean_and_variance(steps):
-    schedule = DiffusionSchedule.cosine(1000).respaced(steps)
+def test_samples_a_gaussian_with_its_mean_and_variance(steps, prediction):
+    schedule = DiffusionSchedule.cosine(1000, prediction).respaced(steps)
+    assert schedule.prediction == prediction
     n = 20000
     generators = [torch.Generator().manual_seed(s) for s in range(4)]
     owners = torch.arange(n) % 4
@@ -55,6 +60,38 @@ def test_temperature_scales_the_noise():
     cold = sample_head(ideal_head(schedule), torch.zeros(n, 1), schedule, noise, temperature=0.5)
     assert cold.mean().item() == pytest.approx(MU, abs=0.02)
     assert cold.std().item() < 0.8 * SIGMA  # a cooler chain concentrates around the mode
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_target_stands_for_the_clean_value_it_was_made_from(prediction):
+    """target() and predict_xstart() are inverse: the exact target at x_t recovers x_0 at every timestep, and a v
+    target is a eps - s x_0."""
+    schedule = DiffusionSchedule.cosine(1000, prediction)
+    x0, noise = torch.randn(1000, 4), torch.randn(1000, 4)
+    t = torch.arange(1000)
+    target = schedule.target(x0, t, noise)
+    x_t = schedule.q_sample(x0, t, noise)
+    # eps recovers x_0 through 1 / a, up to ~300 at t = 999: float32 rounding of x_t grows with it there
+    tol = 1e-4 if prediction == "v" else 2e-2
+    assert torch.allclose(schedule.predict_xstart(target, x_t, t), x0, atol=tol)
+    a, s = schedule.take(schedule.sqrt_alphas_cumprod, t), schedule.take(schedule.sqrt_one_minus_alphas_cumprod, t)
+    assert torch.allclose(target, noise if prediction == "eps" else a * noise - s * x0)
+
+
+def test_an_error_in_v_is_never_amplified_in_x0_but_one_in_eps_is():
+    """Why a head might predict v: at the noisiest step the same small error costs eps ~ s / a times more in x_0."""
+    t = torch.tensor([999])
+    x_t, error = torch.zeros(1, 1), torch.full((1, 1), 0.01)
+    errs = {
+        p: (s.predict_xstart(error, x_t, t) - s.predict_xstart(torch.zeros(1, 1), x_t, t)).abs().item()
+        for p, s in ((p, DiffusionSchedule.cosine(1000, p)) for p in ("eps", "v"))
+    }
+    assert errs["v"] <= 0.01 and errs["eps"] > 100 * 0.01
+
+
+def test_an_unknown_prediction_is_refused_by_name():
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        DiffusionSchedule.cosine(1000, "x0")
 
 
 def test_spaced_timesteps_match_iddpm():

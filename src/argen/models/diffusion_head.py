@@ -113,7 +113,8 @@ class SimpleMLPAdaLN(nn.Module):
 
 @dataclass
 class DiffusionLossRows:
-    """Per-row terms of the diffusion loss, (N,) each: the eps MSE and the variational bound term in bits."""
+    """Per-row terms of the diffusion loss, (N,) each: the MSE of the prediction (eps or v) and the variational bound
+    term in bits."""
 
     mse: torch.Tensor
     vb: torch.Tensor
@@ -149,14 +150,24 @@ def discretized_gaussian_log_likelihood(
 
 class DiffLoss(nn.Module):
     """MAR's diffusion loss (its eq. 2): for a token value x_0 (N, C) and the transformer's z (N, Dz), noise it to
-    a random timestep and predict the noise; the learned variance is trained by IDDPM's variational bound with
-    the eps prediction detached (their L_hybrid with lambda = 1, MAR's `create_diffusion` defaults)."""
+    a random timestep and predict the noise (or v, `prediction="v"`); the learned variance is trained by IDDPM's
+    variational bound with the mean's prediction detached (their L_hybrid with lambda = 1, MAR's
+    `create_diffusion` defaults)."""
 
-    def __init__(self, target_channels: int, z_channels: int, depth: int, width: int, num_timesteps: int = 1000):
+    def __init__(
+        self,
+        target_channels: int,
+        z_channels: int,
+        depth: int,
+        width: int,
+        num_timesteps: int = 1000,
+        prediction: str = "eps",
+    ):
         super().__init__()
         self.in_channels = target_channels
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth)
-        self.schedule = DiffusionSchedule.cosine(num_timesteps)  # tables, not parameters: nothing saved
+        # tables, not parameters: nothing saved
+        self.schedule = DiffusionSchedule.cosine(num_timesteps, prediction)
 
     def loss_rows(
         self, target: torch.Tensor, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -166,10 +177,10 @@ class DiffLoss(nn.Module):
         x_t = s.q_sample(target, t, noise)
         dtype = self.net.input_proj.weight.dtype  # the process in float32, the network in its own dtype
         out = self.net(x_t.to(dtype), s.timestep_map.to(t.device)[t], z.to(dtype)).float()  # (N, 2C)
-        eps = out[:, : self.in_channels]
-        mse = (noise - eps).pow(2).mean(dim=1)
-        # The bound trains the variance only: the mean comes from the detached eps prediction.
-        frozen = torch.cat([eps.detach(), out[:, self.in_channels :]], dim=1)
+        prediction = out[:, : self.in_channels]
+        mse = (s.target(target, t, noise) - prediction).pow(2).mean(dim=1)
+        # The bound trains the variance only: the mean comes from the detached prediction.
+        frozen = torch.cat([prediction.detach(), out[:, self.in_channels :]], dim=1)
         true_mean, true_log_variance = s.q_posterior(target, x_t, t)
         mean, log_variance = s.p_mean_variance(frozen, x_t, t)
         kl = normal_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=1) / math.log(2.0)

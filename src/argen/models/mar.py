@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from argen.diffusion import PREDICTIONS
 from argen.errors import ConfigError, check_int, check_number, check_probability
 from argen.models.diffusion_head import DiffLoss
 from argen.models.interface import Condition, DecodeState, LossOutput, OrderSpec, Prediction, as_condition
@@ -124,6 +125,7 @@ class MARConfig:
     head_depth: int = 3  # residual blocks of the diffusion MLP (diffloss_d)
     head_width: int = 1024  # its width (diffloss_w)
     diffusion_batch_mul: int = 4  # noise samples per token in the diffusion loss
+    head_prediction: str = "eps"  # what the head predicts: "eps" (MAR's) or "v" (see argen.diffusion)
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "latent_size", "latent_channels", "patch_size", "encoder_dim", "encoder_depth"):
@@ -134,6 +136,8 @@ class MARConfig:
         check_int(self, "diffusion_batch_mul")
         check_number(self, "mlp_ratio", above=0)
         check_number(self, "mask_ratio_min", above=0.0, at_most=1.0)
+        if self.head_prediction not in PREDICTIONS:
+            raise ConfigError(f"MARConfig: head_prediction={self.head_prediction!r} is not one of {PREDICTIONS}")
         for name in ("class_dropout", "attn_dropout", "proj_dropout"):
             check_probability(self, name)
         if self.latent_size % self.patch_size:
@@ -251,7 +255,9 @@ class MARTransformer(nn.Module, Pretrained):
         self.decoder_norm = nn.LayerNorm(c.decoder_dim, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, c.decoder_dim))
         self._init_weights()
-        self.diffloss = DiffLoss(c.token_dim, c.decoder_dim, c.head_depth, c.head_width)  # its own init
+        self.diffloss = DiffLoss(  # its own init
+            c.token_dim, c.decoder_dim, c.head_depth, c.head_width, prediction=c.head_prediction
+        )
 
     def _init_weights(self) -> None:
         """MAR's init: N(0, 0.02) embeddings, xavier-uniform linears with zero bias, unit LayerNorms."""
@@ -342,7 +348,8 @@ class MARTransformer(nn.Module, Pretrained):
 
     def head(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The diffusion head as a callable for `argen.sampling.diffusion`: x_t (N, D), timesteps (N,) of the
-        1000-step process, z (N, Dd) -> (N, 2D) eps and variance values."""
+        1000-step process, z (N, Dd) -> (N, 2D) predictions (eps or v, `head_schedule.prediction`) and variance
+        values."""
         dtype = self.z_proj.weight.dtype  # the loop runs in float32, the weights may not
         return self.diffloss.net(x.to(dtype), t, z.to(dtype))
 

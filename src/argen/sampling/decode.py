@@ -62,8 +62,12 @@ def check_guide(model: Generator, guide_model: Generator | None) -> None:
     if model.order.values == "continuous" and (
         guide_model.token_dim != model.token_dim
         or not torch.equal(guide_model.head_schedule.betas, model.head_schedule.betas)
+        or guide_model.head_schedule.prediction != model.head_schedule.prediction
     ):
-        raise ConfigError("the guide model's diffusion head must sample the generator's value size and noise schedule")
+        raise ConfigError(
+            "the guide model's diffusion head must sample the generator's value size and noise schedule, and "
+            "predict what it predicts (eps or v)"
+        )
 
 
 @torch.no_grad()
