@@ -11,8 +11,9 @@
 # Measured on the shared 2-core machine at batch 64 (20-step timings; slower under other work): tokenizer 0.77 s/step
 # (2.1 s/step while tests ran beside it: 500 steps in 17 min), tokenize ~12 s, MAR 1.6-1.9 s/step (1,500 steps
 # ~45 min) plus ~1 min for the final preview; stages 2 and 3 at 1.04-1.1 s/step alone on the machine (2,000 steps,
-# 35 min each; stage 3 took 48 min beside other work), stage 4 139 min beside other work, stage 5 48 min alone, stage 6 72 min. About
-# five hours in all on an idle machine: five times the ~60 min aimed at (a one-stage recipe that fits is not found yet;
+# 35 min each; stage 3 took 48 min beside other work), stage 4 139 min beside other work, stage 5 48 min alone,
+# stage 6 72 min on a slower machine. About five hours in all on an idle machine: five times the ~60 min aimed at (a
+# one-stage recipe that fits is not found yet;
 # docs/quality.md). A 300-step MAR on the 500-step tokenizer (PSNR 27.3 dB) reached 62 % accuracy, FD 6.1x the
 # floor (N = 100, 16 AR steps, 50 head steps, cfg 3): the full length is needed.
 set -euo pipefail
