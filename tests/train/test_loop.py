@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import signal
@@ -12,11 +13,12 @@ from safetensors.torch import load_file
 
 from argen.data.datasets import load_dataset, split_indices
 from argen.data.shards import TokenShards
-from argen.errors import CheckpointError, NonFiniteError
+from argen.errors import CheckpointError, ConfigError, NonFiniteError
 from argen.eval.classifier import ClassifierConfig, ImageClassifier, accuracy
 from argen.models.raster import RasterTransformer
 from argen.train import checkpoint
 from argen.train.loop import StepBatches, TrainConfig, train
+from argen.train.optim import warmup_cosine
 from argen.train.tasks import ClassifierTask, GeneratorTask
 from tests.train.worker import build_model
 
@@ -127,6 +129,33 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, mnist_shards):
         a, b = weights(tmp_path / "straight" / sub), weights(tmp_path / "killed" / sub)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{sub}: resumed weights differ"
+
+
+def test_stop_after_cuts_the_schedule_and_resume_finishes_it_exactly(tmp_path, mnist_shards):
+    """A run cut by --stop-after follows the whole run's lr schedule, ends with final/ as a run would, and
+    --resume without the cut ends with the weights of the uninterrupted run."""
+    shards = TokenShards(mnist_shards)
+
+    def run(folder, stop_after, resume=False):
+        config = TrainConfig(steps=12, stop_after=stop_after, batch_size=16, lr=3e-3, warmup_steps=2, save_every=5)
+        torch.manual_seed(0)
+        return train(GeneratorTask(tiny_generator(shards)), shards, config, folder, resume=resume, progress=False)
+
+    straight = run(tmp_path / "straight", 0)
+    cut = run(tmp_path / "cut", 7)
+    assert cut.steps == 7 and straight.steps == 12
+    assert [int(d.name[5:]) for d in checkpoint.step_folders(tmp_path / "cut")] == [5, 7]
+    last = json.loads((tmp_path / "cut" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 7 and last["lr"] == pytest.approx(3e-3 * warmup_cosine(6, 12, 2, 0.1))
+    assert last["lr"] > 0.5 * 3e-3  # mid-schedule, not annealed as a 7-step run would end
+    assert (tmp_path / "cut" / "final" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="already at step 7"):
+        run(tmp_path / "cut", 5, resume=True)
+    run(tmp_path / "cut", 0, resume=True)
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "cut" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a), "a cut run resumed to the end differs from the straight one"
+    with pytest.raises(ConfigError, match="past the run's 12 steps"):
+        TrainConfig(steps=12, stop_after=13)
 
 
 @pytest.mark.slow

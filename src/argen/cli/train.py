@@ -39,6 +39,13 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: 
     )
     p.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps in all")
     p.add_argument(
+        "--stop-after",
+        type=nonnegative_int,
+        default=d.stop_after,
+        help="end after this many steps, the lr schedule still spanning --steps (a run cut to a time budget; "
+        "--resume continues it); 0 runs all",
+    )
+    p.add_argument(
         "--batch-size", type=positive_int, default=batch_size, help="global batch size (all ranks together)"
     )
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
@@ -88,6 +95,7 @@ def _train_config(args: argparse.Namespace):
 
     return TrainConfig(
         steps=args.steps,
+        stop_after=args.stop_after,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup_steps,

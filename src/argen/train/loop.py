@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # End after this many steps, the learning-rate schedule still spanning `steps` (0: run them all): a run cut to a
+    # time budget ends as a killed one would, with its checkpoint and final/, and `--resume` continues it.
+    stop_after: int = 0
     batch_size: int = 64  # global, across ranks
     lr: float = 3e-4
     weight_decay: float = 0.05
@@ -63,6 +66,7 @@ class TrainConfig:
         # (field, lowest, highest, whether the bounds are open); every number must also be finite.
         ranges = [
             ("steps", 1, None, False),
+            ("stop_after", 0, None, False),
             ("batch_size", 1, None, False),
             ("lr", 0, None, True),
             ("weight_decay", 0, None, False),
@@ -81,6 +85,8 @@ class TrainConfig:
         ]
         for name, low, high, open_low in ranges:
             _check_number(name, getattr(self, name), low, high, open_low)
+        if self.stop_after > self.steps:
+            raise ConfigError(f"training config: stop_after {self.stop_after} is past the run's {self.steps} steps")
         if self.ema_decay >= 1:
             raise ConfigError(f"training config: ema_decay must be < 1 (0 disables EMA), got {self.ema_decay}")
         if len(self.betas) != 2:
@@ -103,7 +109,7 @@ class TrainConfig:
         return ParallelConfig(self.parallel, self.precision, self.activation_checkpointing, self.compile)
 
 
-_INT_FIELDS = {"steps", "batch_size", "warmup_steps", "seed", "save_every", "preview_every", "log_every"}
+_INT_FIELDS = {"steps", "stop_after", "batch_size", "warmup_steps", "seed", "save_every", "preview_every", "log_every"}
 _INT_FIELDS |= {"max_bad_steps", "num_workers", "grad_accum"}
 
 
@@ -339,16 +345,17 @@ def _train(
             "micro-batches: choose a multiple of their product"
         )
 
-    sampler = StepBatches(
-        len(dataset), config.batch_size, config.seed, start, config.steps, info.rank, info.world_size
-    )
+    end = config.stop_after or config.steps
+    if start > end:
+        raise ConfigError(f"--stop-after {end}: the run's newest checkpoint is already at step {start}")
+    sampler = StepBatches(len(dataset), config.batch_size, config.seed, start, end, info.rank, info.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers)
     bar = tqdm(
         total=config.steps, initial=start, disable=not (progress and info.is_main), unit="step", dynamic_ncols=True
     )
     t0, units, last_loss = time.perf_counter(), 0, float("nan")
     model.train()
-    for step, batch in zip(range(start, config.steps), loader, strict=True):
+    for step, batch in zip(range(start, end), loader, strict=True):
         torch.manual_seed(_step_seed(config.seed, step, info.rank))
         lr = config.lr * warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -404,10 +411,10 @@ def _train(
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", **{f"{task.unit}/s": f"{rate:,.0f}"})
         done = step + 1
-        if info.is_main and (done % config.log_every == 0 or done == config.steps):
+        if info.is_main and (done % config.log_every == 0 or done == end):
             record = {"step": done, "loss": last_loss, "lr": lr, f"{task.unit}_per_s": rate, "skipped": skipped}
             append_line(run_dir / "log.jsonl", json.dumps(record))
-        if (config.save_every and done % config.save_every == 0) or done == config.steps:
+        if (config.save_every and done % config.save_every == 0) or done == end:
             state = {
                 "step": done,
                 "skipped": skipped,
@@ -427,9 +434,9 @@ def _train(
                     run_dir, done, model, ema.state_dict() if ema else None, state, config.keep_checkpoints
                 )
             barrier(info)
-        if (config.preview_every and done % config.preview_every == 0) or done == config.steps:
+        if (config.preview_every and done % config.preview_every == 0) or done == end:
             if sharded:
-                if done == config.steps and info.is_main:
+                if done == end and info.is_main:
                     log.info("no previews under FSDP (the weights are sharded): sample from final/ instead")
             elif info.is_main:
                 _preview(task, model, ema, run_dir / "previews" / f"step-{done:08d}.png")
@@ -437,7 +444,7 @@ def _train(
     seconds = time.perf_counter() - t0
     output = _save_final(run_dir, model, ema, info, sharded)
     barrier(info)
-    return TrainResult(config.steps, last_loss, seconds, units / max(seconds, 1e-9), skipped, output)
+    return TrainResult(end, last_loss, seconds, units / max(seconds, 1e-9), skipped, output)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -467,7 +474,15 @@ def _save_final(run_dir: Path, model: nn.Module, ema: EMA | None, info: DistInfo
 def _comparable(config: TrainConfig) -> dict[str, Any]:
     """Fields that must match to resume (everything but bookkeeping), as plain JSON-like values."""
     d = asdict(config)
-    bookkeeping = ("save_every", "keep_checkpoints", "preview_every", "log_every", "num_workers", "max_bad_steps")
+    bookkeeping = (
+        "stop_after",
+        "save_every",
+        "keep_checkpoints",
+        "preview_every",
+        "log_every",
+        "num_workers",
+        "max_bad_steps",
+    )
     for k in (*bookkeeping, "activation_checkpointing", "compile"):  # neither changes the numbers
         d.pop(k)
     d["betas"] = list(d["betas"])
