@@ -120,6 +120,7 @@ SURFACE = {
 TRAIN_FLAGS = {
     "--out",
     "--steps",
+    "--stop-after",
     "--batch-size",
     "--lr",
     "--warmup-steps",
