@@ -14,9 +14,9 @@
 # ~45 min) plus ~1 min for the final preview; stages 2 and 3 at 1.04-1.1 s/step alone on the machine (2,000 steps,
 # 35 min each; stage 3 took 48 min beside other work), stage 4 139 min beside other work, stage 5 48 min alone,
 # stage 6 72 min on a slower machine. About five hours for stages 1-6 on an idle machine, then ~8 min on a GPU for
-# stages 7-8 (a one-stage recipe that fits the ~60 min aimed at is not found yet; a single GPU run from scratch reached
-# 2.59x in 1,750 steps: docs/quality.md). A 300-step MAR on the 500-step tokenizer (PSNR 27.3 dB) reached 62 % accuracy, FD 6.1x the
-# floor (N = 100, 16 AR steps, 50 head steps, cfg 3): the full length is needed.
+# stages 7-8 (a one-stage recipe that fits the ~60 min aimed at is not found yet; a single GPU run from scratch
+# reached 2.59x in 1,750 steps: docs/quality.md). A 300-step MAR on the 500-step tokenizer (PSNR 27.3 dB) reached
+# 62 % accuracy, FD 6.1x the floor (N = 100, 16 AR steps, 50 head steps, cfg 3): the full length is needed.
 set -euo pipefail
 runs=${1:-runs/mar}
 tok_steps=${TOK_STEPS:-500}
@@ -31,7 +31,8 @@ stop7=${STOP7:-750}
 steps8=${STEPS8:-1200}
 device=${DEVICE:-cuda}
 batch=${BATCH:-64}
-cfg=${CFG:-1.3}
+stages=${STAGES:-8}
+cfg=${CFG:-$([ "$stages" -ge 8 ] && echo 1.3 || echo 1.5)}  # each model's own guidance
 name=${NAME:-mar-mnist}
 export OMP_WAIT_POLICY=PASSIVE
 
@@ -91,10 +92,10 @@ time argen train --tokens "$runs/latents" --tokenizer "$runs/tok/final" --preset
 # whole cosine schedule. On one H200: stage 7 ~4 min (shared with other work), stage 8 206 s alone (5.8 steps/s,
 # 289,000 tokens/s); on 2 CPU cores well over a day (one batch-1,024 step took 94 s here). 2.23x -> 1.57x the floor
 # over 3 seeds with cfg 1.3 (unguided 2.67x -> 1.68x; docs/quality.md). The shipped stage 7 was started from the
-# packed (float16) stage-6 weights, as stages 5 and 6 from theirs. STAGES=6 stops after stage 6 and packs it (with
-# CFG=1.5, its setting).
+# packed (float16) stage-6 weights, as stages 5 and 6 from theirs. STAGES=6 stops after stage 6 and packs it (at
+# cfg 1.5, its setting).
 last=gen6
-if [ "${STAGES:-8}" -ge 8 ]; then
+if [ "$stages" -ge 8 ]; then
     time argen train --tokens "$runs/latents" --tokenizer "$runs/tok/final" --preset mnist-mar \
         --init "$runs/gen6/final" --out "$runs/gen7" --steps "$steps7" --stop-after "$stop7" --batch-size 1024 \
         --lr 6e-4 --warmup-steps 100 --weight-decay 0.02 --grad-clip 3.0 --ema-decay 0.998 --seed 9 --save-every 250 \

@@ -138,7 +138,6 @@ def test_stop_after_cuts_the_schedule_and_resume_finishes_it_exactly(tmp_path, m
 
     def run(folder, stop_after, resume=False):
         config = TrainConfig(steps=12, stop_after=stop_after, batch_size=16, lr=3e-3, warmup_steps=2, save_every=5)
-        torch.manual_seed(0)
         return train(GeneratorTask(tiny_generator(shards)), shards, config, folder, resume=resume, progress=False)
 
     straight = run(tmp_path / "straight", 0)
