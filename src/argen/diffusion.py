@@ -50,13 +50,20 @@ class DiffusionSchedule:
     """The tables of one discrete diffusion process; `timestep_map[i]` is the original timestep a (respaced)
     index i stands for, which is what the network is told."""
 
-    def __init__(self, betas: torch.Tensor, timestep_map: list[int] | None = None, prediction: str = "eps"):
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        timestep_map: list[int] | None = None,
+        prediction: str = "eps",
+        full_timesteps: int | None = None,
+    ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"the head's prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.prediction = prediction
         self.betas = b = betas.to(torch.float64)
         self.num_timesteps = len(b)
         self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(b)))
+        self.full_timesteps = full_timesteps or len(b)  # T of the process this one was respaced from
         alphas = 1.0 - b
         self.alphas_cumprod = ac = torch.cumprod(alphas, dim=0)
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
@@ -87,11 +94,15 @@ class DiffusionSchedule:
         for i in kept:
             new_betas.append(1 - ac[i] / last)
             last = ac[i]
-        return cls(torch.stack(new_betas), kept, prediction)
+        return cls(torch.stack(new_betas), kept, prediction, len(betas))
 
     def respaced(self, count: int) -> DiffusionSchedule:
         """This process (a full one) sampled in `count` steps, with the same prediction target."""
         return DiffusionSchedule.respaced_from(self.betas, count, self.prediction)
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) respaced indices -> (N,) float32 t / T in [0, 1) of the full process (0: clean, near 1: noise)."""
+        return self.timestep_map.to(t.device)[t].float() / self.full_timesteps
 
     @staticmethod
     def take(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

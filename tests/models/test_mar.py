@@ -141,9 +141,10 @@ def test_sample_tokens_parity(official, mar_fixture, monkeypatch, case, cfg):
 
     heads = []
 
-    def recording_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip, *guide):
+    def recording_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip, *guide, interval):
         heads.append(z if z_null is None else torch.cat([z, z_null]))
-        assert clip == 0.0 and guide == (None, None, None)  # the official sampler neither clips nor autoguides
+        # the official sampler neither clips nor autoguides, and guides at every noise level
+        assert clip == 0.0 and guide == (None, None, None) and interval == (0.0, 1.0)
         return sample_head(head, z, schedule, noise, temperature, cfg_scale, z_null, clip)
 
     monkeypatch.setattr(MARPolicy, "draw_order", draw_order)
@@ -273,6 +274,28 @@ def test_disa_off_is_plain_mar_and_on_changes_the_samples():
         plain.with_overrides(head_steps_last=2, head_annealing="quadratic").options_for(model.order)
     one_step, calls = _head_calls(model, plain.with_overrides(head_steps=1), [0])  # a one-step head is finite
     assert calls == [1, 1, 1, 1] and bool(one_step.isfinite().all())
+
+
+def test_a_guidance_interval_reaches_the_head_through_the_sampler_settings():
+    """`head_cfg_low` / `head_cfg_high` (the flat names of files and --set) limit guidance to those noise levels of
+    the head: the whole range is plain guidance bit for bit, a narrower one changes the samples, an empty one
+    (no step's level inside) samples what no guidance does, and a reversed or out-of-range one is refused by name."""
+    model = tiny_mar().eval()
+    guided = SamplerConfig(cfg_scale=3.0, order_options={"steps": 3, "head_steps": 6})
+    base, _ = _head_calls(model, guided, [0, 1])
+    whole, _ = _head_calls(model, guided.with_overrides(head_cfg_low=0.0, head_cfg_high=1.0), [0, 1])
+    assert torch.equal(whole, base)
+    middle, _ = _head_calls(model, guided.with_overrides(head_cfg_low=0.3, head_cfg_high=0.7), [0, 1])
+    assert not torch.allclose(middle, base)
+    unguided, _ = _head_calls(model, guided.with_overrides(cfg_scale=1.0), [0, 1])
+    nowhere, _ = _head_calls(model, guided.with_overrides(head_cfg_low=0.9999, head_cfg_high=1.0), [0, 1])
+    assert torch.allclose(nowhere, unguided, atol=1e-5)
+    for bad, message in (
+        ({"head_cfg_low": 0.8, "head_cfg_high": 0.2}, "head_cfg_low .0.8. must not exceed head_cfg_high"),
+        ({"head_cfg_high": 1.5}, "head_cfg_high"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            guided.with_overrides(**bad).options_for(model.order)
 
 
 def test_loss_takes_tokens_or_the_tokenizers_latents():

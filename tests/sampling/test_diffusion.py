@@ -184,4 +184,37 @@ def test_row_groups_of_different_step_counts_share_one_loop():
     ]
     together = sample_head(head, z, groups, None, 0.9, scales, z_null)
     assert torch.equal(together[[0, 1, 4, 5]], alone[0]) and torch.equal(together[[2, 3]], alone[1])
-    assert len(calls) == 10 and calls == [8] * 6 + [12] * 4  # the 4-step rows join for the last 4 calls (CFG doubles)
+    # the 4-step rows join for the last 4 calls; CFG doubles every guided row, and row 2 (scale 1) is not guided
+    assert len(calls) == 10 and calls == [8] * 6 + [11] * 4
+
+
+def test_guidance_acts_only_inside_its_noise_interval():
+    """With an interval, a step is guided where its noise level t / T lies in it and runs the conditional head alone
+    elsewhere (no unconditional pass): the same chain as one head that guides itself at those levels only. The
+    whole range [0, 1] is plain guidance, bit for bit."""
+    schedule = DiffusionSchedule.cosine(1000).respaced(20)
+    n, scale, low, high = 32, 2.5, 0.3, 0.8
+    z, z_null = (torch.randn(n, 1, generator=torch.Generator().manual_seed(s)) for s in range(2))
+    calls = []
+
+    def head(x, t, zz):
+        calls.append(len(x))
+        return torch.cat([0.5 * x + zz * (1 + t[:, None] / 1000), 0.3 + 0 * x], dim=1)
+
+    def self_guided(x, t, zz):
+        cond, uncond = head(x, t, z), head(x, t, z_null)
+        inside = ((t >= low * 1000) & (t <= high * 1000))[:, None]
+        eps = torch.where(inside, uncond[:, :1] + scale * (cond[:, :1] - uncond[:, :1]), cond[:, :1])
+        return torch.cat([eps, cond[:, 1:]], dim=1)
+
+    def noise():
+        return per_sample_noise([torch.Generator().manual_seed(3)], torch.zeros(n, dtype=torch.long), 1, "cpu")
+
+    calls.clear()
+    limited = sample_head(head, z, schedule, noise(), 1.0, scale, z_null, interval=(low, high))
+    guided_steps = sum(1 for t in schedule.timestep_map.tolist() if low <= t / 1000 <= high)
+    assert 0 < guided_steps < 20 and sorted(calls) == [n] * (20 - guided_steps) + [2 * n] * guided_steps
+    assert torch.allclose(limited, sample_head(self_guided, z, schedule, noise()), atol=1e-5)
+    everywhere = sample_head(head, z, schedule, noise(), 1.0, scale, z_null)
+    assert torch.equal(sample_head(head, z, schedule, noise(), 1.0, scale, z_null, interval=(0.0, 1.0)), everywhere)
+    assert not torch.allclose(limited, everywhere, atol=1e-3)

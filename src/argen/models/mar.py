@@ -60,14 +60,29 @@ class MAROptions:
     # MAR. Near t = 1000 the cosine schedule multiplies the eps error by up to ~300 in x0, and a first respaced step
     # carries a fraction of it into x_t: a small head's values then diverge (docs/quality.md, MAR).
     head_clip: float = 0.0
+    # Guidance interval (Kynkäänniemi et al. 2024): the head's steps are guided only where their noise level t / T
+    # lies in [head_cfg_low, head_cfg_high] (0: clean, 1: pure noise); elsewhere they run the conditional head alone,
+    # at half the cost. 0 and 1 guide every step, as MAR.
+    head_cfg_low: float = 0.0
+    head_cfg_high: float = 1.0
 
     def __post_init__(self) -> None:
         check_int(self, "steps")
         check_number(self, "head_clip", at_least=0.0)
+        check_number(self, "head_cfg_low", at_least=0.0, at_most=1.0)
+        check_number(self, "head_cfg_high", at_least=0.0, at_most=1.0)
+        if self.head_cfg_low > self.head_cfg_high:
+            raise ConfigError(
+                f"head_cfg_low ({self.head_cfg_low}) must not exceed head_cfg_high ({self.head_cfg_high})"
+            )
         check_int(self, "head_steps")
         check_int(self, "head_steps_last", minimum=0)
         if self.head_annealing not in HEAD_ANNEALING:
             raise ConfigError(f"head_annealing {self.head_annealing!r} unknown; choose from {sorted(HEAD_ANNEALING)}")
+
+    @property
+    def head_cfg_interval(self) -> tuple[float, float]:
+        return (self.head_cfg_low, self.head_cfg_high)
 
     def head_steps_at(self, step: int, num_steps: int) -> int:
         """The head's sampling steps at AR step `step` of `num_steps`: `head_steps`, or DiSA's annealed count

@@ -49,12 +49,18 @@ def sample_head(
     guide_head: Head | None = None,
     z_guide: torch.Tensor | None = None,
     guide_scale: torch.Tensor | None = None,
+    interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Sample (N, C) values given z (N, Dz) through the `schedule`'s steps (a respaced process). With `z_null`
     (N, Dz), the noise prediction is guided: uncond + cfg_scale (cond - uncond), cfg_scale one number or (N,).
     With `guide_head` and its conditions `z_guide` (N, Dz'), autoguidance adds (g - 1) (cond - guide) to the noise
     prediction, g = guide_scale (N,): the weaker model's head denoises the same x_t (Karras et al. 2024's own
     setting, a diffusion model guided by a worse version of itself).
+
+    Both guidances act only at the steps whose noise level t / T lies in `interval` = (low, high) (Kynkäänniemi et
+    al. 2024, "Applying guidance in a limited interval"): at high noise guidance pulls every sample of a class to
+    the same few modes, at low noise it no longer changes the image; outside it a row runs its conditional
+    prediction alone, and a step with no guided row skips the unconditional rows' pass.
 
     `schedule` may instead be groups of rows, each with its own process and noise (`noise` is then None): their
     loops end together, a group of k steps joining at the k-th step from the end, and each step's rows that are
@@ -80,17 +86,24 @@ def sample_head(
         x_i, z_i = part(x), part(z)
         # the network knows the original 1000-step timesteps
         net_t = torch.cat([g.schedule.timestep_map[i].expand(len(g.rows)) for g in live]).to(x.device)
+        level = torch.cat([g.schedule.noise_level(torch.tensor([i])).expand(len(g.rows)) for g in live])
+        inside = ((level >= interval[0]) & (level <= interval[1])).to(x.device)
         if z_null is None:
             out = head(x_i, net_t, z_i).float()
             cond = out[:, :C]
         else:
+            scales = torch.where(inside, part(cfg_scale), 1.0)
+            guided = (scales != 1.0).nonzero().squeeze(1)  # only these rows need their unconditional pass
             n = len(x_i)
-            both = head(torch.cat([x_i, x_i]), torch.cat([net_t, net_t]), torch.cat([z_i, part(z_null)])).float()
+            x_both, t_both = torch.cat([x_i, x_i[guided]]), torch.cat([net_t, net_t[guided]])
+            both = head(x_both, t_both, torch.cat([z_i, part(z_null)[guided]])).float()
+            out = both[:n].clone()  # the variance stays the conditional rows'
+            out[guided, :C] = guide_rows(torch.cat([both[guided, :C], both[n:, :C]]), scales[guided])
             cond = both[:n, :C]
-            out = torch.cat([guide_rows(both[:, :C], part(cfg_scale)), both[:n, C:]], dim=1)
-        if guide_head is not None:  # the variance stays the conditional rows'
+        if guide_head is not None and bool(inside.any()):
             guide = guide_head(x_i, net_t, part(z_guide)).float()[:, :C]
-            out = torch.cat([autoguide_rows(out[:, :C], cond, guide, part(guide_scale)), out[:, C:]], dim=1)
+            g_scales = torch.where(inside, part(guide_scale), 1.0)
+            out = torch.cat([autoguide_rows(out[:, :C], cond, guide, g_scales), out[:, C:]], dim=1)
         offset = 0
         for group in live:
             own = slice(offset, offset + len(group.rows))
@@ -142,6 +155,7 @@ def sample_values(
     temperature: float,
     generators: list[torch.Generator] | None,
     clip: float = 0.0,
+    interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """A continuous order's step for B samples: their prediction's z ((copies B, n, Dz), conditional rows first)
     -> values (B, n, D) sampled by the order's head (`model.head`, `model.head_schedule`) in head_steps[b] steps,
@@ -172,7 +186,18 @@ def sample_values(
         guide_head, z_guide = rows.guide_model.head, rows.guide.to(z.device)[keep]
         guide_scales = rows.guide_scales.to(z.device)[owners]
     sampled = sample_head(
-        model.head, z, groups, None, temperature, scales, z_null, clip, guide_head, z_guide, guide_scales
+        model.head,
+        z,
+        groups,
+        None,
+        temperature,
+        scales,
+        z_null,
+        clip,
+        guide_head,
+        z_guide,
+        guide_scales,
+        interval=interval,
     )
     values = torch.zeros(B, positions.shape[1], D, device=z.device)
     values[keep] = sampled

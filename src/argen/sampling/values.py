@@ -100,7 +100,8 @@ class LogitValues:
 
 class HeadValues:
     """Continuous vectors sampled by the order's diffusion head (`model.head`, `model.head_schedule`) from its
-    conditions z, with the order's head options (`head_steps_at`, DiSA's annealing, and `head_clip`)."""
+    conditions z, with the order's head options (`head_steps_at`, DiSA's annealing, `head_clip`, and
+    `head_cfg_interval`, the noise levels that guidance acts on)."""
 
     # Samples asking fewer positions than others share a call: their padding (a repeat of the first position) gets
     # no row of the head and no noise (`diffusion.padding_rows`).
@@ -113,7 +114,7 @@ class HeadValues:
     @staticmethod
     def key(config: SamplerConfig, options: Any) -> tuple:
         # not the head's steps: samples at different AR steps under DiSA share one loop (`diffusion.RowGroup`)
-        return (config.temperature, options.head_clip)
+        return (config.temperature, options.head_clip, options.head_cfg_interval)
 
     @staticmethod
     def draw(
@@ -124,7 +125,9 @@ class HeadValues:
             check_finite(rows.guide, f"the guide model's conditions z at {rows.at()}")
         head_steps = [options.head_steps_at(step, rows.num_steps) for step in rows.steps]
         return Drawn(
-            diffusion.sample_values(model, rows, head_steps, config.temperature, generators, options.head_clip)
+            diffusion.sample_values(
+                model, rows, head_steps, config.temperature, generators, options.head_clip, options.head_cfg_interval
+            )
         )
 
 
