@@ -1,7 +1,9 @@
-"""MAR's accelerations against plain MAR in one run: DiSA (diffusion step annealing), fewer AR steps, both.
+"""MAR's accelerations against plain MAR in one run: DiSA (diffusion step annealing), fewer AR steps, both, and
+guidance limited to an interval of the head's noise levels (or not, if the model's own settings limit it).
 
     python bench/mar_accelerations.py [--model mar] [--n 200] [--seeds 0] [--batch-sizes 1 8] [--repeats 3]
-        [--threads 2] [--fewer-steps 8] [--disa-last N] [--json run.json] [--markdown table.md] [--quick]
+        [--threads 2] [--fewer-steps 8] [--disa-last N] [--cfg-interval LOW HIGH] [--json run.json]
+        [--markdown table.md] [--quick]
 
 For each setting: transformer NFE (sequential encoder-decoder passes), head evaluations (sequential calls of the
 diffusion MLP, and the token rows it evaluates per image, guided rows included), seconds per image (generation +
@@ -25,18 +27,24 @@ from argen.pipeline import ARPipeline
 from argen.pretrained import load_pretrained
 
 
-def settings(pipe: ARPipeline, fewer_steps: int, disa_last: int | None) -> dict[str, dict]:
+def settings(
+    pipe: ARPipeline, fewer_steps: int, disa_last: int | None, cfg_interval: tuple[float, float]
+) -> dict[str, dict]:
     """MAR with its head's `head_steps` at every AR step (no DiSA), DiSA from them down to `disa_last` (default: the
-    pipeline's own `head_steps_last`, else 5), `fewer_steps` AR steps, and both together."""
+    pipeline's own `head_steps_last`, else 5), `fewer_steps` AR steps, both together, and DiSA with guidance at
+    every noise level of the head if the pipeline limits it to an interval, else limited to `cfg_interval`."""
     own = pipe.config().options_for(pipe.generator.order)
     last = disa_last or own.head_steps_last or 5
     plain = {"head_steps_last": 0}
     disa = {"head_steps_last": last, "head_annealing": "linear"}
+    other = (0.0, 1.0) if own.head_cfg_interval != (0.0, 1.0) else cfg_interval
+    where = "every noise level" if other == (0.0, 1.0) else f"t/T in [{other[0]:g}, {other[1]:g}]"
     return {
         f"no DiSA ({own.steps} AR steps, {own.head_steps} head steps)": plain,
         f"DiSA {own.head_steps}->{last} (linear)": disa,
         f"{fewer_steps} AR steps": {"steps": fewer_steps, **plain},
         f"{fewer_steps} AR steps + DiSA": {"steps": fewer_steps, **disa},
+        f"DiSA, guided at {where}": {**disa, "head_cfg_low": other[0], "head_cfg_high": other[1]},
     }
 
 
@@ -63,7 +71,8 @@ def measure(args: argparse.Namespace) -> dict:
     pipe = ARPipeline.from_pretrained(args.model)
     if pipe.generator.order.name != "mar":
         raise SystemExit(f"{args.model} is a {pipe.generator.order.name} pipeline, not MAR")
-    runs = {name: (pipe, sampler) for name, sampler in settings(pipe, args.fewer_steps, args.disa_last).items()}
+    chosen = settings(pipe, args.fewer_steps, args.disa_last, tuple(args.cfg_interval))
+    runs = {name: (pipe, sampler) for name, sampler in chosen.items()}
     bar = tqdm(total=len(args.batch_sizes) * args.repeats * len(runs), desc="speed", unit="run")
     speed = bench_sampling(runs, args.batch_sizes, args.repeats, matmul_peak_flops(), bar)
     bar.close()
@@ -143,6 +152,14 @@ def main() -> None:
     p.add_argument("--fewer-steps", type=int, default=8, help="AR steps of the 'fewer AR steps' settings")
     p.add_argument(
         "--disa-last", type=int, default=None, help="DiSA: the head's steps at the last AR step (default: the model's)"
+    )
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        default=[0.4, 1.0],
+        metavar=("LOW", "HIGH"),
+        help="the head's noise levels guided in the last setting, if the model guides at every level",
     )
     p.add_argument("--json", help="also save the measurements")
     p.add_argument("--markdown", help="also write the table as markdown")
