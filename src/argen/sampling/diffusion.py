@@ -58,9 +58,10 @@ def sample_head(
     setting, a diffusion model guided by a worse version of itself).
 
     Both guidances act only at the steps whose noise level t / T lies in `interval` = (low, high) (Kynkäänniemi et
-    al. 2024, "Applying guidance in a limited interval"): at high noise guidance pulls every sample of a class to
-    the same few modes, at low noise it no longer changes the image; outside it a row runs its conditional
-    prediction alone, and a step with no guided row skips the unconditional rows' pass.
+    al. 2024, "Applying guidance in a limited interval"; for EDM2 they found guidance at high noise costs variety
+    and at low noise does little, while on the shipped MAR the low-noise end is what cost FD: docs/quality.md);
+    outside it a row runs its conditional prediction alone, and a step with no guided row skips the unconditional
+    rows' pass.
 
     `schedule` may instead be groups of rows, each with its own process and noise (`noise` is then None): their
     loops end together, a group of k steps joining at the k-th step from the end, and each step's rows that are
